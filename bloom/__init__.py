@@ -1,0 +1,97 @@
+"""BLOOM Runtime: a lease-based task runtime for LLM work (Flask, PostgreSQL)."""
+from __future__ import annotations
+
+import logging
+import os
+
+import click
+from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from .config import Settings
+from .db import Database, apply_schema
+from .errors import register_error_handlers
+from .http import init_limiter, install_request_guards
+from .scheduler import Job, start_scheduler
+from .service import RuntimeService
+
+log = logging.getLogger(__name__)
+
+
+def resolve_database_url(settings: Settings) -> str:
+    """DATABASE_URL, or an embedded PostgreSQL under BLOOM_DATA_DIR when it is unset."""
+    if settings.database_url:
+        return settings.database_url
+    from .embedded_postgres import start_embedded_postgres
+
+    return start_embedded_postgres(settings.data_dir)
+
+
+def _membridge_status_unknown() -> dict:
+    return {"consecutiveFailures": 0, "lastSuccess": None, "lastError": None, "connected": False}
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or Settings.from_env()
+    _configure_logging()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False
+    if settings.trusted_proxies > 0:
+        hops = settings.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops)
+
+    database = Database(resolve_database_url(settings))
+    runtime = RuntimeService(database)
+    app.extensions["bloom.settings"] = settings
+    app.extensions["bloom.database"] = database
+    app.extensions["bloom.service"] = runtime
+    app.extensions["bloom.membridge_status"] = _membridge_status_unknown
+
+    from .api import health, records, tasks, workers
+
+    for blueprint in (health.bp, workers.bp, tasks.bp, records.bp):
+        app.register_blueprint(blueprint)
+    register_error_handlers(app)
+    install_request_guards(app, settings)
+    init_limiter(app, settings)
+    _register_cli(app, database)
+
+    if not settings.runtime_api_key:
+        log.warning("RUNTIME_API_KEY is not set: the runtime API is open to anyone who can reach it")
+    try:
+        apply_schema(database)
+    except Exception:
+        # Start anyway: requests answer 503 until the database is back, then work.
+        log.exception("could not apply the schema at start")
+    return app
+
+
+def start_background_jobs(app: Flask) -> None:
+    """Start the scheduler of a serving process (gunicorn's post_worker_init calls this).
+
+    Not started by create_app, so `flask init-db` and test apps run no jobs.
+    """
+    settings: Settings = app.extensions["bloom.settings"]
+    if not settings.run_scheduler or "bloom.scheduler" in app.extensions:
+        return
+    runtime: RuntimeService = app.extensions["bloom.service"]
+    jobs = [Job("lease-sweep", settings.lease_sweep_interval_s, runtime.sweep_expired_leases)]
+    app.extensions["bloom.scheduler"] = start_scheduler(app.extensions["bloom.database"], jobs)
+
+
+def _register_cli(app: Flask, database: Database) -> None:
+    @app.cli.command("init-db")
+    def init_db() -> None:
+        """Create the tables and indexes of schema.sql (idempotent)."""
+        apply_schema(database)
+        click.echo("schema applied")
+
+
+def _configure_logging() -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(
+            level=os.environ.get("BLOOM_LOG_LEVEL", "INFO").upper(),
+            format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
+        )

@@ -1,0 +1,58 @@
+"""LLM tasks and their lease lifecycle: create, list, lease, heartbeat, complete, requeue."""
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+
+from ..http import json_body
+from ..schemas import CompleteTaskSchema, CreateTaskSchema, FencingSchema, LeaseTaskSchema, TaskListQuery, load
+from . import query, service
+
+bp = Blueprint("tasks", __name__, url_prefix="/api/runtime")
+
+RUNS_SHOWN = 50
+
+
+@bp.post("/llm-tasks")
+def create_task():
+    body = load(CreateTaskSchema(), json_body())
+    return jsonify(service().create_task(body)), 201
+
+
+@bp.get("/llm-tasks")
+def list_tasks():
+    params = query(TaskListQuery)
+    return jsonify(service().list_tasks(status=params["status"], limit=params["limit"], offset=params["offset"]))
+
+
+@bp.get("/llm-tasks/<task_id>")
+def get_task(task_id: str):
+    return jsonify(service().get_task(task_id))
+
+
+@bp.post("/llm-tasks/<task_id>/lease")
+def lease_task(task_id: str):
+    body = load(LeaseTaskSchema(), json_body())
+    granted = service().lease_task(task_id, worker_id=body["worker_id"], ttl_seconds=body["ttl_seconds"])
+    return jsonify(granted), 201
+
+
+@bp.post("/llm-tasks/<task_id>/heartbeat")
+def heartbeat(task_id: str):
+    body = load(FencingSchema(), json_body())
+    return jsonify(service().heartbeat(task_id, lease_id=body["lease_id"], worker_id=body["worker_id"]))
+
+
+@bp.post("/llm-tasks/<task_id>/complete")
+def complete_task(task_id: str):
+    body = load(CompleteTaskSchema(), json_body())
+    return jsonify(service().complete_task(task_id, body))
+
+
+@bp.post("/llm-tasks/<task_id>/requeue")
+def requeue_task(task_id: str):
+    return jsonify(service().requeue_task(task_id))
+
+
+@bp.get("/runs")
+def runs():
+    return jsonify(service().list_tasks(status=None, limit=RUNS_SHOWN, offset=0))

@@ -1,0 +1,103 @@
+"""Settings read once from the environment into a typed, immutable object (SPEC §1)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+
+class ConfigError(ValueError):
+    """An environment variable holds a value the service cannot use."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept the `postgres://` spelling other services use, and pin the psycopg2 driver."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url[len(prefix):]
+    return url
+
+
+@dataclass(frozen=True)
+class MinioSettings:
+    endpoint: str
+    port: int
+    access_key: str
+    secret_key: str
+    use_ssl: bool
+    bucket: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    port: int
+    database_url: str | None
+    data_dir: str
+    runtime_api_key: str | None
+    membridge_server_url: str
+    membridge_admin_key: str
+    minio: MinioSettings | None
+    ratelimit_storage_uri: str
+    rate_limit: str
+    test_connection_rate_limit: str
+    trusted_proxies: int
+    production: bool
+    max_body_bytes: int
+    worker_sync_interval_s: float
+    lease_sweep_interval_s: float
+    run_scheduler: bool
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        database_url = env.get("DATABASE_URL", "").strip() or None
+        minio_endpoint = env.get("MINIO_ENDPOINT", "").strip()
+        minio = None
+        if minio_endpoint:
+            minio = MinioSettings(
+                endpoint=minio_endpoint,
+                port=_int(env, "MINIO_PORT", 9000),
+                access_key=env.get("MINIO_ACCESS_KEY", ""),
+                secret_key=env.get("MINIO_SECRET_KEY", ""),
+                use_ssl=env.get("MINIO_USE_SSL", "").strip().lower() == "true",
+                bucket=env.get("MINIO_ARTIFACT_BUCKET", "").strip() or "bloom-artifacts",
+            )
+        deployment = (env.get("BLOOM_ENV") or env.get("NODE_ENV") or "").strip().lower()
+        return cls(
+            port=_int(env, "BLOOM_RUNTIME_PORT", 3002),
+            database_url=normalize_database_url(database_url) if database_url else None,
+            data_dir=env.get("BLOOM_DATA_DIR", "").strip() or "./.bloom",
+            runtime_api_key=env.get("RUNTIME_API_KEY") or None,
+            membridge_server_url=(env.get("MEMBRIDGE_SERVER_URL", "").strip() or "http://127.0.0.1:8000").rstrip("/"),
+            membridge_admin_key=env.get("MEMBRIDGE_ADMIN_KEY", ""),
+            minio=minio,
+            ratelimit_storage_uri=env.get("RATELIMIT_STORAGE_URI", "").strip() or "memory://",
+            rate_limit=env.get("BLOOM_RATE_LIMIT", "").strip() or "100 per minute",
+            test_connection_rate_limit=env.get("BLOOM_TEST_CONNECTION_RATE_LIMIT", "").strip() or "20 per minute",
+            trusted_proxies=_int(env, "BLOOM_TRUSTED_PROXIES", 1),
+            production=deployment == "production",
+            max_body_bytes=_int(env, "BLOOM_MAX_BODY_BYTES", 16 * 1024 * 1024),
+            worker_sync_interval_s=_float(env, "WORKER_SYNC_INTERVAL_S", 10.0),
+            lease_sweep_interval_s=_float(env, "LEASE_SWEEP_INTERVAL_S", 30.0),
+            run_scheduler=env.get("BLOOM_SCHEDULER", "on").strip().lower() not in ("off", "0", "false"),
+        )

@@ -1,0 +1,314 @@
+-- Every SQL statement the service runs, each under a `-- name: <name>` header.
+-- Parameters are :named. Times are epoch milliseconds passed in by the caller.
+-- Each state change is one statement whose precondition sits in its WHERE clause,
+-- so two racing requests cannot both win.
+
+-- name: apply_schema_lock
+SELECT pg_advisory_xact_lock(hashtext('bloom-runtime:schema'));
+
+-- name: ping
+SELECT 1;
+
+-- Workers -------------------------------------------------------------------
+
+-- name: list_workers
+SELECT w.*,
+       (SELECT count(*) FROM leases l WHERE l.worker_id = w.id AND l.status = 'active') AS active_leases
+  FROM workers w
+ ORDER BY w.registered_at DESC, w.id
+ LIMIT :limit OFFSET :offset;
+
+-- name: get_worker
+SELECT w.*,
+       (SELECT count(*) FROM leases l WHERE l.worker_id = w.id AND l.status = 'active') AS active_leases
+  FROM workers w
+ WHERE w.id = :worker_id;
+
+-- name: list_active_leases_of_worker
+SELECT * FROM leases
+ WHERE worker_id = :worker_id AND status = 'active'
+ ORDER BY started_at DESC, id DESC;
+
+-- name: register_worker
+-- A re-registration keeps registered_at, obs_count and db_sha, and the url,
+-- capabilities and ip_addrs it already had when the request leaves them out.
+WITH upserted AS (
+    INSERT INTO workers (id, node_id, url, status, capabilities, last_heartbeat, ip_addrs,
+                         obs_count, db_sha, registered_at)
+    VALUES (:worker_id, :worker_id, :url, :status,
+            COALESCE(CAST(:capabilities AS jsonb), CAST(:default_capabilities AS jsonb)), :now,
+            COALESCE(CAST(:ip_addrs AS jsonb), '[]'::jsonb), 0, NULL, :now)
+    ON CONFLICT (id) DO UPDATE
+       SET url = COALESCE(EXCLUDED.url, workers.url),
+           status = EXCLUDED.status,
+           capabilities = COALESCE(CAST(:capabilities AS jsonb), workers.capabilities),
+           ip_addrs = COALESCE(CAST(:ip_addrs AS jsonb), workers.ip_addrs),
+           last_heartbeat = EXCLUDED.last_heartbeat
+    RETURNING workers.*, (xmax = 0) AS inserted
+), audit AS (
+    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+    SELECT :audit_id, :now,
+           CASE WHEN inserted THEN 'worker_registered' ELSE 'worker_updated' END,
+           'worker', id, :actor,
+           jsonb_build_object('url', url, 'status', status, 'capabilities', capabilities)
+      FROM upserted
+)
+SELECT u.*,
+       (SELECT count(*) FROM leases l WHERE l.worker_id = u.id AND l.status = 'active') AS active_leases
+  FROM upserted u;
+
+-- name: delete_worker
+WITH removed AS (
+    DELETE FROM workers WHERE id = :worker_id RETURNING id
+), audit AS (
+    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+    SELECT :audit_id, :now, 'worker_removed', 'worker', id, :actor, '{}'::jsonb FROM removed
+)
+SELECT id FROM removed;
+
+-- Tasks ---------------------------------------------------------------------
+
+-- name: create_task
+WITH created AS (
+    INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, context_hints, policy, desired_format,
+                           status, created_at, updated_at, lease_id, worker_id, attempts, max_attempts)
+    VALUES (:task_id, :context_id, :agent_slug, :prompt, CAST(:context_hints AS jsonb),
+            CAST(:policy AS jsonb), :desired_format, 'queued', :now, :now, NULL, NULL, 0, :max_attempts)
+    RETURNING *
+), audit AS (
+    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+    SELECT :audit_id, :now, 'task_created', 'task', id, :actor,
+           jsonb_build_object('context_id', context_id, 'agent_slug', agent_slug)
+      FROM created
+)
+SELECT * FROM created;
+
+-- name: list_tasks
+SELECT * FROM llm_tasks
+ WHERE (CAST(:status AS text) IS NULL OR status = :status)
+ ORDER BY created_at DESC, id DESC
+ LIMIT :limit OFFSET :offset;
+
+-- name: get_task
+SELECT * FROM llm_tasks WHERE id = :task_id;
+
+-- name: requeue_task
+WITH requeued AS (
+    UPDATE llm_tasks
+       SET status = 'queued', lease_id = NULL, worker_id = NULL, attempts = 0, updated_at = :now
+     WHERE id = :task_id AND status IN ('failed', 'dead')
+    RETURNING *
+), audit AS (
+    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+    SELECT :audit_id, :now, 'task_requeued', 'task', id, :actor, '{}'::jsonb FROM requeued
+)
+SELECT * FROM requeued;
+
+-- Leases --------------------------------------------------------------------
+
+-- name: pick_worker_for_task
+-- Reads the task and locks the worker that would take it: the one asked for, or the
+-- best eligible one (sticky context first, then most free capacity). The lock makes
+-- every lease grant of that worker wait for this transaction; the active-lease count
+-- here may be stale, so grant_lease counts again once the lock is held.
+SELECT t.status AS task_status, picked.*
+  FROM (SELECT CAST(:task_id AS text) AS id) wanted
+  LEFT JOIN llm_tasks t ON t.id = wanted.id
+  LEFT JOIN LATERAL (
+        SELECT w.*, load.active_leases
+          FROM workers w
+          CROSS JOIN LATERAL (
+                SELECT count(*) AS active_leases,
+                       COALESCE(bool_or(l.context_id = t.context_id), false) AS holds_context
+                  FROM leases l
+                 WHERE l.worker_id = w.id AND l.status = 'active') load
+         WHERE t.status = 'queued'
+           AND (CASE WHEN CAST(:worker_id AS text) IS NULL
+                     THEN w.status = 'online'
+                          AND COALESCE((w.capabilities ->> 'claude_cli')::boolean, true)
+                          AND load.active_leases < COALESCE((w.capabilities ->> 'max_concurrency')::int, 1)
+                     ELSE w.id = :worker_id END)
+         ORDER BY load.holds_context DESC,
+                  COALESCE((w.capabilities ->> 'max_concurrency')::int, 1) - load.active_leases DESC,
+                  w.id
+         LIMIT 1
+           FOR UPDATE OF w
+  ) picked ON true;
+
+-- name: grant_lease
+-- Runs while the worker row is locked, in a new snapshot: the capacity count is exact.
+-- The task moves only from 'queued', so of two racing grants for one task one wins.
+WITH capacity AS (
+    SELECT count(*) AS active_leases FROM leases WHERE worker_id = :worker_id AND status = 'active'
+), task AS (
+    UPDATE llm_tasks t
+       SET status = 'leased', lease_id = :lease_id, worker_id = :worker_id,
+           attempts = t.attempts + 1, updated_at = :now
+     WHERE t.id = :task_id AND t.status = 'queued'
+       AND (SELECT active_leases FROM capacity) < :max_concurrency
+    RETURNING t.*
+), lease AS (
+    INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status,
+                        last_heartbeat, context_id)
+    SELECT :lease_id, id, :worker_id, :now, :now + :ttl_seconds * 1000, :ttl_seconds, 'active',
+           :now, context_id
+      FROM task
+    RETURNING *
+), audit AS (
+    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+    SELECT :audit_id, :now, 'task_leased', 'task', task_id, :actor,
+           jsonb_build_object('lease_id', id, 'worker_id', worker_id, 'ttl_seconds', ttl_seconds)
+      FROM lease
+)
+SELECT (SELECT active_leases FROM capacity) AS active_leases_before,
+       (SELECT row_to_json(lease) FROM lease) AS lease;
+
+-- name: heartbeat_lease
+-- Renews the task's current lease if it is active and not past expires_at, and marks
+-- the task running. The lease row is locked before the task row (as in complete and
+-- the sweep), and a lease released by a racing completion is not renewed.
+WITH current AS (
+    SELECT t.id AS task_id, t.status AS task_status, t.lease_id, t.worker_id,
+           l.status AS lease_status, l.expires_at
+      FROM llm_tasks t LEFT JOIN leases l ON l.id = t.lease_id
+     WHERE t.id = :task_id
+), renewed AS (
+    UPDATE leases l
+       SET expires_at = :now + l.ttl_seconds * 1000, last_heartbeat = :now
+      FROM current c
+     WHERE l.id = c.lease_id AND l.task_id = c.task_id
+       AND c.task_status IN ('leased', 'running')
+       AND l.status = 'active' AND l.expires_at >= :now
+       AND (CAST(:lease_id AS text) IS NULL OR l.id = :lease_id)
+       AND (CAST(:worker_id AS text) IS NULL OR l.worker_id = :worker_id)
+    RETURNING l.*
+), task AS (
+    UPDATE llm_tasks t
+       SET status = 'running', updated_at = :now
+      FROM renewed r
+     WHERE t.id = r.task_id AND t.lease_id = r.id AND t.status IN ('leased', 'running')
+    RETURNING t.id
+)
+SELECT c.*, (SELECT row_to_json(renewed) FROM renewed) AS lease
+  FROM current c;
+
+-- name: complete_task
+-- Releases the current lease, finishes the task and writes artifact, result and audit
+-- entry in one statement: all of it happens, or none.
+WITH current AS (
+    SELECT t.id AS task_id, t.status AS task_status, t.lease_id, t.worker_id
+      FROM llm_tasks t
+     WHERE t.id = :task_id
+), released AS (
+    UPDATE leases l
+       SET status = 'released'
+      FROM current c
+     WHERE l.id = c.lease_id AND l.task_id = c.task_id
+       AND c.task_status IN ('leased', 'running') AND l.status = 'active'
+       AND (CAST(:lease_id AS text) IS NULL OR l.id = :lease_id)
+       AND (CAST(:worker_id AS text) IS NULL OR l.worker_id = :worker_id)
+    RETURNING l.id, l.task_id, l.worker_id
+), task AS (
+    UPDATE llm_tasks t
+       SET status = :task_status, updated_at = :now
+      FROM released r
+     WHERE t.id = r.task_id AND t.lease_id = r.id AND t.status IN ('leased', 'running')
+    RETURNING t.*
+), artifact AS (
+    INSERT INTO runtime_artifacts (id, task_id, job_id, type, created_at, finalized, url,
+                                   entity_refs, tags, content)
+    SELECT :artifact_id, id, lease_id, :artifact_type, :now, true, :artifact_url,
+           '[]'::jsonb, CAST(:artifact_tags AS jsonb), :artifact_content
+      FROM task
+    RETURNING *
+), result AS (
+    INSERT INTO llm_results (id, task_id, worker_id, artifact_id, status, output, error_message,
+                             metrics, completed_at)
+    SELECT :result_id, id, worker_id, :artifact_id, :result_status, :output, :error_message,
+           CAST(:metrics AS jsonb), :now
+      FROM task
+    RETURNING *
+), audit AS (
+    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+    SELECT :audit_id, :now, 'task_completed', 'task', id, :actor,
+           jsonb_build_object('status', status, 'lease_id', lease_id, 'worker_id', worker_id,
+                              'artifact_id', :artifact_id)
+      FROM task
+)
+SELECT c.*,
+       (SELECT row_to_json(task) FROM task) AS task,
+       (SELECT row_to_json(artifact) FROM artifact) AS artifact,
+       (SELECT row_to_json(result) FROM result) AS result
+  FROM current c;
+
+-- name: sweep_expired_leases
+-- Expires every active lease past expires_at. Its task (leased or running) goes back
+-- to the queue, or to 'dead' once its attempts are spent, but only while the expiring
+-- lease is still the task's current lease.
+WITH expired AS (
+    UPDATE leases SET status = 'expired'
+     WHERE status = 'active' AND expires_at < :now
+    RETURNING id, task_id, worker_id
+), recovered AS (
+    UPDATE llm_tasks t
+       SET status = CASE WHEN t.attempts < t.max_attempts THEN 'queued' ELSE 'dead' END,
+           lease_id = NULL, worker_id = NULL, updated_at = :now
+      FROM expired e
+     WHERE t.id = e.task_id AND t.lease_id = e.id AND t.status IN ('leased', 'running')
+    RETURNING t.id, t.status, e.id AS lease_id, e.worker_id
+), audit AS (
+    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+    SELECT gen_random_uuid()::text, :now, 'lease_expired', 'task', id, :actor,
+           jsonb_build_object('lease_id', lease_id, 'worker_id', worker_id, 'task_status', status)
+      FROM recovered
+)
+SELECT (SELECT count(*) FROM expired) AS expired,
+       (SELECT count(*) FROM recovered WHERE status = 'queued') AS requeued,
+       (SELECT count(*) FROM recovered WHERE status = 'dead') AS dead;
+
+-- name: list_leases
+SELECT * FROM leases
+ WHERE (CAST(:status AS text) IS NULL OR status = :status)
+ ORDER BY started_at DESC, id DESC
+ LIMIT :limit OFFSET :offset;
+
+-- Artifacts, audit, stats ---------------------------------------------------
+
+-- name: list_artifacts
+SELECT * FROM runtime_artifacts
+ WHERE (CAST(:task_id AS text) IS NULL OR task_id = :task_id)
+ ORDER BY created_at DESC, id DESC
+ LIMIT :limit OFFSET :offset;
+
+-- name: list_audit
+SELECT * FROM audit_logs
+ ORDER BY timestamp DESC, id DESC
+ LIMIT :limit OFFSET :offset;
+
+-- name: stats
+SELECT (SELECT COALESCE(jsonb_object_agg(status, n), '{}'::jsonb)
+          FROM (SELECT status, count(*) AS n FROM llm_tasks GROUP BY status) s) AS tasks_by_status,
+       (SELECT count(*) FROM leases) AS leases_total,
+       (SELECT count(*) FROM leases WHERE status = 'active') AS leases_active,
+       (SELECT count(*) FROM workers) AS workers_total,
+       (SELECT count(*) FROM workers WHERE status = 'online') AS workers_online;
+
+-- Background jobs -----------------------------------------------------------
+
+-- name: try_job_lock
+SELECT pg_try_advisory_lock(hashtext(:lock_name)) AS locked;
+
+-- name: release_job_lock
+SELECT pg_advisory_unlock(hashtext(:lock_name));
+
+-- name: claim_job_run
+-- A job runs at most once per interval in the whole deployment: the run that moves
+-- the stored last-run time forward wins; every other process sees it too recent.
+INSERT INTO runtime_settings (key, value, updated_at)
+VALUES (:setting_key, CAST(:now AS text), :now)
+ON CONFLICT (key) DO UPDATE
+   SET value = EXCLUDED.value, updated_at = EXCLUDED.updated_at
+ WHERE runtime_settings.value IS NULL
+    OR runtime_settings.value !~ '^[0-9]+$'
+    OR CAST(runtime_settings.value AS bigint) <= :now - :min_gap_ms
+RETURNING key;

@@ -1,0 +1,154 @@
+"""Marshmallow schemas for every request body and query string (SPEC §3, §4, §6).
+
+Integers are strict (no "300", 2.5 or true), booleans are JSON booleans only, numbers
+are JSON numbers only. Unknown keys are dropped, as the Express service's zod schemas
+did, so existing clients that send extra fields keep working.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any, Mapping
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
+
+from .errors import ValidationFailed
+
+TASK_STATUSES = ("queued", "leased", "running", "completed", "failed", "dead")
+LEASE_STATUSES = ("active", "expired", "released", "failed")
+WORKER_STATUSES = ("online", "offline", "syncing", "error", "unknown")
+
+
+class StrictBoolean(fields.Boolean):
+    def _deserialize(self, value: Any, attr, data, **kwargs) -> bool:
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
+class StrictNumber(fields.Float):
+    def _deserialize(self, value: Any, attr, data, **kwargs) -> float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+def NonEmptyString(**kwargs: Any) -> fields.String:
+    return fields.String(validate=validate.Length(min=1), **kwargs)
+
+
+class _Body(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+
+class CapabilitiesSchema(_Body):
+    claude_cli = StrictBoolean(load_default=True)
+    max_concurrency = fields.Integer(strict=True, validate=validate.Range(1, 32), load_default=1)
+    labels = fields.List(fields.String(), load_default=list)
+
+
+class RegisterWorkerSchema(_Body):
+    name = fields.String(required=True, validate=validate.Length(min=1, max=128))
+    url = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=2048))
+    status = fields.String(load_default="online", validate=validate.OneOf(WORKER_STATUSES))
+    capabilities = fields.Nested(CapabilitiesSchema, load_default=None, allow_none=True)
+    ip_addrs = fields.List(fields.String(), load_default=None, allow_none=True)
+
+
+class PolicySchema(_Body):
+    timeout_sec = fields.Integer(strict=True, validate=validate.Range(1, 3600), load_default=120)
+    budget = StrictNumber(validate=validate.Range(min=0), load_default=0)
+
+
+class CreateTaskSchema(_Body):
+    context_id = NonEmptyString(required=True)
+    agent_slug = NonEmptyString(required=True)
+    prompt = NonEmptyString(required=True)
+    context_hints = fields.List(fields.String(), load_default=list)
+    policy = fields.Nested(PolicySchema, load_default=lambda: {"timeout_sec": 120, "budget": 0})
+    desired_format = fields.String(load_default="text", validate=validate.OneOf(("json", "text")))
+    max_attempts = fields.Integer(strict=True, validate=validate.Range(1, 10), load_default=3)
+
+
+class LeaseTaskSchema(_Body):
+    worker_id = fields.String(load_default=None, allow_none=True, validate=validate.Length(min=1))
+    ttl_seconds = fields.Integer(strict=True, validate=validate.Range(1, 86400), load_default=300)
+
+
+class FencingSchema(_Body):
+    """Optional lease and worker a caller claims to hold; a mismatch is a 409."""
+
+    lease_id = fields.String(load_default=None, allow_none=True, validate=validate.Length(min=1))
+    worker_id = fields.String(load_default=None, allow_none=True, validate=validate.Length(min=1))
+
+
+class MetricsSchema(_Body):
+    duration_ms = fields.Integer(strict=True, required=True, validate=validate.Range(min=0))
+    tokens_used = fields.Integer(strict=True, validate=validate.Range(min=0))
+
+
+class CompleteTaskSchema(FencingSchema):
+    status = fields.String(required=True, validate=validate.OneOf(("success", "error")))
+    output = fields.String(load_default=None, allow_none=True)
+    error_message = fields.String(load_default=None, allow_none=True)
+    metrics = fields.Nested(MetricsSchema, required=True)
+    artifact_type = fields.String(load_default="LLM_RESULT", validate=validate.Length(min=1, max=128))
+    artifact_tags = fields.List(fields.String(), load_default=list)
+
+
+def _page_fields(default_limit: int) -> dict[str, fields.Field]:
+    return {
+        "limit": fields.Integer(load_default=default_limit, validate=validate.Range(1, 1000)),
+        "offset": fields.Integer(load_default=0, validate=validate.Range(min=0)),
+    }
+
+
+PageQuery = Schema.from_dict(_page_fields(100), name="PageQuery")
+TaskListQuery = Schema.from_dict(
+    {**_page_fields(100), "status": fields.String(load_default=None, validate=validate.OneOf(TASK_STATUSES))},
+    name="TaskListQuery",
+)
+LeaseListQuery = Schema.from_dict(
+    {**_page_fields(100), "status": fields.String(load_default=None, validate=validate.OneOf(LEASE_STATUSES))},
+    name="LeaseListQuery",
+)
+ArtifactListQuery = Schema.from_dict(
+    {**_page_fields(100), "task_id": fields.String(load_default=None, validate=validate.Length(min=1))},
+    name="ArtifactListQuery",
+)
+
+
+def load(schema: Schema, data: Any) -> dict[str, Any]:
+    """Validate `data`; raise ValidationFailed in the SPEC's formErrors/fieldErrors shape."""
+    if not isinstance(data, Mapping):
+        raise ValidationFailed(["Expected an object"], {})
+    try:
+        return schema.load(data)
+    except ValidationError as error:
+        raise _flatten(error.normalized_messages()) from None
+
+
+def _flatten(messages: Mapping[str, Any]) -> ValidationFailed:
+    form_errors: list[str] = []
+    field_errors: dict[str, list[str]] = {}
+    for field_name, detail in messages.items():
+        if field_name == "_schema":
+            form_errors.extend(_messages(detail))
+        else:
+            field_errors[str(field_name)] = _messages(detail)
+    return ValidationFailed(form_errors, field_errors)
+
+
+def _messages(detail: Any, path: str = "") -> list[str]:
+    """Nested messages become 'sub.path: message' under their top-level field."""
+    if isinstance(detail, str):
+        return [f"{path}: {detail}" if path else detail]
+    if isinstance(detail, Mapping):
+        out: list[str] = []
+        for key, sub in detail.items():
+            out.extend(_messages(sub, f"{path}.{key}" if path else str(key)))
+        return out
+    out = []
+    for item in detail:
+        out.extend(_messages(item, path))
+    return out

@@ -1,0 +1,323 @@
+"""The runtime's operations on tasks, leases and workers. Knows nothing of Flask.
+
+Every operation is one transaction, and every state change one statement whose
+precondition is in its WHERE clause (see queries.sql), so concurrent requests and
+several processes cannot leave a task, lease or worker half updated.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any, Protocol
+
+from .db import Database
+from .errors import Conflict, NotFound, Unavailable
+from .serialize import (
+    DEFAULT_CAPABILITIES,
+    artifact_json,
+    audit_json,
+    capabilities_json,
+    lease_json,
+    result_json,
+    task_json,
+    worker_json,
+)
+
+log = logging.getLogger(__name__)
+
+API_ACTOR = "api"
+SWEEP_ACTOR = "lease-sweeper"
+# A picked worker can fill up between the pick and its lock; picking again is cheap.
+LEASE_PICK_ATTEMPTS = 5
+TASK_STATUSES = ("queued", "leased", "running", "completed", "failed", "dead")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class ArtifactStore(Protocol):
+    """Where a completed task's output is kept when not in the database row."""
+
+    def put(self, task_id: str, output: str) -> str | None:
+        """Store `output`; return its `minio://` url, or None to keep it in the row."""
+
+    def remove(self, url: str) -> None:
+        """Delete an object put earlier whose artifact row was never committed."""
+
+
+class NoObjectStore:
+    def put(self, task_id: str, output: str) -> str | None:
+        return None
+
+    def remove(self, url: str) -> None:
+        return None
+
+
+class RuntimeService:
+    def __init__(self, database: Database, artifacts: ArtifactStore | None = None) -> None:
+        self.db = database
+        self.artifacts: ArtifactStore = artifacts or NoObjectStore()
+
+    # Workers ---------------------------------------------------------------
+
+    def list_workers(self, *, limit: int, offset: int) -> list[dict[str, Any]]:
+        with self.db.transaction() as tx:
+            return [worker_json(row) for row in tx.all("list_workers", limit=limit, offset=offset)]
+
+    def get_worker(self, worker_id: str) -> dict[str, Any]:
+        with self.db.transaction() as tx:
+            row = tx.one_or_none("get_worker", worker_id=worker_id)
+            if row is None:
+                raise NotFound("Worker not found")
+            leases = tx.all("list_active_leases_of_worker", worker_id=worker_id)
+        return {**worker_json(row), "leases": [lease_json(lease) for lease in leases]}
+
+    def register_worker(self, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Create or re-register a worker; returns (worker, created)."""
+        capabilities = body.get("capabilities")
+        ip_addrs = body.get("ip_addrs")
+        with self.db.transaction() as tx:
+            row = tx.one(
+                "register_worker",
+                worker_id=body["name"],
+                url=body.get("url"),
+                status=body["status"],
+                capabilities=json.dumps(capabilities) if capabilities is not None else None,
+                default_capabilities=json.dumps(DEFAULT_CAPABILITIES),
+                ip_addrs=json.dumps(ip_addrs) if ip_addrs is not None else None,
+                now=now_ms(),
+                audit_id=new_id(),
+                actor=API_ACTOR,
+            )
+        return worker_json(row), bool(row["inserted"])
+
+    def remove_worker(self, worker_id: str) -> dict[str, Any]:
+        with self.db.transaction() as tx:
+            row = tx.one_or_none(
+                "delete_worker", worker_id=worker_id, now=now_ms(), audit_id=new_id(), actor=API_ACTOR
+            )
+        if row is None:
+            raise NotFound("Worker not found")
+        return {"removed": True, "id": row["id"]}
+
+    # Tasks -----------------------------------------------------------------
+
+    def create_task(self, body: dict[str, Any]) -> dict[str, Any]:
+        with self.db.transaction() as tx:
+            row = tx.one(
+                "create_task",
+                task_id=new_id(),
+                context_id=body["context_id"],
+                agent_slug=body["agent_slug"],
+                prompt=body["prompt"],
+                context_hints=json.dumps(body["context_hints"]),
+                policy=json.dumps(body["policy"]),
+                desired_format=body["desired_format"],
+                max_attempts=body["max_attempts"],
+                now=now_ms(),
+                audit_id=new_id(),
+                actor=API_ACTOR,
+            )
+        return task_json(row)
+
+    def list_tasks(self, *, status: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
+        with self.db.transaction() as tx:
+            rows = tx.all("list_tasks", status=status, limit=limit, offset=offset)
+        return [task_json(row) for row in rows]
+
+    def get_task(self, task_id: str) -> dict[str, Any]:
+        with self.db.transaction() as tx:
+            row = tx.one_or_none("get_task", task_id=task_id)
+        if row is None:
+            raise NotFound("Task not found")
+        return task_json(row)
+
+    def requeue_task(self, task_id: str) -> dict[str, Any]:
+        with self.db.transaction() as tx:
+            row = tx.one_or_none(
+                "requeue_task", task_id=task_id, now=now_ms(), audit_id=new_id(), actor=API_ACTOR
+            )
+            if row is None:
+                current = self._task_status(tx, task_id)
+                raise Conflict(f"Cannot requeue task with status '{current}'")
+        return task_json(row)
+
+    # Leases ----------------------------------------------------------------
+
+    def lease_task(self, task_id: str, *, worker_id: str | None, ttl_seconds: int) -> dict[str, Any]:
+        for _ in range(LEASE_PICK_ATTEMPTS):
+            with self.db.transaction() as tx:
+                picked = tx.one("pick_worker_for_task", task_id=task_id, worker_id=worker_id)
+                self._check_pick(picked, worker_id)
+                max_concurrency = capabilities_json(picked["capabilities"])["max_concurrency"]
+                granted = tx.one(
+                    "grant_lease",
+                    task_id=task_id,
+                    worker_id=picked["id"],
+                    lease_id=new_id(),
+                    ttl_seconds=ttl_seconds,
+                    max_concurrency=max_concurrency,
+                    now=now_ms(),
+                    audit_id=new_id(),
+                    actor=API_ACTOR,
+                )
+                if granted["lease"] is not None:
+                    worker = {**picked, "active_leases": granted["active_leases_before"] + 1}
+                    return {"lease": lease_json(granted["lease"]), "worker": worker_json(worker)}
+                if granted["active_leases_before"] < max_concurrency:
+                    # The worker had room, so the task left 'queued' under us.
+                    raise Conflict(f"Task status is '{self._task_status(tx, task_id)}', expected 'queued'")
+                if worker_id is not None:
+                    raise Conflict(f"Worker '{worker_id}' has no free capacity")
+        raise Unavailable("No available worker with free capacity")
+
+    @staticmethod
+    def _check_pick(picked: dict[str, Any], worker_id: str | None) -> None:
+        task_status = picked["task_status"]
+        if task_status is None:
+            raise NotFound("Task not found")
+        if task_status != "queued":
+            raise Conflict(f"Task status is '{task_status}', expected 'queued'")
+        if picked["id"] is None:
+            if worker_id is not None:
+                raise NotFound("Worker not found")
+            raise Unavailable("No available worker with free capacity")
+        if worker_id is None:
+            return
+        capabilities = capabilities_json(picked["capabilities"])
+        if picked["status"] != "online":
+            raise Conflict(f"Worker '{worker_id}' is {picked['status']}, not online")
+        if not capabilities["claude_cli"]:
+            raise Conflict(f"Worker '{worker_id}' does not have claude_cli")
+        if picked["active_leases"] >= capabilities["max_concurrency"]:
+            raise Conflict(f"Worker '{worker_id}' has no free capacity")
+
+    def heartbeat(self, task_id: str, *, lease_id: str | None, worker_id: str | None) -> dict[str, Any]:
+        now = now_ms()
+        with self.db.transaction() as tx:
+            row = tx.one_or_none(
+                "heartbeat_lease", task_id=task_id, lease_id=lease_id, worker_id=worker_id, now=now
+            )
+        if row is not None and row["lease"] is not None:
+            lease = lease_json(row["lease"])
+            return {"lease": lease, "expires_at": lease["expires_at"]}
+        if row is None or row["lease_id"] is None or row["lease_status"] is None:
+            raise NotFound("Task or lease not found")
+        self._check_fencing(row, lease_id, worker_id)
+        if row["lease_status"] != "active":
+            raise NotFound("Lease not found or already expired")
+        if row["expires_at"] < now:
+            raise Conflict("Lease expired")
+        # The snapshot showed a live lease, yet it was not renewed: a completion or the
+        # sweep ended it while we waited for its row.
+        raise NotFound("Lease not found or already expired")
+
+    @staticmethod
+    def _check_fencing(row: dict[str, Any], lease_id: str | None, worker_id: str | None) -> None:
+        if lease_id is not None and lease_id != row["lease_id"]:
+            raise Conflict(f"Lease '{lease_id}' is not the task's current lease")
+        if worker_id is not None and worker_id != row["worker_id"]:
+            raise Conflict(f"Task is not leased to worker '{worker_id}'")
+
+    def complete_task(self, task_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        output = body.get("output")
+        object_url = self.artifacts.put(task_id, output) if output is not None else None
+        try:
+            return self._record_completion(task_id, body, object_url)
+        except BaseException:
+            if object_url is not None:
+                self.artifacts.remove(object_url)
+            raise
+
+    def _record_completion(self, task_id: str, body: dict[str, Any], object_url: str | None) -> dict[str, Any]:
+        output = body.get("output")
+        with self.db.transaction() as tx:
+            row = tx.one_or_none(
+                "complete_task",
+                task_id=task_id,
+                lease_id=body.get("lease_id"),
+                worker_id=body.get("worker_id"),
+                task_status="completed" if body["status"] == "success" else "failed",
+                result_status=body["status"],
+                output=output,
+                error_message=body.get("error_message"),
+                metrics=json.dumps(body["metrics"]),
+                artifact_id=new_id(),
+                artifact_type=body["artifact_type"],
+                artifact_tags=json.dumps(body["artifact_tags"]),
+                artifact_url=object_url,
+                artifact_content=None if object_url is not None else output,
+                result_id=new_id(),
+                now=now_ms(),
+                audit_id=new_id(),
+                actor=API_ACTOR,
+            )
+            if row is None:
+                raise NotFound("Task not found")
+            if row["task"] is None:
+                self._explain_refused_completion(tx, row, body)
+        return {
+            "task": task_json(row["task"]),
+            "artifact": artifact_json(row["artifact"]),
+            "result": result_json(row["result"]),
+        }
+
+    def _explain_refused_completion(self, tx, row: dict[str, Any], body: dict[str, Any]) -> None:
+        expected = "expected 'leased' or 'running'"
+        if row["task_status"] not in ("leased", "running"):
+            raise Conflict(f"Task status is '{row['task_status']}', {expected}")
+        self._check_fencing(row, body.get("lease_id"), body.get("worker_id"))
+        # A racing completion or the sweep got there first.
+        raise Conflict(f"Task status is '{self._task_status(tx, row['task_id'])}', {expected}")
+
+    def sweep_expired_leases(self) -> dict[str, int]:
+        with self.db.transaction() as tx:
+            counts = tx.one("sweep_expired_leases", now=now_ms(), actor=SWEEP_ACTOR)
+        counts = {key: int(value) for key, value in counts.items()}
+        if counts["expired"]:
+            log.info("lease sweep: %(expired)d expired, %(requeued)d requeued, %(dead)d dead", counts)
+        return counts
+
+    @staticmethod
+    def _task_status(tx, task_id: str) -> str | None:
+        row = tx.one_or_none("get_task", task_id=task_id)
+        return row["status"] if row else None
+
+    # Listings --------------------------------------------------------------
+
+    def list_leases(self, *, status: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
+        with self.db.transaction() as tx:
+            rows = tx.all("list_leases", status=status, limit=limit, offset=offset)
+        return [lease_json(row) for row in rows]
+
+    def list_artifacts(self, *, task_id: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
+        with self.db.transaction() as tx:
+            rows = tx.all("list_artifacts", task_id=task_id, limit=limit, offset=offset)
+        return [artifact_json(row) for row in rows]
+
+    def list_audit(self, *, limit: int, offset: int) -> list[dict[str, Any]]:
+        with self.db.transaction() as tx:
+            rows = tx.all("list_audit", limit=limit, offset=offset)
+        return [audit_json(row) for row in rows]
+
+    def stats(self) -> dict[str, Any]:
+        with self.db.transaction() as tx:
+            row = tx.one("stats")
+        by_status = {status: 0 for status in TASK_STATUSES}
+        by_status.update({status: int(count) for status, count in row["tasks_by_status"].items()})
+        return {
+            "tasks": {"total": sum(by_status.values()), "by_status": by_status},
+            "leases": {"total": int(row["leases_total"]), "active": int(row["leases_active"])},
+            "workers": {"total": int(row["workers_total"]), "online": int(row["workers_online"])},
+        }
+
+    def ping(self) -> None:
+        with self.db.transaction() as tx:
+            tx.one("ping")

@@ -1,0 +1,109 @@
+-- BLOOM Runtime schema (PostgreSQL). Idempotent: safe to apply at every start.
+-- Table and column names and types are those of the Express service, so a database
+-- it created keeps working. Times are epoch milliseconds (bigint); ids are text.
+-- There is deliberately no `users` table: this database is shared with other services.
+
+CREATE TABLE IF NOT EXISTS workers (
+    id              text PRIMARY KEY,
+    node_id         text,
+    url             text,
+    status          text NOT NULL DEFAULT 'unknown',
+    capabilities    jsonb NOT NULL DEFAULT '{"claude_cli": true, "max_concurrency": 1, "labels": []}'::jsonb,
+    last_heartbeat  bigint,
+    ip_addrs        jsonb NOT NULL DEFAULT '[]'::jsonb,
+    obs_count       integer NOT NULL DEFAULT 0,
+    db_sha          text,
+    registered_at   bigint NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS llm_tasks (
+    id              text PRIMARY KEY,
+    context_id      text NOT NULL,
+    agent_slug      text NOT NULL,
+    prompt          text NOT NULL,
+    context_hints   jsonb NOT NULL DEFAULT '[]'::jsonb,
+    policy          jsonb NOT NULL DEFAULT '{"timeout_sec": 120, "budget": 0}'::jsonb,
+    desired_format  text NOT NULL DEFAULT 'text',
+    status          text NOT NULL DEFAULT 'queued',
+    created_at      bigint NOT NULL,
+    updated_at      bigint NOT NULL,
+    lease_id        text,
+    worker_id       text,
+    attempts        integer NOT NULL DEFAULT 0,
+    max_attempts    integer NOT NULL DEFAULT 3
+);
+
+CREATE TABLE IF NOT EXISTS leases (
+    id              text PRIMARY KEY,
+    task_id         text NOT NULL,
+    worker_id       text NOT NULL,
+    started_at      bigint NOT NULL,
+    expires_at      bigint NOT NULL,
+    ttl_seconds     integer NOT NULL,
+    status          text NOT NULL DEFAULT 'active',
+    last_heartbeat  bigint NOT NULL,
+    context_id      text
+);
+
+CREATE TABLE IF NOT EXISTS runtime_artifacts (
+    id              text PRIMARY KEY,
+    task_id         text NOT NULL,
+    job_id          text,
+    type            text NOT NULL,
+    created_at      bigint NOT NULL,
+    finalized       boolean NOT NULL DEFAULT false,
+    url             text,
+    entity_refs     jsonb NOT NULL DEFAULT '[]'::jsonb,
+    tags            jsonb NOT NULL DEFAULT '[]'::jsonb,
+    content         text
+);
+
+CREATE TABLE IF NOT EXISTS llm_results (
+    id              text PRIMARY KEY,
+    task_id         text NOT NULL,
+    worker_id       text,
+    artifact_id     text,
+    status          text NOT NULL,
+    output          text,
+    error_message   text,
+    metrics         jsonb NOT NULL DEFAULT '{}'::jsonb,
+    completed_at    bigint NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS audit_logs (
+    id              text PRIMARY KEY,
+    timestamp       bigint NOT NULL,
+    action          text NOT NULL,
+    entity_type     text NOT NULL,
+    entity_id       text,
+    actor           text,
+    detail          jsonb
+);
+
+CREATE TABLE IF NOT EXISTS runtime_settings (
+    key             text PRIMARY KEY,
+    value           text,
+    updated_at      bigint
+);
+
+-- Indexes for every list filter and order, the lease capacity counts and the sweep.
+CREATE INDEX IF NOT EXISTS llm_tasks_created_idx ON llm_tasks (created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS llm_tasks_status_created_idx ON llm_tasks (status, created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS leases_started_idx ON leases (started_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS leases_status_started_idx ON leases (status, started_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS leases_active_worker_idx ON leases (worker_id, context_id) WHERE status = 'active';
+CREATE INDEX IF NOT EXISTS leases_active_expiry_idx ON leases (expires_at) WHERE status = 'active';
+CREATE INDEX IF NOT EXISTS runtime_artifacts_created_idx ON runtime_artifacts (created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS runtime_artifacts_task_created_idx ON runtime_artifacts (task_id, created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS llm_results_task_idx ON llm_results (task_id);
+CREATE INDEX IF NOT EXISTS audit_logs_timestamp_idx ON audit_logs (timestamp DESC, id DESC);
+
+-- The Express service could grant one task several active leases; those extra leases
+-- stayed 'active' for ever and ate their worker's capacity. An active lease that is not
+-- the current lease of a leased/running task is such debris: retire it, then let a
+-- unique index make a second active lease per task impossible.
+UPDATE leases l SET status = 'expired'
+ WHERE l.status = 'active'
+   AND NOT EXISTS (SELECT 1 FROM llm_tasks t
+                    WHERE t.id = l.task_id AND t.lease_id = l.id AND t.status IN ('leased', 'running'));
+CREATE UNIQUE INDEX IF NOT EXISTS leases_one_active_per_task ON leases (task_id) WHERE status = 'active';
