@@ -19,6 +19,10 @@ class ApiError(Exception):
         self.message = message
 
 
+class BadRequest(ApiError):
+    status = 400
+
+
 class NotFound(ApiError):
     status = 404
 

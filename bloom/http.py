@@ -9,10 +9,9 @@ from typing import Any
 from flask import Flask, current_app, jsonify, redirect, request
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
-from werkzeug.exceptions import BadRequest
 
 from .config import Settings
-from .errors import error_body
+from .errors import BadRequest, error_body
 
 log = logging.getLogger(__name__)
 

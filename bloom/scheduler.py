@@ -48,6 +48,7 @@ def run_once_per_deployment(database: Database, job: Job) -> bool:
                     )
                 if claimed is None:
                     return False
+                log.debug("job %s running in this process", job.name)
                 job.run()
                 return True
             finally:

@@ -1,0 +1,74 @@
+"""Fixtures: a real PostgreSQL (TEST_DATABASE_URL, or an embedded one the run starts),
+a fresh database per test cloned from a template, the Flask app and its test client."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from bloom import create_app
+from bloom.config import Settings
+
+from .support import GunicornServer, PostgresCluster, start_embedded_cluster
+
+
+@pytest.fixture(scope="session")
+def postgres() -> PostgresCluster:
+    admin_url = os.environ.get("TEST_DATABASE_URL", "").strip()
+    server = None
+    if not admin_url:
+        admin_url, server = start_embedded_cluster()
+    cluster = PostgresCluster(admin_url)
+    cluster.create_template()
+    yield cluster
+    cluster.dispose()
+    if server is not None:
+        server.cleanup()
+
+
+@pytest.fixture
+def database_url(postgres: PostgresCluster) -> str:
+    name = postgres.create_database()
+    yield postgres.url_for(name)
+    postgres.drop_database(name)
+
+
+def make_settings(database_url: str, **env: str) -> Settings:
+    return Settings.from_env({
+        "DATABASE_URL": database_url,
+        "BLOOM_RATE_LIMIT": "100000 per minute",
+        "BLOOM_TEST_CONNECTION_RATE_LIMIT": "100000 per minute",
+        **env,
+    })
+
+
+@pytest.fixture
+def app(database_url: str):
+    app = create_app(make_settings(database_url))
+    yield app
+    app.extensions["bloom.database"].dispose()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def service(app):
+    return app.extensions["bloom.service"]
+
+
+@pytest.fixture(scope="module")
+def module_database_url(postgres: PostgresCluster) -> str:
+    name = postgres.create_database()
+    yield postgres.url_for(name)
+    postgres.drop_database(name)
+
+
+@pytest.fixture(scope="module")
+def server(module_database_url: str):
+    """gunicorn with three workers on a database of this test module."""
+    served = GunicornServer({"DATABASE_URL": module_database_url})
+    yield served
+    served.stop()

