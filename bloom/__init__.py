@@ -13,7 +13,10 @@ from .db import Database, apply_schema
 from .errors import register_error_handlers
 from .http import init_limiter, install_request_guards
 from .scheduler import Job, start_scheduler
+from .membridge import MembridgeClient
+from .runtime_config import RuntimeConfigStore
 from .service import RuntimeService
+from .worker_sync import run_worker_sync
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +28,6 @@ def resolve_database_url(settings: Settings) -> str:
     from .embedded_postgres import start_embedded_postgres
 
     return start_embedded_postgres(settings.data_dir)
-
-
-def _membridge_status_unknown() -> dict:
-    return {"consecutiveFailures": 0, "lastSuccess": None, "lastError": None, "connected": False}
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -46,11 +45,17 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["bloom.settings"] = settings
     app.extensions["bloom.database"] = database
     app.extensions["bloom.service"] = runtime
-    app.extensions["bloom.membridge_status"] = _membridge_status_unknown
+    config_store = RuntimeConfigStore(
+        database,
+        default_server_url=settings.membridge_server_url,
+        default_admin_key=settings.membridge_admin_key,
+    )
+    app.extensions["bloom.runtime_config"] = config_store
+    app.extensions["bloom.membridge"] = MembridgeClient(config_store.target)
 
-    from .api import health, records, tasks, workers
+    from .api import config, health, membridge, records, tasks, workers
 
-    for blueprint in (health.bp, workers.bp, tasks.bp, records.bp):
+    for blueprint in (health.bp, config.bp, workers.bp, tasks.bp, records.bp, membridge.bp):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
     install_request_guards(app, settings)
@@ -76,8 +81,18 @@ def start_background_jobs(app: Flask) -> None:
     if not settings.run_scheduler or "bloom.scheduler" in app.extensions:
         return
     runtime: RuntimeService = app.extensions["bloom.service"]
-    jobs = [Job("lease-sweep", settings.lease_sweep_interval_s, runtime.sweep_expired_leases)]
-    app.extensions["bloom.scheduler"] = start_scheduler(app.extensions["bloom.database"], jobs)
+    database: Database = app.extensions["bloom.database"]
+    membridge_client: MembridgeClient = app.extensions["bloom.membridge"]
+    config_store: RuntimeConfigStore = app.extensions["bloom.runtime_config"]
+    jobs = [
+        Job("lease-sweep", settings.lease_sweep_interval_s, runtime.sweep_expired_leases),
+        Job(
+            "worker-sync",
+            settings.worker_sync_interval_s,
+            lambda: run_worker_sync(membridge_client, database, config_store),
+        ),
+    ]
+    app.extensions["bloom.scheduler"] = start_scheduler(database, jobs)
 
 
 def _register_cli(app: Flask, database: Database) -> None:

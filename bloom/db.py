@@ -46,6 +46,9 @@ class Transaction:
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
 
+    def execute(self, query: str, **params: Any) -> None:
+        self.connection.execute(QUERIES[query], params)
+
     def all(self, query: str, **params: Any) -> list[dict[str, Any]]:
         return [dict(row._mapping) for row in self.connection.execute(QUERIES[query], params)]
 

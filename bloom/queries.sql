@@ -280,6 +280,10 @@ SELECT * FROM runtime_artifacts
  ORDER BY created_at DESC, id DESC
  LIMIT :limit OFFSET :offset;
 
+-- name: insert_audit
+INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+VALUES (:audit_id, :now, :action, :entity_type, :entity_id, :actor, CAST(:detail AS jsonb));
+
 -- name: list_audit
 SELECT * FROM audit_logs
  ORDER BY timestamp DESC, id DESC
@@ -312,3 +316,82 @@ ON CONFLICT (key) DO UPDATE
     OR runtime_settings.value !~ '^[0-9]+$'
     OR CAST(runtime_settings.value AS bigint) <= :now - :min_gap_ms
 RETURNING key;
+
+-- Runtime settings (Membridge config, connection test, shared sync status) -------
+
+-- name: get_settings
+SELECT key, value, updated_at FROM runtime_settings WHERE key = ANY(CAST(:keys AS text[]));
+
+-- name: save_membridge_config
+WITH saved AS (
+    INSERT INTO runtime_settings (key, value, updated_at)
+    VALUES ('membridge_server_url', :server_url, :now), ('admin_key', :admin_key, :now)
+    ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = EXCLUDED.updated_at
+    RETURNING key
+), audit AS (
+    -- The key itself is never written to the audit log.
+    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+    VALUES (:audit_id, :now, 'config_updated', 'config', 'membridge', :actor,
+            jsonb_build_object('membridge_server_url', :server_url, 'admin_key_changed', true))
+)
+SELECT count(*) AS saved FROM saved;
+
+-- name: save_connection_test
+WITH saved AS (
+    INSERT INTO runtime_settings (key, value, updated_at)
+    VALUES ('connected', :connected_text, :now), ('last_test', CAST(:now AS text), :now)
+    ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = EXCLUDED.updated_at
+    RETURNING key
+), audit AS (
+    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+    SELECT :audit_id, :now, 'connection_test', 'config', 'membridge', :actor,
+           jsonb_build_object('membridge_server_url', :server_url, 'connected', true)
+     WHERE :connected
+)
+SELECT count(*) AS saved FROM saved;
+
+-- name: put_setting
+INSERT INTO runtime_settings (key, value, updated_at)
+VALUES (:key, :value, :now)
+ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = EXCLUDED.updated_at;
+
+-- Worker sync ---------------------------------------------------------------------
+
+-- name: upsert_synced_workers
+-- Agents of one Membridge answer. Fields an agent leaves out (null here) keep their
+-- stored values; registered_at is set once, when the worker is first seen.
+WITH incoming AS (
+    SELECT *
+      FROM jsonb_to_recordset(CAST(:agents AS jsonb))
+           AS a(id text, url text, status text, capabilities jsonb, ip_addrs jsonb,
+                obs_count integer, db_sha text, last_heartbeat bigint)
+), updated AS (
+    UPDATE workers w
+       SET url = COALESCE(i.url, w.url),
+           status = i.status,
+           capabilities = COALESCE(i.capabilities, w.capabilities),
+           ip_addrs = COALESCE(i.ip_addrs, w.ip_addrs),
+           obs_count = COALESCE(i.obs_count, w.obs_count),
+           db_sha = COALESCE(i.db_sha, w.db_sha),
+           last_heartbeat = i.last_heartbeat
+      FROM incoming i
+     WHERE w.id = i.id
+    RETURNING w.id
+), inserted AS (
+    INSERT INTO workers (id, node_id, url, status, capabilities, last_heartbeat, ip_addrs,
+                         obs_count, db_sha, registered_at)
+    SELECT i.id, i.id, i.url, i.status, COALESCE(i.capabilities, CAST(:default_capabilities AS jsonb)),
+           i.last_heartbeat, COALESCE(i.ip_addrs, '[]'::jsonb), COALESCE(i.obs_count, 0), i.db_sha, :now
+      FROM incoming i
+     WHERE i.id NOT IN (SELECT id FROM updated)
+    ON CONFLICT (id) DO NOTHING  -- registered by hand meanwhile: the next sync updates it
+    RETURNING id
+)
+SELECT (SELECT count(*) FROM updated) AS updated, (SELECT count(*) FROM inserted) AS inserted;
+
+-- name: offline_stale_workers
+UPDATE workers SET status = 'offline'
+ WHERE status = 'online'
+   AND id <> ALL(CAST(:seen_ids AS text[]))
+   AND COALESCE(last_heartbeat, 0) < :stale_before
+RETURNING id;

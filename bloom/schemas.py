@@ -96,6 +96,11 @@ class CompleteTaskSchema(FencingSchema):
     artifact_tags = fields.List(fields.String(), load_default=list)
 
 
+class ConfigUpdateSchema(_Body):
+    membridge_server_url = fields.Url(required=True, require_tld=False, schemes={"http", "https"})
+    admin_key = fields.String(required=True, validate=validate.Length(min=1, max=1024))
+
+
 def _page_fields(default_limit: int) -> dict[str, fields.Field]:
     return {
         "limit": fields.Integer(load_default=default_limit, validate=validate.Range(1, 1000)),

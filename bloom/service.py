@@ -307,6 +307,13 @@ class RuntimeService:
             rows = tx.all("list_audit", limit=limit, offset=offset)
         return [audit_json(row) for row in rows]
 
+    def record_audit(self, action: str, entity_type: str, entity_id: str, detail: dict[str, Any]) -> None:
+        with self.db.transaction() as tx:
+            tx.execute(
+                "insert_audit", audit_id=new_id(), now=now_ms(), action=action, entity_type=entity_type,
+                entity_id=entity_id, actor=API_ACTOR, detail=json.dumps(detail),
+            )
+
     def stats(self) -> dict[str, Any]:
         with self.db.transaction() as tx:
             row = tx.one("stats")

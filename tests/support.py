@@ -95,6 +95,7 @@ class GunicornServer:
             "GUNICORN_THREADS": str(threads),
             "BLOOM_RATE_LIMIT": "100000 per minute",
             "BLOOM_TEST_CONNECTION_RATE_LIMIT": "100000 per minute",
+            "MEMBRIDGE_SERVER_URL": "http://127.0.0.1:9",  # nothing listens: syncs fail, change nothing
             **env,
         }
         self._log = open(self.log_path, "wb")

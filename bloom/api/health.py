@@ -14,7 +14,7 @@ _STARTED_AT = time.monotonic()
 
 @bp.get("/health")
 def health():
-    membridge = current_app.extensions["bloom.membridge_status"]()
+    membridge = _membridge_status()
     return jsonify({
         "status": "ok",
         "service": "bloom-runtime",
@@ -22,6 +22,14 @@ def health():
         "storage": "postgresql",
         "membridge": membridge,
     })
+
+
+def _membridge_status() -> dict:
+    """The freshest of this process's own upstream calls and the last sync of the deployment."""
+    mine = current_app.extensions["bloom.membridge"].health.snapshot()
+    shared = current_app.extensions["bloom.runtime_config"].current().sync_status or {}
+    freshest = shared if shared.get("observedAt", 0) > mine["observedAt"] else mine
+    return {key: freshest.get(key) for key in ("consecutiveFailures", "lastSuccess", "lastError", "connected")}
 
 
 @bp.get("/ready")

@@ -1,0 +1,68 @@
+"""Admin proxy to Membridge: the admin key stays on the server, never in a browser."""
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, current_app, jsonify
+
+from ..errors import BadGateway
+from ..http import json_body
+from ..membridge import MembridgeClient, UpstreamResponse, UpstreamUnreachable, encode_segment
+from ..service import new_id, now_ms
+
+bp = Blueprint("membridge", __name__, url_prefix="/api/membridge")
+
+
+def _client() -> MembridgeClient:
+    return current_app.extensions["bloom.membridge"]
+
+
+def _forward(method: str, path: str, body: Any = None):
+    try:
+        response = _client().request(method, path, json_body=body)
+    except UpstreamUnreachable as error:
+        raise BadGateway(str(error)) from None
+    return _relay(response)
+
+
+def _relay(response: UpstreamResponse):
+    if response.ok:
+        return jsonify(response.body), response.status
+    return jsonify({"error": _redacted(response.error_message())}), response.status
+
+
+def _redacted(message: str) -> str:
+    admin_key = current_app.extensions["bloom.runtime_config"].current().admin_key
+    return message.replace(admin_key, "****") if admin_key else message
+
+
+@bp.get("/health")
+def health():
+    return _forward("GET", "/health")
+
+
+@bp.get("/projects")
+def projects():
+    return _forward("GET", "/projects")
+
+
+@bp.get("/projects/<cid>/leadership")
+def leadership(cid: str):
+    return _forward("GET", f"/projects/{encode_segment(cid)}/leadership")
+
+
+@bp.get("/projects/<cid>/nodes")
+def nodes(cid: str):
+    return _forward("GET", f"/projects/{encode_segment(cid)}/nodes")
+
+
+@bp.post("/projects/<cid>/leadership/select")
+def select_leader(cid: str):
+    body = json_body()
+    response = _forward("POST", f"/projects/{encode_segment(cid)}/leadership/select", body)
+    if 200 <= response[1] < 300:
+        chosen = body.get("primary_node_id") if isinstance(body, dict) else None
+        current_app.extensions["bloom.service"].record_audit(
+            "leadership_promote", "project", cid, {"primary_node_id": chosen}
+        )
+    return response

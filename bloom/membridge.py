@@ -1,0 +1,172 @@
+"""Client of the Membridge control plane (SPEC §4, §5).
+
+One requests.Session whose urllib3 Retry retries GETs on connection errors, read
+errors and 5xx (3 retries, backoff 0.5 s, 1 s, 2 s plus jitter), and retries a POST
+only when the connection failed before the request was sent, so a leadership change
+is never applied twice. The admin key is read from the current runtime config for
+each call and never appears in a log line, an error message or a response.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+from urllib.parse import quote
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+log = logging.getLogger(__name__)
+
+ADMIN_HEADER = "X-MEMBRIDGE-ADMIN"
+REQUEST_TIMEOUT_S = 10.0
+SYNC_TIMEOUT_S = 8.0
+
+
+class BackoffRetry(Retry):
+    """urllib3's Retry waits nothing before the first retry; ours waits 0.5 s, then doubles."""
+
+    def get_backoff_time(self) -> float:
+        errors = len(self.history)
+        if errors == 0:
+            return 0.0
+        backoff = self.backoff_factor * (2 ** (errors - 1))
+        if self.backoff_jitter:
+            import random
+
+            backoff += random.random() * self.backoff_jitter
+        return min(self.backoff_max, backoff)
+
+
+def build_session(pool_size: int = 10) -> requests.Session:
+    retry = BackoffRetry(
+        total=3,
+        connect=3,
+        read=3,
+        status=3,
+        other=0,
+        allowed_methods=frozenset({"GET"}),  # read and 5xx retries; connect retries apply to any method
+        status_forcelist=(500, 502, 503, 504),
+        backoff_factor=0.5,
+        backoff_jitter=0.25,
+        backoff_max=4.0,
+        raise_on_status=False,
+        respect_retry_after_header=False,
+    )
+    session = requests.Session()
+    adapter = HTTPAdapter(max_retries=retry, pool_connections=pool_size, pool_maxsize=pool_size)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def encode_segment(value: str) -> str:
+    """One path segment, fully escaped: '/', '?', '#', '%' and dot segments cannot escape it."""
+    return quote(value, safe="").replace(".", "%2E")
+
+
+class UpstreamUnreachable(Exception):
+    """No answer from Membridge after the retries."""
+
+
+@dataclass(frozen=True)
+class UpstreamResponse:
+    status: int
+    body: Any  # parsed JSON, or the text when the body is not JSON
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+    def error_message(self) -> str:
+        if isinstance(self.body, dict):
+            detail = self.body.get("detail", self.body.get("error"))
+            if detail is not None:
+                return detail if isinstance(detail, str) else str(detail)
+        return f"Membridge answered {self.status}"
+
+
+class UpstreamHealth:
+    """consecutiveFailures / lastSuccess / lastError / connected of this process's calls."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = {"consecutiveFailures": 0, "lastSuccess": None, "lastError": None, "connected": False}
+        self._observed_at = 0
+
+    def success(self) -> None:
+        with self._lock:
+            now = int(time.time() * 1000)
+            self._state.update(consecutiveFailures=0, lastSuccess=now, connected=True)
+            self._observed_at = now
+
+    def failure(self, message: str) -> None:
+        with self._lock:
+            self._state["consecutiveFailures"] += 1
+            self._state.update(lastError=message, connected=False)
+            self._observed_at = int(time.time() * 1000)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {**self._state, "observedAt": self._observed_at}
+
+
+class MembridgeClient:
+    def __init__(
+        self,
+        current_target: Callable[[], tuple[str, str]],
+        health: UpstreamHealth | None = None,
+        session: requests.Session | None = None,
+    ) -> None:
+        """`current_target()` returns (server_url, admin_key) from the live runtime config."""
+        self._current_target = current_target
+        self.health = health or UpstreamHealth()
+        self._session = session or build_session()
+
+    def request(
+        self, method: str, path: str, *, json_body: Any = None, admin: bool = True, timeout: float = REQUEST_TIMEOUT_S
+    ) -> UpstreamResponse:
+        base_url, admin_key = self._current_target()
+        headers = {"Accept": "application/json"}
+        if admin:
+            headers[ADMIN_HEADER] = admin_key
+        url = f"{base_url.rstrip('/')}{path}"
+        prepared = self._session.prepare_request(requests.Request(method, url, json=json_body, headers=headers))
+        # requests re-quotes URLs and would turn an escaped '%2E%2E' back into a '..' segment.
+        prepared.url = url
+        try:
+            response = self._session.send(prepared, timeout=timeout)
+        except requests.RequestException as error:
+            message = f"Membridge unreachable: {_describe(error)}"
+            self.health.failure(message)
+            log.warning("%s %s failed: %s", method, path, message)
+            raise UpstreamUnreachable(message) from None
+        try:
+            body: Any = response.json()
+        except ValueError:
+            body = response.text
+        result = UpstreamResponse(response.status_code, body)
+        if result.ok:
+            self.health.success()
+        else:
+            self.health.failure(f"Membridge answered {response.status_code}")
+            log.warning("%s %s: Membridge answered %s", method, path, response.status_code)
+        return result
+
+    def get(self, path: str, **kwargs: Any) -> UpstreamResponse:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, json_body: Any, **kwargs: Any) -> UpstreamResponse:
+        return self.request("POST", path, json_body=json_body, **kwargs)
+
+
+def _describe(error: requests.RequestException) -> str:
+    """The kind of failure, without URLs or headers."""
+    if isinstance(error, requests.Timeout):
+        return "timed out"
+    if isinstance(error, requests.ConnectionError):
+        return "connection failed"
+    return type(error).__name__

@@ -1,0 +1,127 @@
+"""The Membridge settings operators change at run time, kept in `runtime_settings`.
+
+Stored values override the environment's defaults. Every process reads them through
+a short cache, so a change made through any gunicorn worker or host is seen by all
+within CACHE_SECONDS. The admin key leaves this module only masked, or in the header
+the Membridge client sends upstream.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .db import Database
+from .service import new_id, now_ms
+
+log = logging.getLogger(__name__)
+
+CACHE_SECONDS = 2.0
+SYNC_STATUS_KEY = "membridge_sync_status"
+_KEYS = ["membridge_server_url", "admin_key", "connected", "last_test", SYNC_STATUS_KEY]
+
+
+def mask_key(key: str) -> str:
+    if len(key) <= 8:
+        return "****"
+    return f"{key[:4]}****{key[-4:]}"
+
+
+@dataclass(frozen=True)
+class MembridgeConfig:
+    server_url: str
+    admin_key: str
+    connected: bool
+    last_test: int | None
+    sync_status: dict[str, Any] | None
+
+    def public(self) -> dict[str, Any]:
+        """The RuntimeConfig object of the API: never the key itself."""
+        return {
+            "membridge_server_url": self.server_url,
+            "admin_key_masked": mask_key(self.admin_key),
+            "connected": self.connected,
+            "last_test": self.last_test,
+        }
+
+
+class RuntimeConfigStore:
+    def __init__(self, database: Database, *, default_server_url: str, default_admin_key: str) -> None:
+        self._db = database
+        self._defaults = MembridgeConfig(default_server_url, default_admin_key, False, None, None)
+        self._cached = self._defaults
+        self._cached_at = float("-inf")
+        self._lock = threading.Lock()
+
+    def current(self) -> MembridgeConfig:
+        with self._lock:
+            if time.monotonic() - self._cached_at < CACHE_SECONDS:
+                return self._cached
+        try:
+            config = self._read()
+        except Exception as error:
+            # The database is down: keep serving with what we knew last.
+            log.warning("runtime settings unreadable (%s); using the last known ones", type(error).__name__)
+            with self._lock:
+                self._cached_at = time.monotonic()  # try again after CACHE_SECONDS, not on every call
+                return self._cached
+        with self._lock:
+            self._cached, self._cached_at = config, time.monotonic()
+        return config
+
+    def target(self) -> tuple[str, str]:
+        config = self.current()
+        return config.server_url, config.admin_key
+
+    def _read(self) -> MembridgeConfig:
+        with self._db.transaction() as tx:
+            rows = {row["key"]: row["value"] for row in tx.all("get_settings", keys=_KEYS)}
+        last_test = rows.get("last_test")
+        return MembridgeConfig(
+            server_url=rows.get("membridge_server_url") or self._defaults.server_url,
+            admin_key=rows.get("admin_key") if rows.get("admin_key") is not None else self._defaults.admin_key,
+            connected=rows.get("connected") == "true",
+            last_test=int(last_test) if last_test and last_test.isdigit() else None,
+            sync_status=_json_or_none(rows.get(SYNC_STATUS_KEY)),
+        )
+
+    def _forget(self) -> None:
+        with self._lock:
+            self._cached_at = float("-inf")
+
+    def update(self, server_url: str, admin_key: str, *, actor: str) -> MembridgeConfig:
+        with self._db.transaction() as tx:
+            tx.one(
+                "save_membridge_config",
+                server_url=server_url, admin_key=admin_key, now=now_ms(), audit_id=new_id(), actor=actor,
+            )
+        self._forget()
+        return self.current()
+
+    def record_connection_test(self, connected: bool, *, actor: str) -> MembridgeConfig:
+        server_url = self.current().server_url
+        with self._db.transaction() as tx:
+            tx.one(
+                "save_connection_test",
+                connected=connected, connected_text="true" if connected else "false",
+                server_url=server_url, now=now_ms(), audit_id=new_id(), actor=actor,
+            )
+        self._forget()
+        return self.current()
+
+    def publish_sync_status(self, status: dict[str, Any]) -> None:
+        with self._db.transaction() as tx:
+            tx.execute("put_setting", key=SYNC_STATUS_KEY, value=json.dumps(status), now=now_ms())
+
+
+def _json_or_none(raw: str | None) -> dict[str, Any] | None:
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None

@@ -1,0 +1,167 @@
+"""Worker sync: Membridge's agents become (or update) local workers (SPEC §4, §6).
+
+An upstream failure of any kind (unreachable, 401, 5xx, not JSON, not a list)
+changes nothing locally. Inside a list, entries without a usable name or with wrong
+types are skipped and logged; the others are applied.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+from .db import Database
+from .runtime_config import RuntimeConfigStore
+from .membridge import SYNC_TIMEOUT_S, MembridgeClient, UpstreamUnreachable
+from .serialize import DEFAULT_CAPABILITIES
+from .service import now_ms
+
+log = logging.getLogger(__name__)
+
+WORKER_STATUSES = {"online", "offline", "syncing", "error", "unknown"}
+STALE_AFTER_MS = 60_000
+
+
+class SyncFailed(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class SyncOutcome:
+    inserted: int
+    updated: int
+    skipped: int
+    offlined: int
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _string_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def parse_agent(agent: Any, now: int) -> dict[str, Any]:
+    """One upstream agent as a worker row; absent fields are None (keep stored value).
+
+    Raises ValueError naming the first thing wrong with the entry.
+    """
+    if not isinstance(agent, dict):
+        raise ValueError("entry is not an object")
+    name = next((agent[key] for key in ("name", "node_id", "id") if agent.get(key) is not None), None)
+    if not isinstance(name, str) or not name.strip() or len(name) > 128:
+        raise ValueError("no usable name")
+    url = agent.get("url")
+    if url is not None and not isinstance(url, str):
+        raise ValueError("url is not a string")
+    status = agent.get("status", "unknown")
+    if not isinstance(status, str):
+        raise ValueError("status is not a string")
+    last_seen = agent.get("last_seen")
+    if last_seen is not None and not _is_number(last_seen):
+        raise ValueError("last_seen is not a number")
+    return {
+        "id": name,
+        "url": url,
+        "status": status if status in WORKER_STATUSES else "unknown",
+        "capabilities": _capabilities(agent),
+        "ip_addrs": _optional(agent, "ip_addrs", _string_list, "a list of strings"),
+        "obs_count": _optional(agent, "obs_count", _is_int, "an integer"),
+        "db_sha": _optional(agent, "db_sha", lambda v: isinstance(v, str), "a string"),
+        # Membridge speaks epoch seconds; every time here is milliseconds.
+        "last_heartbeat": int(last_seen * 1000) if last_seen is not None else now,
+    }
+
+
+def _optional(agent: dict[str, Any], key: str, valid, expected: str) -> Any:
+    value = agent.get(key)
+    if value is not None and not valid(value):
+        raise ValueError(f"{key} is not {expected}")
+    return value
+
+
+def _capabilities(agent: dict[str, Any]) -> dict[str, Any] | None:
+    source = agent.get("capabilities")
+    if source is None:
+        if agent.get("max_concurrency") is None and agent.get("labels") is None:
+            return None
+        source = {"max_concurrency": agent.get("max_concurrency"), "labels": agent.get("labels")}
+    if not isinstance(source, dict):
+        raise ValueError("capabilities is not an object")
+    capabilities = dict(DEFAULT_CAPABILITIES)
+    claude_cli = source.get("claude_cli")
+    if claude_cli is not None:
+        if not isinstance(claude_cli, bool):
+            raise ValueError("claude_cli is not a boolean")
+        capabilities["claude_cli"] = claude_cli
+    max_concurrency = source.get("max_concurrency")
+    if max_concurrency is not None:
+        if not _is_int(max_concurrency) or not 1 <= max_concurrency <= 32:
+            raise ValueError("max_concurrency is not an integer from 1 to 32")
+        capabilities["max_concurrency"] = max_concurrency
+    labels = source.get("labels")
+    if labels is not None:
+        if not _string_list(labels):
+            raise ValueError("labels is not a list of strings")
+        capabilities["labels"] = labels
+    return capabilities
+
+
+def fetch_agents(client: MembridgeClient) -> list[Any]:
+    try:
+        response = client.get("/agents", timeout=SYNC_TIMEOUT_S)
+    except UpstreamUnreachable as error:
+        raise SyncFailed(str(error)) from None
+    if not response.ok:
+        raise SyncFailed(f"Membridge answered {response.status} to /agents")
+    if not isinstance(response.body, list):
+        message = "Membridge /agents answer is not a JSON list"
+        client.health.failure(message)
+        raise SyncFailed(message)
+    return response.body
+
+
+def sync_workers(client: MembridgeClient, database: Database) -> SyncOutcome:
+    agents = fetch_agents(client)
+    now = now_ms()
+    rows: dict[str, dict[str, Any]] = {}
+    skipped = 0
+    for index, agent in enumerate(agents):
+        try:
+            row = parse_agent(agent, now)
+        except ValueError as problem:
+            skipped += 1
+            log.warning("worker sync: skipped agent #%d: %s", index, problem)
+            continue
+        rows[row["id"]] = row  # a name listed twice: the last entry wins
+    with database.transaction() as tx:
+        counts = tx.one(
+            "upsert_synced_workers",
+            agents=json.dumps(list(rows.values())),
+            default_capabilities=json.dumps(DEFAULT_CAPABILITIES),
+            now=now,
+        )
+        offlined = tx.all("offline_stale_workers", seen_ids=list(rows), stale_before=now - STALE_AFTER_MS)
+    outcome = SyncOutcome(int(counts["inserted"]), int(counts["updated"]), skipped, len(offlined))
+    log.info(
+        "worker sync: %d new, %d updated, %d skipped, %d marked offline",
+        outcome.inserted, outcome.updated, outcome.skipped, outcome.offlined,
+    )
+    return outcome
+
+
+def run_worker_sync(client: MembridgeClient, database: Database, config_store: RuntimeConfigStore) -> None:
+    """The scheduled job: sync, then share this run's outcome with every process's health."""
+    try:
+        sync_workers(client, database)
+    except SyncFailed as failure:
+        log.warning("worker sync failed, nothing changed: %s", failure)
+    finally:
+        config_store.publish_sync_status(client.health.snapshot())

@@ -1,0 +1,163 @@
+"""A small real HTTP server that speaks the Membridge control plane contract (SPEC §5).
+
+Switches make it slow, fail with 5xx, drop connections or answer garbage; every
+request it receives is recorded so tests can count retries and check headers.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from .support import free_port
+
+
+@dataclass
+class Received:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+
+@dataclass
+class FakeMembridgeState:
+    admin_key: str
+    agents: list[Any] = field(default_factory=list)
+    mode: str = "normal"  # normal | fail5xx | drop | garbage | slow
+    slow_seconds: float = 0.0
+    received: list[Received] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count(self, method: str, path: str) -> int:
+        with self.lock:
+            return sum(1 for r in self.received if r.method == method and r.path == path)
+
+    def requests_to(self, path: str) -> list[Received]:
+        with self.lock:
+            return [r for r in self.received if r.path == path]
+
+
+PROJECTS = [{"name": "notebook", "canonical_id": "cid-1", "created_at": 1.7e9, "last_seen": 1.7e9, "nodes_count": 2, "source": "sync"}]
+NODES = [{"node_id": "node-a", "canonical_id": "cid-1", "role": "primary", "obs_count": 12, "db_sha": "abc", "last_seen": 1.7e9, "ip_addrs": ["10.0.0.1"], "registered_at": 1.6e9}]
+
+
+def _handler(state: FakeMembridgeState):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):  # keep test output quiet
+            return
+
+        def _send(self, status: int, body: Any, raw: bytes | None = None) -> None:
+            payload = raw if raw is not None else json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json" if raw is None else "text/plain")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def _handle(self, method: str) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw_body = self.rfile.read(length) if length else b""
+            try:
+                body = json.loads(raw_body) if raw_body else None
+            except ValueError:
+                body = raw_body.decode(errors="replace")
+            with state.lock:
+                state.received.append(Received(method, self.path, dict(self.headers), body))
+                mode, slow = state.mode, state.slow_seconds
+            if mode == "slow":
+                time.sleep(slow)
+            if mode == "drop":
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return
+            if mode == "fail5xx":
+                return self._send(503, {"detail": "control plane overloaded"})
+            if mode == "garbage":
+                return self._send(200, None, raw=b"<html>definitely not json")
+            if self.path == "/health":
+                return self._send(200, {"status": "ok", "service": "membridge-control-plane", "version": "0.9.1"})
+            if self.headers.get("X-MEMBRIDGE-ADMIN") != state.admin_key:
+                return self._send(401, {"detail": "invalid admin key"})
+            self._route(method, body)
+
+        def _route(self, method: str, body: Any) -> None:
+            parts = self.path.split("?")[0].strip("/").split("/")
+            if method == "GET" and parts == ["agents"]:
+                with state.lock:
+                    return self._send(200, state.agents)
+            if method == "GET" and parts == ["projects"]:
+                return self._send(200, PROJECTS)
+            if len(parts) >= 3 and parts[0] == "projects":
+                cid = parts[1]
+                if method == "GET" and parts[2:] == ["nodes"]:
+                    return self._send(200, [dict(node, canonical_id=cid) for node in NODES])
+                if method == "GET" and parts[2:] == ["leadership"]:
+                    return self._send(200, {"canonical_id": cid, "preferred_primary": "node-a", "node_count": 1, "nodes": NODES})
+                if method == "POST" and parts[2:] == ["leadership", "select"]:
+                    if not isinstance(body, dict) or "primary_node_id" not in body:
+                        return self._send(422, {"detail": "primary_node_id is required"})
+                    return self._send(200, {
+                        "ok": True, "canonical_id": cid, "primary_node_id": body["primary_node_id"],
+                        "lease_seconds": body.get("lease_seconds", 30), "detail": "promoted",
+                    })
+            self._send(404, {"detail": "Not Found"})
+
+        def do_GET(self):
+            self._handle("GET")
+
+        def do_POST(self):
+            self._handle("POST")
+
+    return Handler
+
+
+class _Server(ThreadingHTTPServer):
+    """Remembers its connections so that stopping it also cuts the keep-alive ones."""
+
+    daemon_threads = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.connections: set = set()
+
+    def get_request(self):
+        connection, address = super().get_request()
+        self.connections.add(connection)
+        return connection, address
+
+    def close_connections(self) -> None:
+        import socket
+
+        for connection in list(self.connections):
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            connection.close()
+        self.connections.clear()
+
+
+class FakeMembridge:
+    def __init__(self, admin_key: str = "membridge-admin-secret-key") -> None:
+        self.state = FakeMembridgeState(admin_key=admin_key)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server: ThreadingHTTPServer | None = None
+        self.start()
+
+    def start(self) -> None:
+        self._server = _Server(("127.0.0.1", self.port), _handler(self.state))
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server.close_connections()
+            self._server = None

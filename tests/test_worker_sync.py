@@ -1,0 +1,171 @@
+"""Worker sync from Membridge's /agents, in process and under gunicorn."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+
+from bloom import create_app
+from bloom.worker_sync import SyncFailed, run_worker_sync, sync_workers
+
+from .conftest import make_settings
+from .fake_membridge import FakeMembridge
+from .support import GunicornServer, wait_until
+
+ADMIN_KEY = "membridge-admin-secret-key"
+
+
+@pytest.fixture
+def membridge():
+    upstream = FakeMembridge(admin_key=ADMIN_KEY)
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture
+def app(database_url, membridge):
+    app = create_app(make_settings(database_url, MEMBRIDGE_SERVER_URL=membridge.url, MEMBRIDGE_ADMIN_KEY=ADMIN_KEY))
+    yield app
+    app.extensions["bloom.database"].dispose()
+
+
+@pytest.fixture
+def sync(app):
+    def run():
+        return sync_workers(app.extensions["bloom.membridge"], app.extensions["bloom.database"])
+
+    return run
+
+
+def workers_by_id(client):
+    return {w["id"]: w for w in client.get("/api/runtime/workers").get_json()}
+
+
+def test_sync_creates_workers_with_millisecond_timestamps(client, membridge, sync):
+    last_seen = time.time() - 5
+    membridge.state.agents = [
+        {"name": "node-a", "url": "http://10.0.0.1:7000", "status": "online", "registered_at": 1.7e9, "last_seen": last_seen},
+        {"name": "node-b", "url": None, "status": "offline", "registered_at": None, "last_seen": None,
+         "max_concurrency": 4, "labels": ["gpu"]},
+    ]
+    before = int(time.time() * 1000)
+    outcome = sync()
+    assert (outcome.inserted, outcome.updated, outcome.skipped) == (2, 0, 0)
+    workers = workers_by_id(client)
+    a, b = workers["node-a"], workers["node-b"]
+    assert a["last_heartbeat"] == int(last_seen * 1000)
+    assert a["registered_at"] >= before  # local first-seen time, in ms
+    assert (a["url"], a["status"]) == ("http://10.0.0.1:7000", "online")
+    assert b["last_heartbeat"] >= before  # no last_seen: now
+    assert b["capabilities"] == {"claude_cli": True, "max_concurrency": 4, "labels": ["gpu"]}
+
+
+def test_sync_updates_keep_registered_at_and_fields_upstream_left_out(client, membridge, sync):
+    membridge.state.agents = [{"name": "node-a", "url": "http://a", "status": "online", "last_seen": time.time(),
+                               "ip_addrs": ["10.0.0.1"], "obs_count": 7, "db_sha": "abc",
+                               "capabilities": {"max_concurrency": 3}}]
+    sync()
+    first = workers_by_id(client)["node-a"]
+    membridge.state.agents = [{"name": "node-a", "status": "syncing", "last_seen": time.time() + 1}]
+    outcome = sync()
+    assert (outcome.inserted, outcome.updated) == (0, 1)
+    second = workers_by_id(client)["node-a"]
+    assert second["status"] == "syncing"
+    assert second["registered_at"] == first["registered_at"]
+    assert second["last_heartbeat"] > first["last_heartbeat"]
+    for kept in ("url", "ip_addrs", "obs_count", "db_sha", "capabilities"):
+        assert second[kept] == first[kept], kept
+
+
+def test_sync_offlines_online_workers_gone_upstream_for_a_minute(client, membridge, sync):
+    membridge.state.agents = [
+        {"name": "stale", "status": "online", "last_seen": time.time() - 120},
+        {"name": "recent", "status": "online", "last_seen": time.time() - 10},
+    ]
+    sync()
+    client.post("/api/runtime/workers", json={"name": "by-hand"})  # heard from just now
+    membridge.state.agents = []
+    assert sync().offlined == 1
+    statuses = {w["id"]: w["status"] for w in client.get("/api/runtime/workers").get_json()}
+    assert statuses == {"stale": "offline", "recent": "online", "by-hand": "online"}
+
+
+def test_sync_skips_bad_entries_and_applies_the_rest(client, membridge, sync, caplog):
+    membridge.state.agents = [
+        {"url": "http://nameless"},
+        {"name": ""},
+        {"name": 42},
+        "just a string",
+        {"name": "bad-time", "last_seen": "yesterday"},
+        {"name": "bad-caps", "capabilities": {"max_concurrency": "8"}},
+        {"name": "bad-ips", "ip_addrs": "10.0.0.1"},
+        {"node_id": "by-node-id", "status": "weird-status"},
+        {"name": "good", "status": "online"},
+    ]
+    outcome = sync()
+    assert (outcome.inserted, outcome.skipped) == (2, 7)
+    workers = workers_by_id(client)
+    assert set(workers) == {"by-node-id", "good"}
+    assert workers["by-node-id"]["status"] == "unknown"
+    assert "skipped agent" in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["garbage", "fail5xx", "wrong-key", "down", "not-a-list"])
+def test_an_upstream_failure_changes_nothing(app, client, membridge, sync, mode):
+    membridge.state.agents = [{"name": "node-a", "status": "online", "last_seen": time.time() - 300}]
+    sync()
+    before = workers_by_id(client)
+    if mode == "wrong-key":
+        membridge.state.admin_key = "rotated"
+    elif mode == "down":
+        membridge.stop()
+    elif mode == "not-a-list":
+        membridge.state.agents = {"agents": []}
+    else:
+        membridge.state.mode = mode
+    with pytest.raises(SyncFailed):
+        sync()
+    assert workers_by_id(client) == before  # node-a is stale, yet not marked offline
+    run_worker_sync(app.extensions["bloom.membridge"], app.extensions["bloom.database"], app.extensions["bloom.runtime_config"])
+    health = client.get("/api/runtime/health").get_json()["membridge"]
+    assert health["connected"] is False and health["consecutiveFailures"] >= 1
+
+
+def test_gunicorn_syncs_once_per_interval_and_survives_an_upstream_outage(database_url, membridge):
+    membridge.state.agents = [{"name": "remote-1", "url": "http://r1", "status": "online", "last_seen": time.time()}]
+    served = GunicornServer(
+        {"DATABASE_URL": database_url, "MEMBRIDGE_SERVER_URL": membridge.url, "MEMBRIDGE_ADMIN_KEY": ADMIN_KEY,
+         "WORKER_SYNC_INTERVAL_S": "1"},
+        workers=4,
+    )
+    try:
+        api = served.url
+        workers = wait_until(
+            lambda: requests.get(api("/api/runtime/workers"), timeout=5).json(), timeout=5, what="the first sync"
+        )
+        assert workers[0]["id"] == "remote-1"
+        assert workers[0]["last_heartbeat"] > 1_600_000_000_000  # milliseconds
+        first = membridge.state.count("GET", "/agents")
+        time.sleep(5)
+        syncs = membridge.state.count("GET", "/agents") - first
+        assert 3 <= syncs <= 7, f"{syncs} syncs in 5 s with four gunicorn workers"
+
+        assert requests.get(api("/api/membridge/projects"), timeout=20).status_code == 200
+        membridge.stop()
+        assert requests.get(api("/api/membridge/projects"), timeout=20).status_code == 502
+        failing = wait_until(
+            lambda: (h := requests.get(api("/api/runtime/health"), timeout=5).json()["membridge"])["consecutiveFailures"] >= 2 and h,
+            timeout=20, interval=0.25, what="health to count the sync failures",
+        )
+        assert failing["connected"] is False
+        membridge.start()
+        recovered = wait_until(
+            lambda: (h := requests.get(api("/api/runtime/health"), timeout=5).json()["membridge"])["connected"] and h,
+            timeout=15, interval=0.25, what="health to recover",
+        )
+        assert recovered["consecutiveFailures"] == 0
+        assert requests.get(api("/api/membridge/projects"), timeout=20).status_code == 200
+    finally:
+        served.stop()
+    assert ADMIN_KEY not in served.log()
