@@ -8,6 +8,7 @@ import click
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from .artifacts import MinioArtifactStore
 from .config import Settings
 from .db import Database, apply_schema
 from .errors import register_error_handlers
@@ -41,7 +42,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops)
 
     database = Database(resolve_database_url(settings))
-    runtime = RuntimeService(database)
+    artifact_store = MinioArtifactStore(settings.minio) if settings.minio else None
+    runtime = RuntimeService(database, artifact_store)
     app.extensions["bloom.settings"] = settings
     app.extensions["bloom.database"] = database
     app.extensions["bloom.service"] = runtime

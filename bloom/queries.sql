@@ -192,6 +192,14 @@ WITH current AS (
 SELECT c.*, (SELECT row_to_json(renewed) FROM renewed) AS lease
   FROM current c;
 
+-- name: lock_current_lease
+-- Before an upload to the object store: holds the task's active lease (locked in the
+-- same order as heartbeat and sweep) so no second completion uploads meanwhile.
+SELECT t.status AS task_status, t.desired_format,
+       (SELECT l.id FROM leases l WHERE l.id = t.lease_id AND l.status = 'active' FOR UPDATE) AS lease_id
+  FROM llm_tasks t
+ WHERE t.id = :task_id;
+
 -- name: complete_task
 -- Releases the current lease, finishes the task and writes artifact, result and audit
 -- entry in one statement: all of it happens, or none.
@@ -273,6 +281,11 @@ SELECT * FROM leases
  LIMIT :limit OFFSET :offset;
 
 -- Artifacts, audit, stats ---------------------------------------------------
+
+-- name: get_artifact
+SELECT a.*, t.desired_format
+  FROM runtime_artifacts a LEFT JOIN llm_tasks t ON t.id = a.task_id
+ WHERE a.id = :artifact_id;
 
 -- name: list_artifacts
 SELECT * FROM runtime_artifacts

@@ -10,8 +10,9 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, Protocol
+from typing import Any
 
+from .artifacts import MinioArtifactStore
 from .db import Database
 from .errors import Conflict, NotFound, Unavailable
 from .serialize import (
@@ -42,28 +43,10 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
-class ArtifactStore(Protocol):
-    """Where a completed task's output is kept when not in the database row."""
-
-    def put(self, task_id: str, output: str) -> str | None:
-        """Store `output`; return its `minio://` url, or None to keep it in the row."""
-
-    def remove(self, url: str) -> None:
-        """Delete an object put earlier whose artifact row was never committed."""
-
-
-class NoObjectStore:
-    def put(self, task_id: str, output: str) -> str | None:
-        return None
-
-    def remove(self, url: str) -> None:
-        return None
-
-
 class RuntimeService:
-    def __init__(self, database: Database, artifacts: ArtifactStore | None = None) -> None:
+    def __init__(self, database: Database, artifacts: MinioArtifactStore | None = None) -> None:
         self.db = database
-        self.artifacts: ArtifactStore = artifacts or NoObjectStore()
+        self.artifacts = artifacts
 
     # Workers ---------------------------------------------------------------
 
@@ -228,41 +211,48 @@ class RuntimeService:
 
     def complete_task(self, task_id: str, body: dict[str, Any]) -> dict[str, Any]:
         output = body.get("output")
-        object_url = self.artifacts.put(task_id, output) if output is not None else None
-        try:
-            return self._record_completion(task_id, body, object_url)
-        except BaseException:
-            if object_url is not None:
-                self.artifacts.remove(object_url)
-            raise
-
-    def _record_completion(self, task_id: str, body: dict[str, Any], object_url: str | None) -> dict[str, Any]:
-        output = body.get("output")
+        expected = "expected 'leased' or 'running'"
+        now = now_ms()
         with self.db.transaction() as tx:
-            row = tx.one_or_none(
-                "complete_task",
-                task_id=task_id,
-                lease_id=body.get("lease_id"),
-                worker_id=body.get("worker_id"),
-                task_status="completed" if body["status"] == "success" else "failed",
-                result_status=body["status"],
-                output=output,
-                error_message=body.get("error_message"),
-                metrics=json.dumps(body["metrics"]),
-                artifact_id=new_id(),
-                artifact_type=body["artifact_type"],
-                artifact_tags=json.dumps(body["artifact_tags"]),
-                artifact_url=object_url,
-                artifact_content=None if object_url is not None else output,
-                result_id=new_id(),
-                now=now_ms(),
-                audit_id=new_id(),
-                actor=API_ACTOR,
-            )
-            if row is None:
-                raise NotFound("Task not found")
-            if row["task"] is None:
-                self._explain_refused_completion(tx, row, body)
+            object_url = None
+            if self.artifacts is not None and output is not None:
+                current = tx.one_or_none("lock_current_lease", task_id=task_id)
+                if current is None:
+                    raise NotFound("Task not found")
+                if current["task_status"] not in ("leased", "running"):
+                    raise Conflict(f"Task status is '{current['task_status']}', {expected}")
+                content_type = "application/json" if current["desired_format"] == "json" else "text/plain; charset=utf-8"
+                object_url = self.artifacts.put(task_id, output, completed_at_ms=now, content_type=content_type)
+            try:
+                row = tx.one_or_none(
+                    "complete_task",
+                    task_id=task_id,
+                    lease_id=body.get("lease_id"),
+                    worker_id=body.get("worker_id"),
+                    task_status="completed" if body["status"] == "success" else "failed",
+                    result_status=body["status"],
+                    output=output,
+                    error_message=body.get("error_message"),
+                    metrics=json.dumps(body["metrics"]),
+                    artifact_id=new_id(),
+                    artifact_type=body["artifact_type"],
+                    artifact_tags=json.dumps(body["artifact_tags"]),
+                    artifact_url=object_url,
+                    artifact_content=None if object_url is not None else output,
+                    result_id=new_id(),
+                    now=now,
+                    audit_id=new_id(),
+                    actor=API_ACTOR,
+                )
+                if row is None:
+                    raise NotFound("Task not found")
+                if row["task"] is None:
+                    self._explain_refused_completion(tx, row, body)
+            except BaseException:
+                # Not committed: the object would be an orphan nothing points to.
+                if object_url is not None:
+                    self.artifacts.remove(object_url)
+                raise
         return {
             "task": task_json(row["task"]),
             "artifact": artifact_json(row["artifact"]),
@@ -296,6 +286,14 @@ class RuntimeService:
         with self.db.transaction() as tx:
             rows = tx.all("list_leases", status=status, limit=limit, offset=offset)
         return [lease_json(row) for row in rows]
+
+    def get_artifact(self, artifact_id: str) -> dict[str, Any]:
+        """The artifact row plus its task's desired_format; NotFound if unknown."""
+        with self.db.transaction() as tx:
+            row = tx.one_or_none("get_artifact", artifact_id=artifact_id)
+        if row is None:
+            raise NotFound("Artifact not found")
+        return row
 
     def list_artifacts(self, *, task_id: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
         with self.db.transaction() as tx:

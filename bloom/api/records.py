@@ -1,7 +1,11 @@
 """Read-only views: leases, artifacts, audit log and aggregate stats."""
 from __future__ import annotations
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, Response, jsonify
+
+from ..artifacts import ObjectStoreUnavailable
+from ..errors import BadGateway, NotFound
+from ..serialize import artifact_json
 
 from ..schemas import ArtifactListQuery, LeaseListQuery, PageQuery
 from . import query, service
@@ -21,6 +25,35 @@ def list_artifacts():
     return jsonify(
         service().list_artifacts(task_id=params["task_id"], limit=params["limit"], offset=params["offset"])
     )
+
+
+@bp.get("/artifacts/<artifact_id>")
+def get_artifact(artifact_id: str):
+    row = service().get_artifact(artifact_id)
+    artifact = artifact_json(row)
+    store = service().artifacts
+    if artifact["url"] and store is not None:
+        artifact["download_url"] = store.presigned_download_url(artifact["url"])
+    return jsonify(artifact)
+
+
+@bp.get("/artifacts/<artifact_id>/content")
+def get_artifact_content(artifact_id: str):
+    """The output itself, from the database row or streamed from the object store."""
+    row = service().get_artifact(artifact_id)
+    mimetype = "application/json" if row.get("desired_format") == "json" else "text/plain"
+    if row["content"] is not None:
+        return Response(row["content"], mimetype=mimetype)
+    if not row["url"]:
+        raise NotFound("Artifact has no content")
+    store = service().artifacts
+    if store is None:
+        raise BadGateway("Object store is not configured")
+    try:
+        chunks = store.open(row["url"])
+    except ObjectStoreUnavailable as error:
+        raise BadGateway(str(error)) from None
+    return Response(chunks, mimetype=mimetype)
 
 
 @bp.get("/audit")
