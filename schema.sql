@@ -86,9 +86,17 @@ CREATE TABLE IF NOT EXISTS runtime_settings (
     updated_at      bigint
 );
 
+-- Added after the Express service (an old database upgrades in place): claim priority
+-- (higher first) and the Idempotency-Key of the request that created the task.
+ALTER TABLE llm_tasks ADD COLUMN IF NOT EXISTS priority integer NOT NULL DEFAULT 0;
+ALTER TABLE llm_tasks ADD COLUMN IF NOT EXISTS idempotency_key text;
+
 -- Indexes for every list filter and order, the lease capacity counts and the sweep.
 CREATE INDEX IF NOT EXISTS llm_tasks_created_idx ON llm_tasks (created_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS llm_tasks_status_created_idx ON llm_tasks (status, created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS llm_tasks_claim_idx ON llm_tasks (priority DESC, created_at, id) WHERE status = 'queued';
+CREATE UNIQUE INDEX IF NOT EXISTS llm_tasks_idempotency_key_idx ON llm_tasks (idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS leases_started_idx ON leases (started_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS leases_status_started_idx ON leases (status, started_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS leases_active_worker_idx ON leases (worker_id, context_id) WHERE status = 'active';

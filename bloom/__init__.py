@@ -15,6 +15,7 @@ from .errors import register_error_handlers
 from .http import init_limiter, install_request_guards
 from .scheduler import Job, start_scheduler
 from .membridge import MembridgeClient
+from .queue_events import QueueEvents
 from .runtime_config import RuntimeConfigStore
 from .service import RuntimeService
 from .worker_sync import run_worker_sync
@@ -47,6 +48,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["bloom.settings"] = settings
     app.extensions["bloom.database"] = database
     app.extensions["bloom.service"] = runtime
+    app.extensions["bloom.queue_events"] = QueueEvents(database.engine)
     config_store = RuntimeConfigStore(
         database,
         default_server_url=settings.membridge_server_url,

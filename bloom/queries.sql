@@ -69,11 +69,16 @@ SELECT id FROM removed;
 -- Tasks ---------------------------------------------------------------------
 
 -- name: create_task
+-- With an Idempotency-Key already used, inserts nothing (the caller then reads the
+-- earlier task in a new snapshot: this one cannot see a racing insert's row).
 WITH created AS (
     INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, context_hints, policy, desired_format,
-                           status, created_at, updated_at, lease_id, worker_id, attempts, max_attempts)
+                           status, created_at, updated_at, lease_id, worker_id, attempts, max_attempts,
+                           priority, idempotency_key)
     VALUES (:task_id, :context_id, :agent_slug, :prompt, CAST(:context_hints AS jsonb),
-            CAST(:policy AS jsonb), :desired_format, 'queued', :now, :now, NULL, NULL, 0, :max_attempts)
+            CAST(:policy AS jsonb), :desired_format, 'queued', :now, :now, NULL, NULL, 0, :max_attempts,
+            :priority, :idempotency_key)
+    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING *
 ), audit AS (
     INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
@@ -81,7 +86,10 @@ WITH created AS (
            jsonb_build_object('context_id', context_id, 'agent_slug', agent_slug)
       FROM created
 )
-SELECT * FROM created;
+SELECT created.*, pg_notify('bloom_task_queued', '') IS NULL AS notified FROM created;
+
+-- name: get_task_by_idempotency_key
+SELECT * FROM llm_tasks WHERE idempotency_key = :idempotency_key;
 
 -- name: list_tasks
 SELECT * FROM llm_tasks
@@ -102,7 +110,7 @@ WITH requeued AS (
     INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
     SELECT :audit_id, :now, 'task_requeued', 'task', id, :actor, '{}'::jsonb FROM requeued
 )
-SELECT * FROM requeued;
+SELECT requeued.*, pg_notify('bloom_task_queued', '') IS NULL AS notified FROM requeued;
 
 -- Leases --------------------------------------------------------------------
 
@@ -161,6 +169,50 @@ WITH capacity AS (
       FROM lease
 )
 SELECT (SELECT active_leases FROM capacity) AS active_leases_before,
+       (SELECT row_to_json(lease) FROM lease) AS lease;
+
+-- name: touch_claiming_worker
+-- A claim is a sign of life: note it, and lock the worker row so that concurrent
+-- claims of one worker count its leases one after the other.
+UPDATE workers SET last_heartbeat = :now WHERE id = :worker_id
+RETURNING *;
+
+-- name: claim_next_task
+-- Runs in a new snapshot while the worker row is locked, so the capacity count is
+-- exact. SKIP LOCKED: claimers never wait on each other's rows, nor get the same task.
+WITH capacity AS (
+    SELECT count(*) AS active_leases FROM leases WHERE worker_id = :worker_id AND status = 'active'
+), next_task AS (
+    SELECT id FROM llm_tasks
+     WHERE status = 'queued'
+       AND (CAST(:agent_slugs AS text[]) IS NULL OR agent_slug = ANY(CAST(:agent_slugs AS text[])))
+       AND (SELECT active_leases FROM capacity) < :max_concurrency
+     ORDER BY priority DESC, created_at, id
+     LIMIT 1
+       FOR UPDATE SKIP LOCKED
+), task AS (
+    UPDATE llm_tasks t
+       SET status = 'leased', lease_id = :lease_id, worker_id = :worker_id,
+           attempts = t.attempts + 1, updated_at = :now
+      FROM next_task n
+     WHERE t.id = n.id
+    RETURNING t.*
+), lease AS (
+    INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status,
+                        last_heartbeat, context_id)
+    SELECT :lease_id, id, :worker_id, :now, :now + :ttl_seconds * 1000, :ttl_seconds, 'active',
+           :now, context_id
+      FROM task
+    RETURNING *
+), audit AS (
+    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+    SELECT :audit_id, :now, 'task_leased', 'task', task_id, :actor,
+           jsonb_build_object('lease_id', id, 'worker_id', worker_id, 'ttl_seconds', ttl_seconds,
+                              'claimed', true)
+      FROM lease
+)
+SELECT (SELECT active_leases FROM capacity) AS active_leases_before,
+       (SELECT row_to_json(task) FROM task) AS task,
        (SELECT row_to_json(lease) FROM lease) AS lease;
 
 -- name: heartbeat_lease
@@ -270,9 +322,11 @@ WITH expired AS (
            jsonb_build_object('lease_id', lease_id, 'worker_id', worker_id, 'task_status', status)
       FROM recovered
 )
-SELECT (SELECT count(*) FROM expired) AS expired,
-       (SELECT count(*) FROM recovered WHERE status = 'queued') AS requeued,
-       (SELECT count(*) FROM recovered WHERE status = 'dead') AS dead;
+SELECT counts.*,
+       CASE WHEN counts.requeued > 0 THEN pg_notify('bloom_task_queued', '') IS NULL END AS notified
+  FROM (SELECT (SELECT count(*) FROM expired) AS expired,
+               (SELECT count(*) FROM recovered WHERE status = 'queued') AS requeued,
+               (SELECT count(*) FROM recovered WHERE status = 'dead') AS dead) counts;
 
 -- name: list_leases
 SELECT * FROM leases

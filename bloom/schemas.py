@@ -68,11 +68,18 @@ class CreateTaskSchema(_Body):
     policy = fields.Nested(PolicySchema, load_default=lambda: {"timeout_sec": 120, "budget": 0})
     desired_format = fields.String(load_default="text", validate=validate.OneOf(("json", "text")))
     max_attempts = fields.Integer(strict=True, validate=validate.Range(1, 10), load_default=3)
+    priority = fields.Integer(strict=True, validate=validate.Range(-(2**31), 2**31 - 1), load_default=0)
 
 
 class LeaseTaskSchema(_Body):
     worker_id = fields.String(load_default=None, allow_none=True, validate=validate.Length(min=1))
     ttl_seconds = fields.Integer(strict=True, validate=validate.Range(1, 86400), load_default=300)
+
+
+class ClaimSchema(_Body):
+    ttl_seconds = fields.Integer(strict=True, validate=validate.Range(1, 86400), load_default=300)
+    wait_seconds = StrictNumber(validate=validate.Range(0, 30), load_default=0)
+    agent_slugs = fields.List(fields.String(validate=validate.Length(min=1)), load_default=None, allow_none=True)
 
 
 class FencingSchema(_Body):

@@ -47,6 +47,7 @@ def task_json(row: dict[str, Any]) -> dict[str, Any]:
         "worker_id": row.get("worker_id"),
         "attempts": row["attempts"],
         "max_attempts": row["max_attempts"],
+        "priority": row.get("priority", 0),
     }
 
 

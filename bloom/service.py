@@ -92,9 +92,11 @@ class RuntimeService:
 
     # Tasks -----------------------------------------------------------------
 
-    def create_task(self, body: dict[str, Any]) -> dict[str, Any]:
+    def create_task(self, body: dict[str, Any], *, idempotency_key: str | None = None) -> tuple[dict[str, Any], bool]:
+        """Create a task; returns (task, created). A reused Idempotency-Key returns the
+        task created with it earlier, also when two such requests race."""
         with self.db.transaction() as tx:
-            row = tx.one(
+            row = tx.one_or_none(
                 "create_task",
                 task_id=new_id(),
                 context_id=body["context_id"],
@@ -104,11 +106,16 @@ class RuntimeService:
                 policy=json.dumps(body["policy"]),
                 desired_format=body["desired_format"],
                 max_attempts=body["max_attempts"],
+                priority=body["priority"],
+                idempotency_key=idempotency_key,
                 now=now_ms(),
                 audit_id=new_id(),
                 actor=API_ACTOR,
             )
-        return task_json(row)
+            if row is not None:
+                return task_json(row), True
+            earlier = tx.one("get_task_by_idempotency_key", idempotency_key=idempotency_key)
+        return task_json(earlier), False
 
     def list_tasks(self, *, status: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
         with self.db.transaction() as tx:
@@ -181,6 +188,36 @@ class RuntimeService:
             raise Conflict(f"Worker '{worker_id}' does not have claude_cli")
         if picked["active_leases"] >= capabilities["max_concurrency"]:
             raise Conflict(f"Worker '{worker_id}' has no free capacity")
+
+    def claim_task(
+        self, worker_id: str, *, ttl_seconds: int, agent_slugs: list[str] | None
+    ) -> dict[str, Any] | None:
+        """Lease the next queued task (priority, then age) to this worker; None if none."""
+        with self.db.transaction() as tx:
+            worker = tx.one_or_none("touch_claiming_worker", worker_id=worker_id, now=now_ms())
+            if worker is None:
+                raise NotFound("Worker not found")
+            capabilities = capabilities_json(worker["capabilities"])
+            if worker["status"] != "online":
+                raise Conflict(f"Worker '{worker_id}' is {worker['status']}, not online")
+            if not capabilities["claude_cli"]:
+                raise Conflict(f"Worker '{worker_id}' does not have claude_cli")
+            claimed = tx.one(
+                "claim_next_task",
+                worker_id=worker_id,
+                max_concurrency=capabilities["max_concurrency"],
+                agent_slugs=agent_slugs,
+                lease_id=new_id(),
+                ttl_seconds=ttl_seconds,
+                now=now_ms(),
+                audit_id=new_id(),
+                actor=API_ACTOR,
+            )
+            if claimed["active_leases_before"] >= capabilities["max_concurrency"]:
+                raise Conflict(f"Worker '{worker_id}' has no free capacity")
+        if claimed["task"] is None:
+            return None
+        return {"task": task_json(claimed["task"]), "lease": lease_json(claimed["lease"])}
 
     def heartbeat(self, task_id: str, *, lease_id: str | None, worker_id: str | None) -> dict[str, Any]:
         now = now_ms()
@@ -270,7 +307,7 @@ class RuntimeService:
     def sweep_expired_leases(self) -> dict[str, int]:
         with self.db.transaction() as tx:
             counts = tx.one("sweep_expired_leases", now=now_ms(), actor=SWEEP_ACTOR)
-        counts = {key: int(value) for key, value in counts.items()}
+        counts = {key: int(counts[key]) for key in ("expired", "requeued", "dead")}
         if counts["expired"]:
             log.info("lease sweep: %(expired)d expired, %(requeued)d requeued, %(dead)d dead", counts)
         return counts

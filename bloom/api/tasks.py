@@ -1,8 +1,9 @@
 """LLM tasks and their lease lifecycle: create, list, lease, heartbeat, complete, requeue."""
 from __future__ import annotations
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, jsonify, request
 
+from ..errors import ValidationFailed
 from ..http import json_body
 from ..schemas import CompleteTaskSchema, CreateTaskSchema, FencingSchema, LeaseTaskSchema, TaskListQuery, load
 from . import query, service
@@ -12,10 +13,17 @@ bp = Blueprint("tasks", __name__, url_prefix="/api/runtime")
 RUNS_SHOWN = 50
 
 
+IDEMPOTENCY_KEY_MAX = 255
+
+
 @bp.post("/llm-tasks")
 def create_task():
     body = load(CreateTaskSchema(), json_body())
-    return jsonify(service().create_task(body)), 201
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX:
+        raise ValidationFailed([f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters"], {})
+    task, created = service().create_task(body, idempotency_key=key)
+    return jsonify(task), 201 if created else 200
 
 
 @bp.get("/llm-tasks")

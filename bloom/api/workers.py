@@ -1,10 +1,12 @@
 """Worker registry: list, show, register, remove."""
 from __future__ import annotations
 
-from flask import Blueprint, jsonify
+import time
+
+from flask import Blueprint, Response, current_app, jsonify
 
 from ..http import json_body
-from ..schemas import PageQuery, RegisterWorkerSchema, load
+from ..schemas import ClaimSchema, PageQuery, RegisterWorkerSchema, load
 from . import query, service
 
 bp = Blueprint("workers", __name__, url_prefix="/api/runtime/workers")
@@ -31,3 +33,20 @@ def register_worker():
 @bp.delete("/<worker_id>")
 def remove_worker(worker_id: str):
     return jsonify(service().remove_worker(worker_id))
+
+
+@bp.post("/<worker_id>/claim")
+def claim(worker_id: str):
+    """Lease the next task to this worker; with wait_seconds, long-poll until one comes."""
+    body = load(ClaimSchema(), json_body())
+    events = current_app.extensions["bloom.queue_events"]
+    deadline = time.monotonic() + body["wait_seconds"]
+    while True:
+        seen = events.generation
+        claimed = service().claim_task(worker_id, ttl_seconds=body["ttl_seconds"], agent_slugs=body["agent_slugs"])
+        if claimed is not None:
+            return jsonify(claimed), 201
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return Response(status=204)
+        events.wait_for_change(seen, remaining)

@@ -1,0 +1,180 @@
+"""Pull-based workers: claim the next task, priorities, long poll, idempotent creation."""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from .helpers import TASK, create_task, register_worker
+
+
+def claim(client, worker, **body):
+    return client.post(f"/api/runtime/workers/{worker}/claim", json=body)
+
+
+def test_claim_leases_the_next_queued_task(client):
+    register_worker(client, "w1")
+    task = create_task(client)
+    response = claim(client, "w1", ttl_seconds=60)
+    assert response.status_code == 201
+    body = response.get_json()
+    assert body["task"]["id"] == task["id"]
+    assert (body["task"]["status"], body["task"]["attempts"], body["task"]["worker_id"]) == ("leased", 1, "w1")
+    assert body["lease"]["task_id"] == task["id"] and body["lease"]["ttl_seconds"] == 60
+    assert body["task"]["lease_id"] == body["lease"]["id"]
+    assert client.get("/api/runtime/audit").get_json()[0]["action"] == "task_leased"
+
+
+def test_claim_with_nothing_queued_is_204_with_an_empty_body(client):
+    register_worker(client, "w1")
+    response = claim(client, "w1")
+    assert response.status_code == 204
+    assert response.data == b""
+
+
+def test_claim_refusals(client):
+    assert claim(client, "ghost").status_code == 404
+    register_worker(client, "off", status="offline")
+    assert claim(client, "off").status_code == 409
+    client.post("/api/runtime/workers", json={"name": "nocli", "capabilities": {"claude_cli": False}})
+    assert claim(client, "nocli").status_code == 409
+    register_worker(client, "w1", max_concurrency=1)
+    create_task(client)
+    create_task(client)
+    assert claim(client, "w1").status_code == 201
+    full = claim(client, "w1")
+    assert full.status_code == 409 and "capacity" in full.get_json()["error"]
+    for body in ({"ttl_seconds": 0}, {"ttl_seconds": "60"}, {"wait_seconds": 31}, {"wait_seconds": -1},
+                 {"agent_slugs": "summarizer"}):
+        assert claim(client, "w1", **body).status_code == 400, body
+
+
+def test_claim_order_is_priority_then_age(client):
+    register_worker(client, "w1", max_concurrency=8)
+    low = create_task(client)
+    high_first = create_task(client, priority=5)
+    medium = create_task(client, priority=1)
+    high_second = create_task(client, priority=5)
+    negative = create_task(client, priority=-3)
+    order = [claim(client, "w1").get_json()["task"]["id"] for _ in range(5)]
+    assert order == [high_first["id"], high_second["id"], medium["id"], low["id"], negative["id"]]
+    assert high_first["priority"] == 5 and low["priority"] == 0
+
+
+def test_claim_filters_by_agent_slug(client):
+    register_worker(client, "w1", max_concurrency=4)
+    create_task(client, agent_slug="summarizer")
+    wanted = create_task(client, agent_slug="translator")
+    body = claim(client, "w1", agent_slugs=["translator"]).get_json()
+    assert body["task"]["id"] == wanted["id"]
+    assert claim(client, "w1", agent_slugs=["translator"]).status_code == 204
+
+
+def test_long_poll_waits_then_answers_204(client):
+    register_worker(client, "w1")
+    started = time.monotonic()
+    response = claim(client, "w1", wait_seconds=1)
+    assert response.status_code == 204
+    assert time.monotonic() - started >= 1.0
+
+
+def test_idempotency_key_returns_the_earlier_task(client):
+    headers = {"Idempotency-Key": "create-7f3a"}
+    first = client.post("/api/runtime/llm-tasks", json=TASK, headers=headers)
+    again = client.post("/api/runtime/llm-tasks", json=TASK, headers=headers)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.get_json() == first.get_json()
+    other = client.post("/api/runtime/llm-tasks", json=TASK, headers={"Idempotency-Key": "create-other"})
+    assert other.status_code == 201 and other.get_json()["id"] != first.get_json()["id"]
+    assert len(client.get("/api/runtime/llm-tasks").get_json()) == 2
+    assert client.post("/api/runtime/llm-tasks", json=TASK, headers={"Idempotency-Key": "x" * 256}).status_code == 400
+
+
+# Against gunicorn with several workers --------------------------------------------
+
+
+def test_idempotent_creation_under_a_race(server):
+    key = f"race-{uuid.uuid4()}"
+    barrier = threading.Barrier(12)
+
+    def create(_):
+        barrier.wait()
+        return requests.post(server.url("/api/runtime/llm-tasks"), json=TASK, headers={"Idempotency-Key": key}, timeout=30)
+
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(create, range(12)))
+    assert sorted(r.status_code for r in responses) == [200] * 11 + [201]
+    assert len({r.json()["id"] for r in responses}) == 1
+
+
+def test_long_poll_wakes_up_when_a_task_arrives(server):
+    worker = f"poller-{uuid.uuid4().hex[:6]}"
+    requests.post(server.url("/api/runtime/workers"), json={"name": worker}, timeout=10)
+    outcome = {}
+
+    def poll():
+        started = time.monotonic()
+        response = requests.post(server.url(f"/api/runtime/workers/{worker}/claim"),
+                                 json={"wait_seconds": 25, "agent_slugs": [f"only-{worker}"]}, timeout=60)
+        outcome.update(status=response.status_code, waited=time.monotonic() - started, body=response.json())
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    time.sleep(1.0)
+    task = requests.post(server.url("/api/runtime/llm-tasks"), json={**TASK, "agent_slug": f"only-{worker}"}, timeout=10).json()
+    poller.join(timeout=30)
+    assert outcome["status"] == 201
+    assert outcome["body"]["task"]["id"] == task["id"]
+    assert 1.0 <= outcome["waited"] < 20  # woken by the new task, not by the end of the wait
+
+
+def test_many_workers_claiming_at_once_run_each_task_exactly_once(server):
+    slug = f"drain-{uuid.uuid4().hex[:6]}"
+    workers = [f"{slug}-w{i}" for i in range(6)]
+    for name in workers:
+        requests.post(server.url("/api/runtime/workers"), json={"name": name, "capabilities": {"max_concurrency": 2}}, timeout=10)
+    task_ids = {
+        requests.post(server.url("/api/runtime/llm-tasks"), json={**TASK, "agent_slug": slug}, timeout=10).json()["id"]
+        for _ in range(60)
+    }
+    completed: list[str] = []
+    lock = threading.Lock()
+    held = {name: 0 for name in workers}  # leases each worker holds right now, as its threads see them
+    most_held = {name: 0 for name in workers}
+
+    def drain(name):
+        while True:
+            response = requests.post(server.url(f"/api/runtime/workers/{name}/claim"),
+                                     json={"agent_slugs": [slug]}, timeout=30)
+            if response.status_code == 204:
+                return
+            if response.status_code == 409:  # full: its other threads hold two tasks
+                continue
+            assert response.status_code == 201, response.text
+            task_id = response.json()["task"]["id"]
+            with lock:
+                held[name] += 1
+                most_held[name] = max(most_held[name], held[name])
+            done = requests.post(server.url(f"/api/runtime/llm-tasks/{task_id}/complete"), json={
+                "status": "success", "output": name, "metrics": {"duration_ms": 1},
+                "lease_id": response.json()["lease"]["id"], "worker_id": name,
+            }, timeout=30)
+            assert done.status_code == 200, done.text
+            with lock:
+                held[name] -= 1
+                completed.append(task_id)
+
+    threads = [threading.Thread(target=drain, args=(name,)) for name in workers for _ in range(3)]  # 3 threads each
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sorted(completed) == sorted(task_ids)  # every task, each exactly once
+    assert max(most_held.values()) <= 2  # never over max_concurrency
+    for name in workers:
+        detail = requests.get(server.url(f"/api/runtime/workers/{name}"), timeout=10).json()
+        assert detail["active_leases"] == 0

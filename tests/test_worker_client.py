@@ -1,0 +1,127 @@
+"""`python -m bloom.worker` end to end: real processes against gunicorn and PostgreSQL."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+
+import pytest
+import requests
+
+from .support import REPO_ROOT, GunicornServer, wait_until
+
+UPPERCASE = [sys.executable, "-c", "import os, sys, json; t = json.loads(os.environ['BLOOM_TASK']); "
+             "print(sys.stdin.read().upper() + ' by ' + t['agent_slug'], end='')"]
+
+
+@pytest.fixture(scope="module")
+def server(module_database_url):
+    served = GunicornServer({"DATABASE_URL": module_database_url, "LEASE_SWEEP_INTERVAL_S": "1"})
+    yield served
+    served.stop()
+
+
+class WorkerProcess:
+    def __init__(self, server, name, command, *, slug, ttl=30, grace=10):
+        self.name = name
+        self.log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bloom.worker", "--server", server.base_url, "--name", name,
+             "--ttl", str(ttl), "--wait", "2", "--grace", str(grace), "--agent-slug", slug, "--", *command],
+            cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+    def terminate(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=30)
+
+    def kill(self) -> None:
+        os.killpg(self.process.pid, signal.SIGKILL)  # the worker and the command it runs
+        self.process.wait(timeout=10)
+
+
+def new_tasks(server, slug, count, prompt="hello"):
+    return [
+        requests.post(server.url("/api/runtime/llm-tasks"),
+                      json={"context_id": "c", "agent_slug": slug, "prompt": f"{prompt} {i}"}, timeout=10).json()["id"]
+        for i in range(count)
+    ]
+
+
+def task(server, task_id):
+    return requests.get(server.url(f"/api/runtime/llm-tasks/{task_id}"), timeout=10).json()
+
+
+def result_of(server, task_id):
+    artifacts = requests.get(server.url(f"/api/runtime/artifacts?task_id={task_id}"), timeout=10).json()
+    return [a["content"] for a in artifacts]
+
+
+def all_finished(server, task_ids):
+    return all(task(server, t)["status"] in ("completed", "failed") for t in task_ids)
+
+
+def test_two_workers_drain_the_queue_each_task_once(server):
+    slug = f"upper-{uuid.uuid4().hex[:6]}"
+    task_ids = new_tasks(server, slug, 40)
+    workers = [WorkerProcess(server, f"{slug}-{i}", UPPERCASE, slug=slug) for i in range(2)]
+    try:
+        wait_until(lambda: all_finished(server, task_ids), timeout=90, interval=0.5, what="the queue to drain")
+    finally:
+        codes = [w.terminate() for w in workers]
+    assert codes == [0, 0]
+    for index, task_id in enumerate(task_ids):
+        assert task(server, task_id)["status"] == "completed"
+        assert result_of(server, task_id) == [f"HELLO {index} by {slug}"]  # exactly one result each
+    assert all("completed" in w.output() for w in workers)
+
+
+def test_a_failing_command_fails_the_task_with_its_stderr_and_exit_code(server):
+    slug = f"fail-{uuid.uuid4().hex[:6]}"
+    (task_id,) = new_tasks(server, slug, 1)
+    failing = [sys.executable, "-c", "import sys; sys.stderr.write('model exploded'); sys.exit(3)"]
+    worker = WorkerProcess(server, f"{slug}-w", failing, slug=slug)
+    try:
+        wait_until(lambda: all_finished(server, [task_id]), timeout=30, interval=0.3, what="the task to fail")
+    finally:
+        worker.terminate()
+    assert task(server, task_id)["status"] == "failed"
+    results = requests.get(server.url("/api/runtime/audit?limit=1000"), timeout=10).json()
+    assert any(e["action"] == "task_completed" and e["entity_id"] == task_id for e in results)
+    with_error = [line for line in worker.output().splitlines() if task_id in line]
+    assert any("completed (error)" in line for line in with_error)
+
+
+def test_sigterm_lets_the_running_task_finish_then_exits(server):
+    slug = f"slow-{uuid.uuid4().hex[:6]}"
+    (task_id,) = new_tasks(server, slug, 1)
+    slow = [sys.executable, "-c", "import sys, time; time.sleep(2); print('finished late', end='')"]
+    worker = WorkerProcess(server, f"{slug}-w", slow, slug=slug)
+    wait_until(lambda: task(server, task_id)["status"] in ("leased", "running"), timeout=20, what="the claim")
+    assert worker.terminate() == 0
+    assert task(server, task_id)["status"] == "completed"
+    assert result_of(server, task_id) == ["finished late"]
+
+
+def test_a_killed_workers_task_is_swept_and_run_by_another(server):
+    slug = f"kill-{uuid.uuid4().hex[:6]}"
+    (task_id,) = new_tasks(server, slug, 1)
+    stuck = [sys.executable, "-c", "import time; time.sleep(60)"]
+    doomed = WorkerProcess(server, f"{slug}-doomed", stuck, slug=slug, ttl=2)
+    wait_until(lambda: task(server, task_id)["status"] == "running", timeout=20, what="the first heartbeat")
+    doomed.kill()
+    rescuer = WorkerProcess(server, f"{slug}-rescuer", UPPERCASE, slug=slug)
+    try:
+        wait_until(lambda: all_finished(server, [task_id]), timeout=30, interval=0.3, what="the rescue")
+    finally:
+        rescuer.terminate()
+    final = task(server, task_id)
+    assert (final["status"], final["worker_id"], final["attempts"]) == ("completed", f"{slug}-rescuer", 2)
+    assert result_of(server, task_id) == [f"HELLO 0 by {slug}"]
