@@ -1,17 +1,30 @@
-"""gunicorn settings for BLOOM Runtime: `gunicorn -c gunicorn.conf.py wsgi:app`."""
+"""gunicorn settings for BLOOM Runtime: `gunicorn -c gunicorn.conf.py wsgi:app`.
+
+Every worker process builds its own app, engine and connection pool after the fork
+(no preload), so no database connection is ever shared across processes. The
+background jobs run in every worker's scheduler but do their work once per
+deployment (see bloom/scheduler.py), however many workers and hosts there are.
+"""
 import multiprocessing
 import os
 
 bind = f"0.0.0.0:{os.environ.get('BLOOM_RUNTIME_PORT', '3002')}"
-# Several processes; each builds its own app, engine and pool after the fork.
-workers = int(os.environ.get("WEB_CONCURRENCY", min(2 * multiprocessing.cpu_count() + 1, 8)))
-threads = int(os.environ.get("GUNICORN_THREADS", "4"))
+workers = int(os.environ.get("WEB_CONCURRENCY") or min(2 * multiprocessing.cpu_count() + 1, 12))
+# Threads let a worker serve while other requests wait on PostgreSQL, Membridge or a long poll.
 worker_class = "gthread"
-timeout = 60
-graceful_timeout = 30
+threads = int(os.environ.get("GUNICORN_THREADS", "8"))
+preload_app = False
+# Longest legitimate request: a 30 s long-poll claim, or a Membridge call with its retries.
+timeout = 75
+graceful_timeout = 30  # SIGTERM: finish in-flight requests, then exit
 keepalive = 5
+# Behind the reverse proxy; ProxyFix in the app decides which X-Forwarded-* to trust.
+forwarded_allow_ips = "127.0.0.1,::1"
 accesslog = "-"
-access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms rid=%({x-request-id}i)s'
+access_log_format = (
+    '{"remote":"%(h)s","method":"%(m)s","path":"%(U)s","query":"%(q)s","status":%(s)s,'
+    '"bytes":"%(B)s","duration_ms":%(M)s,"request_id":"%({x-request-id}o)s","agent":"%(a)s"}'
+)
 errorlog = "-"
 loglevel = os.environ.get("BLOOM_LOG_LEVEL", "info").lower()
 

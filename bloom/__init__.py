@@ -16,6 +16,7 @@ from .http import init_limiter, install_request_guards
 from .scheduler import Job, start_scheduler
 from .membridge import MembridgeClient
 from .queue_events import QueueEvents
+from .request_log import install_request_log
 from .runtime_config import RuntimeConfigStore
 from .service import RuntimeService
 from .worker_sync import run_worker_sync
@@ -42,7 +43,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         hops = settings.trusted_proxies
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops)
 
-    database = Database(resolve_database_url(settings))
+    database = Database(resolve_database_url(settings), pool_size=settings.db_pool_size)
     artifact_store = MinioArtifactStore(settings.minio) if settings.minio else None
     runtime = RuntimeService(database, artifact_store)
     app.extensions["bloom.settings"] = settings
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     for blueprint in (health.bp, config.bp, workers.bp, tasks.bp, records.bp, membridge.bp):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
+    install_request_log(app)  # first, so that even a refused request gets an id and a log line
     install_request_guards(app, settings)
     init_limiter(app, settings)
     _register_cli(app, database)

@@ -66,6 +66,7 @@ class Settings:
     worker_sync_interval_s: float
     lease_sweep_interval_s: float
     run_scheduler: bool
+    db_pool_size: int
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -100,4 +101,6 @@ class Settings:
             worker_sync_interval_s=_float(env, "WORKER_SYNC_INTERVAL_S", 10.0),
             lease_sweep_interval_s=_float(env, "LEASE_SWEEP_INTERVAL_S", 30.0),
             run_scheduler=env.get("BLOOM_SCHEDULER", "on").strip().lower() not in ("off", "0", "false"),
+            # One connection per gunicorn thread, plus the scheduler's lock and the queue listener.
+            db_pool_size=_int(env, "BLOOM_DB_POOL_SIZE", _int(env, "GUNICORN_THREADS", 8) + 2),
         )

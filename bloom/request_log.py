@@ -1,0 +1,36 @@
+"""One log line per /api request (method, path, status, duration, request id), and an
+X-Request-ID on every response: the caller's, or a new one. Never a header value."""
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from flask import Flask, g, request
+
+log = logging.getLogger("bloom.requests")
+
+# A caller's id is echoed only if it is plain enough to be safe in logs and headers.
+_ACCEPTABLE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def install_request_log(app: Flask) -> None:
+    @app.before_request
+    def _start() -> None:
+        given = request.headers.get("X-Request-ID", "")
+        g.request_id = given if _ACCEPTABLE_ID.match(given) else uuid.uuid4().hex
+        g.request_started = time.perf_counter()
+
+    @app.after_request
+    def _finish(response):
+        request_id = getattr(g, "request_id", None) or uuid.uuid4().hex
+        response.headers["X-Request-ID"] = request_id
+        if request.path.startswith("/api/"):
+            started = getattr(g, "request_started", None)
+            duration_ms = (time.perf_counter() - started) * 1000 if started is not None else 0.0
+            log.info(
+                "%s %s %s %.1fms rid=%s client=%s",
+                request.method, request.path, response.status_code, duration_ms, request_id, request.remote_addr,
+            )
+        return response
