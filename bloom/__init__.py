@@ -6,6 +6,7 @@ import os
 
 import click
 from flask import Flask
+from sqlalchemy.exc import DBAPIError
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from .artifacts import MinioArtifactStore
@@ -72,9 +73,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         log.warning("RUNTIME_API_KEY is not set: the runtime API is open to anyone who can reach it")
     try:
         apply_schema(database)
-    except Exception:
+    except DBAPIError as error:
         # Start anyway: requests answer 503 until the database is back, then work.
-        log.exception("could not apply the schema at start")
+        log.error("could not apply the schema at start: %s", type(error.orig).__name__)
     return app
 
 

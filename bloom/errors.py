@@ -89,6 +89,10 @@ def register_error_handlers(app: Flask) -> None:
         if error.connection_invalidated or _is_connection_failure(error):
             log.warning("database unavailable: %s", type(error.orig).__name__)
             return jsonify(error_body("Database unavailable")), 503
+        if _is_data_error(error):
+            # Input PostgreSQL cannot hold (out-of-range number, bad text) that got past validation.
+            log.warning("input rejected by the database: %s", getattr(error.orig, "pgcode", None))
+            return jsonify(error_body("Invalid input")), 400
         log.exception("database error")
         return jsonify(error_body("Internal Server Error")), 500
 
@@ -111,3 +115,9 @@ def _is_connection_failure(error: DBAPIError) -> bool:
         return True
     # admin_shutdown / crash_shutdown / cannot_connect_now while PostgreSQL restarts
     return getattr(orig, "pgcode", None) in {"57P01", "57P02", "57P03"}
+
+
+def _is_data_error(error: DBAPIError) -> bool:
+    import psycopg2
+
+    return isinstance(error.orig, psycopg2.DataError)

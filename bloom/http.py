@@ -12,6 +12,7 @@ from flask_limiter.util import get_remote_address
 
 from .config import Settings
 from .errors import BadRequest, error_body
+from .schemas import unstorable_reason
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,14 @@ def install_request_guards(app: Flask, config: Settings) -> None:
     def _https_redirect():
         if config.production and request.headers.get("X-Forwarded-Proto") == "http":
             return redirect(request.url.replace("http://", "https://", 1), code=301)
+        return None
+
+    @app.before_request
+    def _storable_path_and_query():
+        for text in (request.path, *request.args.keys(), *request.args.values()):
+            reason = unstorable_reason(text)
+            if reason:
+                raise BadRequest(reason)
         return None
 
     @app.before_request

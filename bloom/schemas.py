@@ -13,6 +13,7 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
 from .errors import ValidationFailed
 
+MAX_OFFSET = 2**31 - 1
 TASK_STATUSES = ("queued", "leased", "running", "completed", "failed", "dead")
 LEASE_STATUSES = ("active", "expired", "released", "failed")
 WORKER_STATUSES = ("online", "offline", "syncing", "error", "unknown")
@@ -111,7 +112,7 @@ class ConfigUpdateSchema(_Body):
 def _page_fields(default_limit: int) -> dict[str, fields.Field]:
     return {
         "limit": fields.Integer(load_default=default_limit, validate=validate.Range(1, 1000)),
-        "offset": fields.Integer(load_default=0, validate=validate.Range(min=0)),
+        "offset": fields.Integer(load_default=0, validate=validate.Range(0, MAX_OFFSET)),
     }
 
 
@@ -135,9 +136,13 @@ def load(schema: Schema, data: Any) -> dict[str, Any]:
     if not isinstance(data, Mapping):
         raise ValidationFailed(["Expected an object"], {})
     try:
-        return schema.load(data)
+        loaded = schema.load(data)
     except ValidationError as error:
         raise _flatten(error.normalized_messages()) from None
+    unstorable = _unstorable_text(loaded)  # unknown keys are dropped by now: only what we keep counts
+    if unstorable:
+        raise ValidationFailed([unstorable], {})
+    return loaded
 
 
 def _flatten(messages: Mapping[str, Any]) -> ValidationFailed:
@@ -164,3 +169,30 @@ def _messages(detail: Any, path: str = "") -> list[str]:
     for item in detail:
         out.extend(_messages(item, path))
     return out
+
+
+def unstorable_reason(text: str) -> str | None:
+    """Why PostgreSQL could not store this text, if it could not."""
+    if "\x00" in text:
+        return "Text must not contain NUL (\\u0000) characters"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "Text must be valid Unicode (no unpaired surrogates)"
+    return None
+
+
+def _unstorable_text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return unstorable_reason(value)
+    if isinstance(value, Mapping):
+        items = [*value.keys(), *value.values()]
+    elif isinstance(value, list):
+        items = value
+    else:
+        return None
+    for item in items:
+        reason = _unstorable_text(item)
+        if reason:
+            return reason
+    return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 from flask import Blueprint, current_app, jsonify
 from ..http import json_body
 from ..membridge import MembridgeClient, UpstreamUnreachable
+from ..openapi import documented
 from ..runtime_config import RuntimeConfigStore
 from ..schemas import ConfigUpdateSchema, load
 
@@ -21,11 +22,13 @@ def membridge() -> MembridgeClient:
 
 
 @bp.get("/config")
+@documented("Membridge settings, with the admin key masked", responses={200: "RuntimeConfig"})
 def get_config():
     return jsonify(config_store().current().public())
 
 
 @bp.post("/config")
+@documented("Change the Membridge settings", body=ConfigUpdateSchema, responses={200: "RuntimeConfig"})
 def update_config():
     body = load(ConfigUpdateSchema(), json_body())
     updated = config_store().update(body["membridge_server_url"].rstrip("/"), body["admin_key"], actor=ACTOR)
@@ -33,6 +36,7 @@ def update_config():
 
 
 @bp.post("/test-connection")
+@documented("Ask Membridge /health and record the outcome", responses={200: "ConnectionTest"})
 def test_connection():
     try:
         response = membridge().get("/health", admin=False)

@@ -5,6 +5,7 @@ import time
 
 from flask import Blueprint, current_app, jsonify
 
+from ..openapi import build_openapi, documented
 from . import service
 
 bp = Blueprint("health", __name__, url_prefix="/api/runtime")
@@ -13,6 +14,7 @@ _STARTED_AT = time.monotonic()
 
 
 @bp.get("/health")
+@documented("Liveness: no I/O beyond a cached settings read", responses={200: "Health"})
 def health():
     membridge = _membridge_status()
     return jsonify({
@@ -33,9 +35,19 @@ def _membridge_status() -> dict:
 
 
 @bp.get("/ready")
+@documented("Readiness: 200 when PostgreSQL answers, else 503", responses={200: "Ready", 503: "Ready"})
 def ready():
     try:
         service().ping()
     except Exception:
         return jsonify({"status": "unavailable", "error": "database unreachable"}), 503
     return jsonify({"status": "ready"})
+
+
+@bp.get("/openapi.json")
+@documented("This document", responses={200: "Any"})
+def openapi_document():
+    document = current_app.extensions.get("bloom.openapi")
+    if document is None:
+        document = current_app.extensions["bloom.openapi"] = build_openapi(current_app)
+    return jsonify(document)

@@ -8,9 +8,12 @@ from flask import Blueprint, current_app, jsonify
 from ..errors import BadGateway
 from ..http import json_body
 from ..membridge import MembridgeClient, UpstreamResponse, UpstreamUnreachable, encode_segment
-from ..service import new_id, now_ms
+from ..openapi import documented
 
 bp = Blueprint("membridge", __name__, url_prefix="/api/membridge")
+
+# Upstream answers pass through; an upstream error keeps its status.
+PROXIED = {200: "Any", 401: "Error", 404: "Error", 422: "Error", 502: "Error"}
 
 
 def _client() -> MembridgeClient:
@@ -37,26 +40,31 @@ def _redacted(message: str) -> str:
 
 
 @bp.get("/health")
+@documented("Membridge /health", responses=PROXIED)
 def health():
     return _forward("GET", "/health")
 
 
 @bp.get("/projects")
+@documented("Membridge projects", responses=PROXIED)
 def projects():
     return _forward("GET", "/projects")
 
 
 @bp.get("/projects/<cid>/leadership")
+@documented("A project's leadership", responses=PROXIED)
 def leadership(cid: str):
     return _forward("GET", f"/projects/{encode_segment(cid)}/leadership")
 
 
 @bp.get("/projects/<cid>/nodes")
+@documented("A project's nodes", responses=PROXIED)
 def nodes(cid: str):
     return _forward("GET", f"/projects/{encode_segment(cid)}/nodes")
 
 
 @bp.post("/projects/<cid>/leadership/select")
+@documented("Promote a primary node (body passed through; audited)", responses=PROXIED)
 def select_leader(cid: str):
     body = json_body()
     response = _forward("POST", f"/projects/{encode_segment(cid)}/leadership/select", body)

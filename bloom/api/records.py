@@ -8,18 +8,21 @@ from ..errors import BadGateway, NotFound
 from ..serialize import artifact_json
 
 from ..schemas import ArtifactListQuery, LeaseListQuery, PageQuery
+from ..openapi import documented
 from . import query, service
 
 bp = Blueprint("records", __name__, url_prefix="/api/runtime")
 
 
 @bp.get("/leases")
+@documented("Leases, newest first", query=LeaseListQuery, responses={200: "Lease[]"})
 def list_leases():
     params = query(LeaseListQuery)
     return jsonify(service().list_leases(status=params["status"], limit=params["limit"], offset=params["offset"]))
 
 
 @bp.get("/artifacts")
+@documented("Artifacts, newest first", query=ArtifactListQuery, responses={200: "RuntimeArtifact[]"})
 def list_artifacts():
     params = query(ArtifactListQuery)
     return jsonify(
@@ -28,6 +31,7 @@ def list_artifacts():
 
 
 @bp.get("/artifacts/<artifact_id>")
+@documented("An artifact, with a presigned download_url when object-stored", responses={200: "RuntimeArtifact", 404: "Error"})
 def get_artifact(artifact_id: str):
     row = service().get_artifact(artifact_id)
     artifact = artifact_json(row)
@@ -38,6 +42,7 @@ def get_artifact(artifact_id: str):
 
 
 @bp.get("/artifacts/<artifact_id>/content")
+@documented("The output itself, from the database or the object store", responses={200: "Text", 404: "Error", 502: "Error"})
 def get_artifact_content(artifact_id: str):
     """The output itself, from the database row or streamed from the object store."""
     row = service().get_artifact(artifact_id)
@@ -57,11 +62,13 @@ def get_artifact_content(artifact_id: str):
 
 
 @bp.get("/audit")
+@documented("Audit entries, newest first", query=PageQuery, responses={200: "AuditLogEntry[]"})
 def list_audit():
     params = query(PageQuery)
     return jsonify(service().list_audit(limit=params["limit"], offset=params["offset"]))
 
 
 @bp.get("/stats")
+@documented("Counts by SQL aggregates", responses={200: "Stats"})
 def stats():
     return jsonify(service().stats())

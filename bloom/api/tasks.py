@@ -6,6 +6,7 @@ from flask import Blueprint, jsonify, request
 from ..errors import ValidationFailed
 from ..http import json_body
 from ..schemas import CompleteTaskSchema, CreateTaskSchema, FencingSchema, LeaseTaskSchema, TaskListQuery, load
+from ..openapi import documented
 from . import query, service
 
 bp = Blueprint("tasks", __name__, url_prefix="/api/runtime")
@@ -17,6 +18,11 @@ IDEMPOTENCY_KEY_MAX = 255
 
 
 @bp.post("/llm-tasks")
+@documented(
+    "Create a task (an Idempotency-Key header returns the earlier task, 200)",
+    body=CreateTaskSchema,
+    responses={200: "LLMTask", 201: "LLMTask"},
+)
 def create_task():
     body = load(CreateTaskSchema(), json_body())
     key = request.headers.get("Idempotency-Key")
@@ -27,17 +33,24 @@ def create_task():
 
 
 @bp.get("/llm-tasks")
+@documented("Tasks, newest first", query=TaskListQuery, responses={200: "LLMTask[]"})
 def list_tasks():
     params = query(TaskListQuery)
     return jsonify(service().list_tasks(status=params["status"], limit=params["limit"], offset=params["offset"]))
 
 
 @bp.get("/llm-tasks/<task_id>")
+@documented("One task", responses={200: "LLMTask", 404: "Error"})
 def get_task(task_id: str):
     return jsonify(service().get_task(task_id))
 
 
 @bp.post("/llm-tasks/<task_id>/lease")
+@documented(
+    "Lease a queued task to a worker",
+    body=LeaseTaskSchema,
+    responses={201: "LeaseGrant", 404: "Error", 409: "Error"},
+)
 def lease_task(task_id: str):
     body = load(LeaseTaskSchema(), json_body())
     granted = service().lease_task(task_id, worker_id=body["worker_id"], ttl_seconds=body["ttl_seconds"])
@@ -45,22 +58,34 @@ def lease_task(task_id: str):
 
 
 @bp.post("/llm-tasks/<task_id>/heartbeat")
+@documented(
+    "Renew the task's lease; the task becomes running",
+    body=FencingSchema,
+    responses={200: "HeartbeatReply", 404: "Error", 409: "Error"},
+)
 def heartbeat(task_id: str):
     body = load(FencingSchema(), json_body())
     return jsonify(service().heartbeat(task_id, lease_id=body["lease_id"], worker_id=body["worker_id"]))
 
 
 @bp.post("/llm-tasks/<task_id>/complete")
+@documented(
+    "Complete a leased or running task with its result",
+    body=CompleteTaskSchema,
+    responses={200: "Completion", 404: "Error", 409: "Error"},
+)
 def complete_task(task_id: str):
     body = load(CompleteTaskSchema(), json_body())
     return jsonify(service().complete_task(task_id, body))
 
 
 @bp.post("/llm-tasks/<task_id>/requeue")
+@documented("Queue a failed or dead task again", responses={200: "LLMTask", 409: "Error"})
 def requeue_task(task_id: str):
     return jsonify(service().requeue_task(task_id))
 
 
 @bp.get("/runs")
+@documented("The 50 newest tasks", responses={200: "LLMTask[]"})
 def runs():
     return jsonify(service().list_tasks(status=None, limit=RUNS_SHOWN, offset=0))

@@ -7,23 +7,27 @@ from flask import Blueprint, Response, current_app, jsonify
 
 from ..http import json_body
 from ..schemas import ClaimSchema, PageQuery, RegisterWorkerSchema, load
+from ..openapi import documented
 from . import query, service
 
 bp = Blueprint("workers", __name__, url_prefix="/api/runtime/workers")
 
 
 @bp.get("")
+@documented("Workers, each with its live active_leases", query=PageQuery, responses={200: "WorkerNode[]"})
 def list_workers():
     page = query(PageQuery)
     return jsonify(service().list_workers(limit=page["limit"], offset=page["offset"]))
 
 
 @bp.get("/<worker_id>")
+@documented("A worker and its active leases", responses={200: "WorkerDetail", 404: "Error"})
 def get_worker(worker_id: str):
     return jsonify(service().get_worker(worker_id))
 
 
 @bp.post("")
+@documented("Register (201) or re-register (200) a worker", body=RegisterWorkerSchema, responses={200: "WorkerNode", 201: "WorkerNode"})
 def register_worker():
     body = load(RegisterWorkerSchema(), json_body())
     worker, created = service().register_worker(body)
@@ -31,11 +35,17 @@ def register_worker():
 
 
 @bp.delete("/<worker_id>")
+@documented("Remove a worker", responses={200: "Removed", 404: "Error"})
 def remove_worker(worker_id: str):
     return jsonify(service().remove_worker(worker_id))
 
 
 @bp.post("/<worker_id>/claim")
+@documented(
+    "Lease the next queued task to this worker (long poll with wait_seconds)",
+    body=ClaimSchema,
+    responses={201: "Claimed", 204: None, 404: "Error", 409: "Error"},
+)
 def claim(worker_id: str):
     """Lease the next task to this worker; with wait_seconds, long-poll until one comes."""
     body = load(ClaimSchema(), json_body())
