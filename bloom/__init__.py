@@ -66,7 +66,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     register_error_handlers(app)
     install_request_log(app)  # first, so that even a refused request gets an id and a log line
     install_request_guards(app, settings)
-    init_limiter(app, settings)
+    app.extensions["bloom.limiter"] = init_limiter(app, settings)
     _register_cli(app, database)
 
     if not settings.runtime_api_key:

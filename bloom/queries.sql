@@ -114,11 +114,12 @@ SELECT requeued.*, pg_notify('bloom_task_queued', '') IS NULL AS notified FROM r
 
 -- Leases --------------------------------------------------------------------
 
--- name: pick_worker_for_task
--- Reads the task and locks the worker that would take it: the one asked for, or the
--- best eligible one (sticky context first, then most free capacity). The lock makes
--- every lease grant of that worker wait for this transaction; the active-lease count
--- here may be stale, so grant_lease counts again once the lock is held.
+-- name: begin_lease
+-- Opens the lease transaction and, in the same round trip, reads the task and locks the
+-- worker that would take it: the one asked for, or the best eligible one (sticky context
+-- first, then most free capacity). The lock makes every other grant to that worker wait;
+-- the active-lease count here may be stale, so grant_lease_and_commit counts again.
+BEGIN;
 SELECT t.status AS task_status, picked.*
   FROM (SELECT CAST(:task_id AS text) AS id) wanted
   LEFT JOIN llm_tasks t ON t.id = wanted.id
@@ -143,9 +144,11 @@ SELECT t.status AS task_status, picked.*
            FOR UPDATE OF w
   ) picked ON true;
 
--- name: grant_lease
+-- name: grant_lease_and_commit
 -- Runs while the worker row is locked, in a new snapshot: the capacity count is exact.
 -- The task moves only from 'queued', so of two racing grants for one task one wins.
+-- COMMIT travels in the same round trip, so the worker stays locked for one hop only;
+-- the last statement reads back the committed lease (none: nothing was granted).
 WITH capacity AS (
     SELECT count(*) AS active_leases FROM leases WHERE worker_id = :worker_id AND status = 'active'
 ), task AS (
@@ -168,18 +171,22 @@ WITH capacity AS (
            jsonb_build_object('lease_id', id, 'worker_id', worker_id, 'ttl_seconds', ttl_seconds)
       FROM lease
 )
-SELECT (SELECT active_leases FROM capacity) AS active_leases_before,
-       (SELECT row_to_json(lease) FROM lease) AS lease;
+SELECT count(*) FROM lease;
+COMMIT;
+SELECT (SELECT row_to_json(l) FROM leases l WHERE l.id = :lease_id) AS lease,
+       (SELECT count(*) FROM leases WHERE worker_id = :worker_id AND status = 'active') AS active_leases;
 
--- name: touch_claiming_worker
--- A claim is a sign of life: note it, and lock the worker row so that concurrent
--- claims of one worker count its leases one after the other.
+-- name: begin_claim
+-- Opens the claim transaction. A claim is a sign of life: note it, and lock the worker
+-- row so that concurrent claims of one worker count its leases one after the other.
+BEGIN;
 UPDATE workers SET last_heartbeat = :now WHERE id = :worker_id
 RETURNING *;
 
--- name: claim_next_task
+-- name: claim_next_task_and_commit
 -- Runs in a new snapshot while the worker row is locked, so the capacity count is
 -- exact. SKIP LOCKED: claimers never wait on each other's rows, nor get the same task.
+-- COMMIT travels in the same round trip; the last statement reads back what was claimed.
 WITH capacity AS (
     SELECT count(*) AS active_leases FROM leases WHERE worker_id = :worker_id AND status = 'active'
 ), next_task AS (
@@ -211,9 +218,11 @@ WITH capacity AS (
                               'claimed', true)
       FROM lease
 )
-SELECT (SELECT active_leases FROM capacity) AS active_leases_before,
-       (SELECT row_to_json(task) FROM task) AS task,
-       (SELECT row_to_json(lease) FROM lease) AS lease;
+SELECT count(*) FROM lease;
+COMMIT;
+SELECT (SELECT row_to_json(t) FROM llm_tasks t WHERE t.lease_id = :lease_id) AS task,
+       (SELECT row_to_json(l) FROM leases l WHERE l.id = :lease_id) AS lease,
+       (SELECT count(*) FROM leases WHERE worker_id = :worker_id AND status = 'active') AS active_leases;
 
 -- name: heartbeat_lease
 -- Renews the task's current lease if it is active and not past expires_at, and marks
@@ -365,6 +374,15 @@ SELECT (SELECT COALESCE(jsonb_object_agg(status, n), '{}'::jsonb)
        (SELECT count(*) FROM workers WHERE status = 'online') AS workers_online;
 
 -- Background jobs -----------------------------------------------------------
+
+-- name: begin
+BEGIN;
+
+-- name: commit
+COMMIT;
+
+-- name: rollback
+ROLLBACK;
 
 -- name: try_job_lock
 SELECT pg_try_advisory_lock(hashtext(:lock_name)) AS locked;

@@ -77,7 +77,7 @@ class RuntimeConfigStore:
         return config.server_url, config.admin_key
 
     def _read(self) -> MembridgeConfig:
-        with self._db.transaction() as tx:
+        with self._db.autocommit() as tx:
             rows = {row["key"]: row["value"] for row in tx.all("get_settings", keys=_KEYS)}
         last_test = rows.get("last_test")
         return MembridgeConfig(
@@ -93,7 +93,7 @@ class RuntimeConfigStore:
             self._cached_at = float("-inf")
 
     def update(self, server_url: str, admin_key: str, *, actor: str) -> MembridgeConfig:
-        with self._db.transaction() as tx:
+        with self._db.autocommit() as tx:
             tx.one(
                 "save_membridge_config",
                 server_url=server_url, admin_key=admin_key, now=now_ms(), audit_id=new_id(), actor=actor,
@@ -103,7 +103,7 @@ class RuntimeConfigStore:
 
     def record_connection_test(self, connected: bool, *, actor: str) -> MembridgeConfig:
         server_url = self.current().server_url
-        with self._db.transaction() as tx:
+        with self._db.autocommit() as tx:
             tx.one(
                 "save_connection_test",
                 connected=connected, connected_text="true" if connected else "false",
@@ -113,7 +113,7 @@ class RuntimeConfigStore:
         return self.current()
 
     def publish_sync_status(self, status: dict[str, Any]) -> None:
-        with self._db.transaction() as tx:
+        with self._db.autocommit() as tx:
             tx.execute("put_setting", key=SYNC_STATUS_KEY, value=json.dumps(status), now=now_ms())
 
 

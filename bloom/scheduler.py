@@ -35,11 +35,11 @@ def run_once_per_deployment(database: Database, job: Job) -> bool:
     """Run `job` if no other process runs it now and nobody ran it this interval."""
     lock_name = f"bloom-runtime:job:{job.name}"
     try:
-        with database.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as lock_conn:
+        with database.engine.connect() as lock_conn:
             if not lock_conn.execute(QUERIES["try_job_lock"], {"lock_name": lock_name}).scalar():
                 return False
             try:
-                with database.transaction() as tx:
+                with database.autocommit() as tx:
                     claimed = tx.one_or_none(
                         "claim_job_run",
                         setting_key=f"job:{job.name}:last_run_at",

@@ -131,10 +131,16 @@ ArtifactListQuery = Schema.from_dict(
 )
 
 
-def load(schema: Schema, data: Any) -> dict[str, Any]:
+_INSTANCES: dict[type[Schema], Schema] = {}
+
+
+def load(schema_class: type[Schema], data: Any) -> dict[str, Any]:
     """Validate `data`; raise ValidationFailed in the SPEC's formErrors/fieldErrors shape."""
     if not isinstance(data, Mapping):
         raise ValidationFailed(["Expected an object"], {})
+    schema = _INSTANCES.get(schema_class)
+    if schema is None:  # building a schema costs more than loading with it: once per class
+        schema = _INSTANCES.setdefault(schema_class, schema_class())
     try:
         loaded = schema.load(data)
     except ValidationError as error:

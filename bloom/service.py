@@ -51,11 +51,11 @@ class RuntimeService:
     # Workers ---------------------------------------------------------------
 
     def list_workers(self, *, limit: int, offset: int) -> list[dict[str, Any]]:
-        with self.db.transaction() as tx:
+        with self.db.autocommit() as tx:
             return [worker_json(row) for row in tx.all("list_workers", limit=limit, offset=offset)]
 
     def get_worker(self, worker_id: str) -> dict[str, Any]:
-        with self.db.transaction() as tx:
+        with self.db.autocommit() as tx:
             row = tx.one_or_none("get_worker", worker_id=worker_id)
             if row is None:
                 raise NotFound("Worker not found")
@@ -66,7 +66,7 @@ class RuntimeService:
         """Create or re-register a worker; returns (worker, created)."""
         capabilities = body.get("capabilities")
         ip_addrs = body.get("ip_addrs")
-        with self.db.transaction() as tx:
+        with self.db.autocommit() as tx:
             row = tx.one(
                 "register_worker",
                 worker_id=body["name"],
@@ -82,7 +82,7 @@ class RuntimeService:
         return worker_json(row), bool(row["inserted"])
 
     def remove_worker(self, worker_id: str) -> dict[str, Any]:
-        with self.db.transaction() as tx:
+        with self.db.autocommit() as tx:
             row = tx.one_or_none(
                 "delete_worker", worker_id=worker_id, now=now_ms(), audit_id=new_id(), actor=API_ACTOR
             )
@@ -95,7 +95,7 @@ class RuntimeService:
     def create_task(self, body: dict[str, Any], *, idempotency_key: str | None = None) -> tuple[dict[str, Any], bool]:
         """Create a task; returns (task, created). A reused Idempotency-Key returns the
         task created with it earlier, also when two such requests race."""
-        with self.db.transaction() as tx:
+        with self.db.autocommit() as tx:
             row = tx.one_or_none(
                 "create_task",
                 task_id=new_id(),
@@ -118,19 +118,19 @@ class RuntimeService:
         return task_json(earlier), False
 
     def list_tasks(self, *, status: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
-        with self.db.transaction() as tx:
+        with self.db.autocommit() as tx:
             rows = tx.all("list_tasks", status=status, limit=limit, offset=offset)
         return [task_json(row) for row in rows]
 
     def get_task(self, task_id: str) -> dict[str, Any]:
-        with self.db.transaction() as tx:
+        with self.db.autocommit() as tx:
             row = tx.one_or_none("get_task", task_id=task_id)
         if row is None:
             raise NotFound("Task not found")
         return task_json(row)
 
     def requeue_task(self, task_id: str) -> dict[str, Any]:
-        with self.db.transaction() as tx:
+        with self.db.autocommit() as tx:
             row = tx.one_or_none(
                 "requeue_task", task_id=task_id, now=now_ms(), audit_id=new_id(), actor=API_ACTOR
             )
@@ -143,29 +143,33 @@ class RuntimeService:
 
     def lease_task(self, task_id: str, *, worker_id: str | None, ttl_seconds: int) -> dict[str, Any]:
         for _ in range(LEASE_PICK_ATTEMPTS):
-            with self.db.transaction() as tx:
-                picked = tx.one("pick_worker_for_task", task_id=task_id, worker_id=worker_id)
+            lease_id = new_id()
+            with self.db.scripted_transaction() as tx:
+                picked = tx.one("begin_lease", task_id=task_id, worker_id=worker_id)
                 self._check_pick(picked, worker_id)
                 max_concurrency = capabilities_json(picked["capabilities"])["max_concurrency"]
-                granted = tx.one(
-                    "grant_lease",
+                granted = tx.commit_with(
+                    "grant_lease_and_commit",
                     task_id=task_id,
                     worker_id=picked["id"],
-                    lease_id=new_id(),
+                    lease_id=lease_id,
                     ttl_seconds=ttl_seconds,
                     max_concurrency=max_concurrency,
                     now=now_ms(),
                     audit_id=new_id(),
                     actor=API_ACTOR,
                 )
-                if granted["lease"] is not None:
-                    worker = {**picked, "active_leases": granted["active_leases_before"] + 1}
-                    return {"lease": lease_json(granted["lease"]), "worker": worker_json(worker)}
-                if granted["active_leases_before"] < max_concurrency:
-                    # The worker had room, so the task left 'queued' under us.
-                    raise Conflict(f"Task status is '{self._task_status(tx, task_id)}', expected 'queued'")
-                if worker_id is not None:
-                    raise Conflict(f"Worker '{worker_id}' has no free capacity")
+            if granted["lease"] is not None:
+                worker = {**picked, "active_leases": granted["active_leases"]}
+                return {"lease": lease_json(granted["lease"]), "worker": worker_json(worker)}
+            if granted["active_leases"] < max_concurrency:
+                # The worker had room, so the task left 'queued' under us.
+                with self.db.autocommit() as queries:
+                    status = self._task_status(queries, task_id)
+                raise Conflict(f"Task status is '{status}', expected 'queued'")
+            if worker_id is not None:
+                raise Conflict(f"Worker '{worker_id}' has no free capacity")
+            # The picked worker filled up between the pick and its lock: pick again.
         raise Unavailable("No available worker with free capacity")
 
     @staticmethod
@@ -193,35 +197,37 @@ class RuntimeService:
         self, worker_id: str, *, ttl_seconds: int, agent_slugs: list[str] | None
     ) -> dict[str, Any] | None:
         """Lease the next queued task (priority, then age) to this worker; None if none."""
-        with self.db.transaction() as tx:
-            worker = tx.one_or_none("touch_claiming_worker", worker_id=worker_id, now=now_ms())
-            if worker is None:
+        lease_id = new_id()
+        with self.db.scripted_transaction() as tx:
+            rows = tx.all("begin_claim", worker_id=worker_id, now=now_ms())
+            if not rows:
                 raise NotFound("Worker not found")
+            worker = rows[0]
             capabilities = capabilities_json(worker["capabilities"])
             if worker["status"] != "online":
                 raise Conflict(f"Worker '{worker_id}' is {worker['status']}, not online")
             if not capabilities["claude_cli"]:
                 raise Conflict(f"Worker '{worker_id}' does not have claude_cli")
-            claimed = tx.one(
-                "claim_next_task",
+            claimed = tx.commit_with(
+                "claim_next_task_and_commit",
                 worker_id=worker_id,
                 max_concurrency=capabilities["max_concurrency"],
                 agent_slugs=agent_slugs,
-                lease_id=new_id(),
+                lease_id=lease_id,
                 ttl_seconds=ttl_seconds,
                 now=now_ms(),
                 audit_id=new_id(),
                 actor=API_ACTOR,
             )
-            if claimed["active_leases_before"] >= capabilities["max_concurrency"]:
-                raise Conflict(f"Worker '{worker_id}' has no free capacity")
-        if claimed["task"] is None:
-            return None
-        return {"task": task_json(claimed["task"]), "lease": lease_json(claimed["lease"])}
+        if claimed["lease"] is not None:
+            return {"task": task_json(claimed["task"]), "lease": lease_json(claimed["lease"])}
+        if claimed["active_leases"] >= capabilities["max_concurrency"]:
+            raise Conflict(f"Worker '{worker_id}' has no free capacity")
+        return None
 
     def heartbeat(self, task_id: str, *, lease_id: str | None, worker_id: str | None) -> dict[str, Any]:
         now = now_ms()
-        with self.db.transaction() as tx:
+        with self.db.autocommit() as tx:
             row = tx.one_or_none(
                 "heartbeat_lease", task_id=task_id, lease_id=lease_id, worker_id=worker_id, now=now
             )
@@ -250,9 +256,11 @@ class RuntimeService:
         output = body.get("output")
         expected = "expected 'leased' or 'running'"
         now = now_ms()
-        with self.db.transaction() as tx:
+        uploads = self.artifacts is not None and output is not None
+        # With an upload, the lease stays locked from before the upload to the commit.
+        with (self.db.transaction() if uploads else self.db.autocommit()) as tx:
             object_url = None
-            if self.artifacts is not None and output is not None:
+            if uploads:
                 current = tx.one_or_none("lock_current_lease", task_id=task_id)
                 if current is None:
                     raise NotFound("Task not found")
@@ -305,7 +313,7 @@ class RuntimeService:
         raise Conflict(f"Task status is '{self._task_status(tx, row['task_id'])}', {expected}")
 
     def sweep_expired_leases(self) -> dict[str, int]:
-        with self.db.transaction() as tx:
+        with self.db.autocommit() as tx:
             counts = tx.one("sweep_expired_leases", now=now_ms(), actor=SWEEP_ACTOR)
         counts = {key: int(counts[key]) for key in ("expired", "requeued", "dead")}
         if counts["expired"]:
@@ -320,37 +328,37 @@ class RuntimeService:
     # Listings --------------------------------------------------------------
 
     def list_leases(self, *, status: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
-        with self.db.transaction() as tx:
+        with self.db.autocommit() as tx:
             rows = tx.all("list_leases", status=status, limit=limit, offset=offset)
         return [lease_json(row) for row in rows]
 
     def get_artifact(self, artifact_id: str) -> dict[str, Any]:
         """The artifact row plus its task's desired_format; NotFound if unknown."""
-        with self.db.transaction() as tx:
+        with self.db.autocommit() as tx:
             row = tx.one_or_none("get_artifact", artifact_id=artifact_id)
         if row is None:
             raise NotFound("Artifact not found")
         return row
 
     def list_artifacts(self, *, task_id: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
-        with self.db.transaction() as tx:
+        with self.db.autocommit() as tx:
             rows = tx.all("list_artifacts", task_id=task_id, limit=limit, offset=offset)
         return [artifact_json(row) for row in rows]
 
     def list_audit(self, *, limit: int, offset: int) -> list[dict[str, Any]]:
-        with self.db.transaction() as tx:
+        with self.db.autocommit() as tx:
             rows = tx.all("list_audit", limit=limit, offset=offset)
         return [audit_json(row) for row in rows]
 
     def record_audit(self, action: str, entity_type: str, entity_id: str, detail: dict[str, Any]) -> None:
-        with self.db.transaction() as tx:
+        with self.db.autocommit() as tx:
             tx.execute(
                 "insert_audit", audit_id=new_id(), now=now_ms(), action=action, entity_type=entity_type,
                 entity_id=entity_id, actor=API_ACTOR, detail=json.dumps(detail),
             )
 
     def stats(self) -> dict[str, Any]:
-        with self.db.transaction() as tx:
+        with self.db.autocommit() as tx:
             row = tx.one("stats")
         by_status = {status: 0 for status in TASK_STATUSES}
         by_status.update({status: int(count) for status, count in row["tasks_by_status"].items()})
@@ -361,5 +369,5 @@ class RuntimeService:
         }
 
     def ping(self) -> None:
-        with self.db.transaction() as tx:
+        with self.db.autocommit() as tx:
             tx.one("ping")

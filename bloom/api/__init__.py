@@ -12,4 +12,4 @@ def service() -> RuntimeService:
 
 
 def query(schema_class) -> dict:
-    return load(schema_class(), request.args.to_dict())
+    return load(schema_class, request.args.to_dict())

@@ -30,7 +30,7 @@ def get_config():
 @bp.post("/config")
 @documented("Change the Membridge settings", body=ConfigUpdateSchema, responses={200: "RuntimeConfig"})
 def update_config():
-    body = load(ConfigUpdateSchema(), json_body())
+    body = load(ConfigUpdateSchema, json_body())
     updated = config_store().update(body["membridge_server_url"].rstrip("/"), body["admin_key"], actor=ACTOR)
     return jsonify(updated.public())
 

@@ -24,7 +24,7 @@ IDEMPOTENCY_KEY_MAX = 255
     responses={200: "LLMTask", 201: "LLMTask"},
 )
 def create_task():
-    body = load(CreateTaskSchema(), json_body())
+    body = load(CreateTaskSchema, json_body())
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX:
         raise ValidationFailed([f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters"], {})
@@ -52,7 +52,7 @@ def get_task(task_id: str):
     responses={201: "LeaseGrant", 404: "Error", 409: "Error"},
 )
 def lease_task(task_id: str):
-    body = load(LeaseTaskSchema(), json_body())
+    body = load(LeaseTaskSchema, json_body())
     granted = service().lease_task(task_id, worker_id=body["worker_id"], ttl_seconds=body["ttl_seconds"])
     return jsonify(granted), 201
 
@@ -64,7 +64,7 @@ def lease_task(task_id: str):
     responses={200: "HeartbeatReply", 404: "Error", 409: "Error"},
 )
 def heartbeat(task_id: str):
-    body = load(FencingSchema(), json_body())
+    body = load(FencingSchema, json_body())
     return jsonify(service().heartbeat(task_id, lease_id=body["lease_id"], worker_id=body["worker_id"]))
 
 
@@ -75,7 +75,7 @@ def heartbeat(task_id: str):
     responses={200: "Completion", 404: "Error", 409: "Error"},
 )
 def complete_task(task_id: str):
-    body = load(CompleteTaskSchema(), json_body())
+    body = load(CompleteTaskSchema, json_body())
     return jsonify(service().complete_task(task_id, body))
 
 

@@ -29,7 +29,7 @@ def get_worker(worker_id: str):
 @bp.post("")
 @documented("Register (201) or re-register (200) a worker", body=RegisterWorkerSchema, responses={200: "WorkerNode", 201: "WorkerNode"})
 def register_worker():
-    body = load(RegisterWorkerSchema(), json_body())
+    body = load(RegisterWorkerSchema, json_body())
     worker, created = service().register_worker(body)
     return jsonify(worker), 201 if created else 200
 
@@ -48,7 +48,7 @@ def remove_worker(worker_id: str):
 )
 def claim(worker_id: str):
     """Lease the next task to this worker; with wait_seconds, long-poll until one comes."""
-    body = load(ClaimSchema(), json_body())
+    body = load(ClaimSchema, json_body())
     events = current_app.extensions["bloom.queue_events"]
     deadline = time.monotonic() + body["wait_seconds"]
     while True:
