@@ -46,6 +46,7 @@ class Client:
     """One keep-alive HTTP connection; records the latency of every call by name."""
 
     def __init__(self, port: int, latencies: dict[str, list[float]], lock: threading.Lock) -> None:
+        self.port = port
         self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         self.latencies = latencies
         self.lock = lock
@@ -55,8 +56,16 @@ class Client:
         payload = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if payload is not None else {}
         started = time.perf_counter()
-        self.connection.request(method, path, body=payload, headers=headers)
-        response = self.connection.getresponse()
+        try:
+            self.connection.request(method, path, body=payload, headers=headers)
+            response = self.connection.getresponse()
+        except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            # The server closed an idle keep-alive connection: open a new one.
+            self.connection.close()
+            self.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+            started = time.perf_counter()
+            self.connection.request(method, path, body=payload, headers=headers)
+            response = self.connection.getresponse()
         data = response.read()
         elapsed = time.perf_counter() - started
         self.requests += 1
@@ -321,6 +330,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=4, help="gunicorn workers")
     parser.add_argument("--threads", type=int, default=8, help="gunicorn threads per worker")
     parser.add_argument("--rows", type=int, default=0, help="then fill tables to this many rows and measure")
+    parser.add_argument("--only-scale", action="store_true", help="skip the load runs; with --rows")
     parser.add_argument("--smoke", action="store_true", help="a few seconds; proves the benchmark works")
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     args = parser.parse_args()
@@ -344,9 +354,9 @@ def main() -> int:
         register_workers(service.port, count=4, capacity=32)
         print(f"BLOOM Runtime benchmark: gunicorn {args.workers} workers x {args.threads} threads, "
               f"{os.cpu_count()} CPUs shared with PostgreSQL and this load generator")
-        for clients in args.clients:
+        for clients in [] if args.only_scale else args.clients:
             results["creation"].append(bench_creation(service.port, clients, args.create_tasks))
-        for clients in args.clients:
+        for clients in [] if args.only_scale else args.clients:
             results["lifecycle"].append(bench_lifecycle(service.port, clients, args.tasks))
         if args.rows:
             results["scale"] = bench_at_scale(service.port, plain_dsn(database_url), args.rows)

@@ -220,7 +220,7 @@ WITH capacity AS (
 )
 SELECT count(*) FROM lease;
 COMMIT;
-SELECT (SELECT row_to_json(t) FROM llm_tasks t WHERE t.lease_id = :lease_id) AS task,
+SELECT (SELECT row_to_json(t) FROM leases l JOIN llm_tasks t ON t.id = l.task_id WHERE l.id = :lease_id) AS task,
        (SELECT row_to_json(l) FROM leases l WHERE l.id = :lease_id) AS lease,
        (SELECT count(*) FROM leases WHERE worker_id = :worker_id AND status = 'active') AS active_leases;
 

@@ -9,6 +9,7 @@ import pytest
 from bloom import create_app
 from bloom.config import Settings
 
+from .fake_membridge import ADMIN_KEY, FakeMembridge
 from .support import GunicornServer, PostgresCluster, SeaweedS3, start_embedded_cluster
 
 
@@ -80,3 +81,18 @@ def s3():
     server = SeaweedS3()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def membridge():
+    """A real HTTP server speaking the Membridge contract, on a free local port."""
+    upstream = FakeMembridge(admin_key=ADMIN_KEY)
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture
+def membridge_app(database_url, membridge):
+    app = create_app(make_settings(database_url, MEMBRIDGE_SERVER_URL=membridge.url, MEMBRIDGE_ADMIN_KEY=ADMIN_KEY))
+    yield app
+    app.extensions["bloom.database"].dispose()

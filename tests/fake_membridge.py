@@ -14,6 +14,8 @@ from typing import Any
 
 from .support import free_port
 
+ADMIN_KEY = "membridge-admin-secret-key"
+
 
 @dataclass
 class Received:
@@ -144,7 +146,7 @@ class _Server(ThreadingHTTPServer):
 
 
 class FakeMembridge:
-    def __init__(self, admin_key: str = "membridge-admin-secret-key") -> None:
+    def __init__(self, admin_key: str = ADMIN_KEY) -> None:
         self.state = FakeMembridgeState(admin_key=admin_key)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -6,7 +6,6 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 import requests
 
 from .helpers import TASK, create_task, register_worker

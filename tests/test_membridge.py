@@ -10,23 +10,11 @@ import pytest
 from bloom import create_app
 
 from .conftest import make_settings
-from .fake_membridge import FakeMembridge
-
-ADMIN_KEY = "membridge-admin-secret-key"
-
+from .fake_membridge import ADMIN_KEY
 
 @pytest.fixture
-def membridge():
-    upstream = FakeMembridge(admin_key=ADMIN_KEY)
-    yield upstream
-    upstream.stop()
-
-
-@pytest.fixture
-def app(database_url, membridge):
-    app = create_app(make_settings(database_url, MEMBRIDGE_SERVER_URL=membridge.url, MEMBRIDGE_ADMIN_KEY=ADMIN_KEY))
-    yield app
-    app.extensions["bloom.database"].dispose()
+def app(membridge_app):
+    return membridge_app
 
 
 def health_of_membridge(client):

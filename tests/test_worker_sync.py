@@ -6,28 +6,14 @@ import time
 import pytest
 import requests
 
-from bloom import create_app
 from bloom.worker_sync import SyncFailed, run_worker_sync, sync_workers
 
-from .conftest import make_settings
-from .fake_membridge import FakeMembridge
+from .fake_membridge import ADMIN_KEY
 from .support import GunicornServer, wait_until
 
-ADMIN_KEY = "membridge-admin-secret-key"
-
-
 @pytest.fixture
-def membridge():
-    upstream = FakeMembridge(admin_key=ADMIN_KEY)
-    yield upstream
-    upstream.stop()
-
-
-@pytest.fixture
-def app(database_url, membridge):
-    app = create_app(make_settings(database_url, MEMBRIDGE_SERVER_URL=membridge.url, MEMBRIDGE_ADMIN_KEY=ADMIN_KEY))
-    yield app
-    app.extensions["bloom.database"].dispose()
+def app(membridge_app):
+    return membridge_app
 
 
 @pytest.fixture
