@@ -6,7 +6,6 @@ completed exactly once.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import signal
 import subprocess
@@ -15,8 +14,8 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 from contextlib import closing
-from pathlib import Path
 import threading
+from pathlib import Path
 
 import psycopg2
 

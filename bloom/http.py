@@ -6,7 +6,7 @@ import json
 import logging
 from typing import Any
 
-from flask import Flask, current_app, jsonify, redirect, request
+from flask import Flask, jsonify, redirect, request
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 
@@ -28,10 +28,6 @@ OPEN_PATHS = frozenset({
 # Monitoring is never throttled.
 UNLIMITED_PATHS = frozenset({"/api/runtime/health", "/api/runtime/ready", "/api/runtime/openapi.json", "/metrics"})
 TEST_CONNECTION_ENDPOINT = "config.test_connection"
-
-
-def settings() -> Settings:
-    return current_app.extensions["bloom.settings"]
 
 
 def json_body() -> Any:

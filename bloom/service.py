@@ -136,6 +136,8 @@ class RuntimeService:
             )
             if row is None:
                 current = self._task_status(tx, task_id)
+                if current is None:
+                    raise NotFound("Task not found")
                 raise Conflict(f"Cannot requeue task with status '{current}'")
         return task_json(row)
 

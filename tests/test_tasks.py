@@ -334,7 +334,7 @@ def test_requeue_only_from_failed_or_dead(client):
     requeued = response.get_json()
     assert (requeued["status"], requeued["attempts"], requeued["lease_id"], requeued["worker_id"]) == ("queued", 0, None, None)
     assert audit_actions(client)[0] == "task_requeued"
-    assert client.post("/api/runtime/llm-tasks/no-such-task/requeue").status_code == 409
+    assert client.post("/api/runtime/llm-tasks/no-such-task/requeue").status_code == 404
 
 
 def test_sweep_requeues_leased_and_running_tasks_whose_lease_expired(client, service):

@@ -80,7 +80,7 @@ def complete_task(task_id: str):
 
 
 @bp.post("/llm-tasks/<task_id>/requeue")
-@documented("Queue a failed or dead task again", responses={200: "LLMTask", 409: "Error"})
+@documented("Queue a failed or dead task again", responses={200: "LLMTask", 404: "Error", 409: "Error"})
 def requeue_task(task_id: str):
     return jsonify(service().requeue_task(task_id))
 
