@@ -1,0 +1,71 @@
+"""A database the Express service created keeps working, and is mended on start."""
+from __future__ import annotations
+
+from sqlalchemy import create_engine, text
+
+from bloom import create_app
+
+from .conftest import make_settings
+
+# The tables as the Express service left them: no priority, no idempotency key, no
+# indexes of ours, and a task with two 'active' leases from its double-lease bug.
+EXPRESS_SCHEMA = """
+CREATE TABLE llm_tasks (id text PRIMARY KEY, context_id text NOT NULL, agent_slug text NOT NULL,
+  prompt text NOT NULL, context_hints jsonb NOT NULL DEFAULT '[]', policy jsonb NOT NULL,
+  desired_format text NOT NULL DEFAULT 'text', status text NOT NULL DEFAULT 'queued',
+  created_at bigint NOT NULL, updated_at bigint NOT NULL, lease_id text, worker_id text,
+  attempts integer NOT NULL DEFAULT 0, max_attempts integer NOT NULL DEFAULT 3);
+CREATE TABLE leases (id text PRIMARY KEY, task_id text NOT NULL, worker_id text NOT NULL,
+  started_at bigint NOT NULL, expires_at bigint NOT NULL, ttl_seconds integer NOT NULL,
+  status text NOT NULL DEFAULT 'active', last_heartbeat bigint NOT NULL, context_id text);
+CREATE TABLE workers (id text PRIMARY KEY, node_id text, url text, status text NOT NULL,
+  capabilities jsonb NOT NULL, last_heartbeat bigint, ip_addrs jsonb NOT NULL DEFAULT '[]',
+  obs_count integer NOT NULL DEFAULT 0, db_sha text, registered_at bigint NOT NULL);
+CREATE TABLE users (id text PRIMARY KEY);
+INSERT INTO workers VALUES ('old-worker', 'old-worker', NULL, 'online',
+  '{"claude_cli": true, "max_concurrency": 2, "labels": []}', 1700000000000, '[]', 0, NULL, 1700000000000);
+INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, policy, status, created_at, updated_at,
+  lease_id, worker_id, attempts)
+  VALUES ('old-task', 'ctx', 'agent', 'prompt', '{"timeout_sec": 120, "budget": 0}', 'leased',
+          1700000000000, 1700000000000, 'current-lease', 'old-worker', 2);
+INSERT INTO leases VALUES
+  ('current-lease', 'old-task', 'old-worker', 1700000000000, 4102444800000, 300, 'active', 1700000000000, 'ctx'),
+  ('extra-lease', 'old-task', 'old-worker', 1700000000000, 4102444800000, 300, 'active', 1700000000000, 'ctx');
+"""
+
+
+def test_an_express_database_is_upgraded_in_place_and_keeps_working(postgres):
+    name = postgres.create_database()
+    url = postgres.url_for(name)
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            for table in ("llm_tasks", "leases", "workers", "runtime_artifacts", "llm_results", "audit_logs",
+                          "runtime_settings"):
+                conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
+            conn.execute(text(EXPRESS_SCHEMA))
+
+        app = create_app(make_settings(url))  # applies schema.sql at start
+        client = app.test_client()
+
+        task = client.get("/api/runtime/llm-tasks/old-task").get_json()
+        assert (task["status"], task["priority"], task["lease_id"]) == ("leased", 0, "current-lease")
+        leases = {lease["id"]: lease["status"] for lease in client.get("/api/runtime/leases").get_json()}
+        assert leases == {"current-lease": "active", "extra-lease": "expired"}
+        assert client.get("/api/runtime/workers/old-worker").get_json()["active_leases"] == 1
+
+        done = client.post("/api/runtime/llm-tasks/old-task/complete",
+                           json={"status": "success", "output": "kept", "metrics": {"duration_ms": 1}})
+        assert done.status_code == 200
+        assert client.post("/api/runtime/llm-tasks", json={"context_id": "c", "agent_slug": "a", "prompt": "p",
+                                                          "priority": 3}).status_code == 201
+        with engine.connect() as conn:
+            indexes = {row[0] for row in conn.execute(text("SELECT indexname FROM pg_indexes WHERE tablename = 'leases'"))}
+            users_rows = conn.execute(text("SELECT count(*) FROM users")).scalar()
+        assert "leases_one_active_per_task" in indexes
+        assert users_rows == 0  # another service's table: left as it was
+        create_app(make_settings(url))  # applying the schema again changes nothing and does not fail
+        app.extensions["bloom.database"].dispose()
+    finally:
+        engine.dispose()
+        postgres.drop_database(name)
