@@ -1,6 +1,6 @@
 """The runtime's operations on tasks, leases and workers. Knows nothing of Flask.
 
-Every operation is one transaction, and every state change one statement whose
+Every operation is one unit of work, and every state change one statement whose
 precondition is in its WHERE clause (see queries.sql), so concurrent requests and
 several processes cannot leave a task, lease or worker half updated.
 """
@@ -15,6 +15,7 @@ from typing import Any
 from .artifacts import MinioArtifactStore
 from .db import Database
 from .errors import Conflict, NotFound, Unavailable
+from .schemas import TASK_STATUSES
 from .serialize import (
     DEFAULT_CAPABILITIES,
     artifact_json,
@@ -32,7 +33,6 @@ API_ACTOR = "api"
 SWEEP_ACTOR = "lease-sweeper"
 # A picked worker can fill up between the pick and its lock; picking again is cheap.
 LEASE_PICK_ATTEMPTS = 5
-TASK_STATUSES = ("queued", "leased", "running", "completed", "failed", "dead")
 
 
 def now_ms() -> int:
