@@ -129,6 +129,49 @@ class Service:
         self.process.wait(timeout=30)
 
 
+class CpuMeter:
+    """CPU seconds spent by each part of the system during a run: gunicorn's workers,
+    PostgreSQL's processes and this load generator. Divided by the requests of the run,
+    it says where a request's cost goes on a machine whose cores they all share."""
+
+    def __init__(self, service: "Service") -> None:
+        self.service = service
+
+    def _processes(self) -> dict[str, list[psutil.Process]]:
+        parts: dict[str, list[psutil.Process]] = {"gunicorn": [], "postgres": [], "load generator": [psutil.Process()]}
+        try:
+            parts["gunicorn"] = psutil.Process(self.service.process.pid).children()
+        except psutil.Error:
+            pass
+        for process in psutil.process_iter(["name"]):
+            if process.info["name"] in ("postgres", "postmaster"):
+                parts["postgres"].append(process)
+        return parts
+
+    def snapshot(self) -> dict[str, dict[int, float]]:
+        seconds: dict[str, dict[int, float]] = {}
+        for part, processes in self._processes().items():
+            seconds[part] = {}
+            for process in processes:
+                try:
+                    times = process.cpu_times()
+                except psutil.Error:
+                    continue
+                seconds[part][process.pid] = times.user + times.system
+        return seconds
+
+    @staticmethod
+    def per_request_ms(before: dict, after: dict, requests: int) -> dict[str, float]:
+        return {
+            part: sum(after[part][pid] - before[part].get(pid, 0.0) for pid in after[part]) * 1000 / requests
+            for part in after
+        }
+
+
+def report_cpu(cpu_ms: dict[str, float]) -> None:
+    print("    CPU per request: " + ", ".join(f"{part} {ms:.2f} ms" for part, ms in cpu_ms.items()))
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
@@ -148,8 +191,11 @@ def report_latencies(latencies: dict[str, list[float]]) -> dict[str, dict[str, f
     return table
 
 
-def run_clients(port: int, clients: int, work) -> tuple[float, int, dict[str, list[float]]]:
-    """Run `work(client, index)` in `clients` threads; return (seconds, requests, latencies)."""
+def run_clients(service: Service, clients: int, work) -> tuple[float, int, dict[str, list[float]], dict[str, float]]:
+    """Run `work(client, index)` in `clients` threads; return (seconds, requests,
+    latencies, CPU ms per request by part of the system)."""
+    port = service.port
+    meter = CpuMeter(service)
     latencies: dict[str, list[float]] = defaultdict(list)
     lock = threading.Lock()
     pool = [Client(port, latencies, lock) for _ in range(clients)]
@@ -166,6 +212,7 @@ def run_clients(port: int, clients: int, work) -> tuple[float, int, dict[str, li
     threads = [threading.Thread(target=runner, args=(client, i)) for i, client in enumerate(pool)]
     for thread in threads:
         thread.start()
+    cpu_before = meter.snapshot()
     barrier.wait()
     started = time.perf_counter()
     for thread in threads:
@@ -173,7 +220,8 @@ def run_clients(port: int, clients: int, work) -> tuple[float, int, dict[str, li
     elapsed = time.perf_counter() - started
     if errors:
         raise SystemExit(f"benchmark client failed: {errors[0]!r}")
-    return elapsed, sum(c.requests for c in pool), latencies
+    requests = sum(c.requests for c in pool)
+    return elapsed, requests, latencies, CpuMeter.per_request_ms(cpu_before, meter.snapshot(), requests)
 
 
 def split(total: int, parts: int, index: int) -> range:
@@ -187,18 +235,20 @@ def register_workers(port: int, count: int, capacity: int) -> None:
                     {"name": f"bench-worker-{i}", "capabilities": {"max_concurrency": capacity}})
 
 
-def bench_creation(port: int, clients: int, tasks: int) -> dict:
+def bench_creation(service: Service, clients: int, tasks: int) -> dict:
     def work(client: Client, index: int) -> None:
         for _ in split(tasks, clients, index):
             client.call("create", "POST", "/api/runtime/llm-tasks", TASK)
 
-    elapsed, requests, latencies = run_clients(port, clients, work)
+    elapsed, requests, latencies, cpu_ms = run_clients(service, clients, work)
     print(f"  creation, {clients} clients: {tasks / elapsed:.0f} tasks/s")
-    return {"clients": clients, "tasks_per_s": tasks / elapsed, "latency": report_latencies(latencies)}
+    report_cpu(cpu_ms)
+    return {"clients": clients, "tasks_per_s": tasks / elapsed, "latency": report_latencies(latencies),
+            "cpu_ms_per_request": cpu_ms}
 
 
-def bench_lifecycle(port: int, clients: int, tasks: int) -> dict:
-    creator = Client(port, defaultdict(list), threading.Lock())
+def bench_lifecycle(service: Service, clients: int, tasks: int) -> dict:
+    creator = Client(service.port, defaultdict(list), threading.Lock())
     task_ids = [creator.call("create", "POST", "/api/runtime/llm-tasks", TASK)["id"] for _ in range(tasks)]
 
     def work(client: Client, index: int) -> None:
@@ -209,10 +259,11 @@ def bench_lifecycle(port: int, clients: int, tasks: int) -> dict:
             client.call("heartbeat", "POST", f"/api/runtime/llm-tasks/{task_id}/heartbeat", fence)
             client.call("complete", "POST", f"/api/runtime/llm-tasks/{task_id}/complete", {**DONE, **fence})
 
-    elapsed, requests, latencies = run_clients(port, clients, work)
+    elapsed, requests, latencies, cpu_ms = run_clients(service, clients, work)
     print(f"  lifecycle, {clients} clients: {tasks / elapsed:.0f} tasks/s, {requests / elapsed:.0f} requests/s")
+    report_cpu(cpu_ms)
     return {"clients": clients, "tasks_per_s": tasks / elapsed, "requests_per_s": requests / elapsed,
-            "latency": report_latencies(latencies)}
+            "latency": report_latencies(latencies), "cpu_ms_per_request": cpu_ms}
 
 
 def timed(client: Client, name: str, method: str, path: str, repeat: int, body=None) -> float:
@@ -355,9 +406,9 @@ def main() -> int:
         print(f"BLOOM Runtime benchmark: gunicorn {args.workers} workers x {args.threads} threads, "
               f"{os.cpu_count()} CPUs shared with PostgreSQL and this load generator")
         for clients in [] if args.only_scale else args.clients:
-            results["creation"].append(bench_creation(service.port, clients, args.create_tasks))
+            results["creation"].append(bench_creation(service, clients, args.create_tasks))
         for clients in [] if args.only_scale else args.clients:
-            results["lifecycle"].append(bench_lifecycle(service.port, clients, args.tasks))
+            results["lifecycle"].append(bench_lifecycle(service, clients, args.tasks))
         if args.rows:
             results["scale"] = bench_at_scale(service.port, plain_dsn(database_url), args.rows)
             for label, plan in results["scale"]["explain"].items():

@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 import logging
+import select
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from sqlalchemy import Connection, create_engine
+from sqlalchemy import Connection, create_engine, event
 from sqlalchemy.engine import Engine, Row
+from sqlalchemy.exc import DisconnectionError
 
-from .sql import QUERIES
+from .sql import PREPARE_STATEMENTS, PREPARED_QUERIES, QUERIES
 
 log = logging.getLogger(__name__)
 
+_PREPARED_KEY = "bloom.statements_prepared"
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
 
 
@@ -20,14 +23,16 @@ class Database:
     """Wraps one SQLAlchemy engine (psycopg2) and runs named statements.
 
     Every connection is in driver-level autocommit, and transactions are plain SQL
-    (BEGIN ... COMMIT): a single-statement unit of work costs one round trip, and no
-    connection pays for switching its isolation mode back and forth on each checkout.
+    (BEGIN ... COMMIT): a single-statement unit of work costs one round trip, a named
+    statement list with its own BEGIN and COMMIT (see `script`) too, and no connection
+    pays for switching its isolation mode back and forth on each checkout.
     """
 
     def __init__(self, url: str, *, pool_size: int = 5, max_overflow: int = 5) -> None:
-        # No pre-ping (a round trip per request): after a PostgreSQL restart the first
-        # statement on a dead connection fails (503), SQLAlchemy then discards every
-        # connection of the pool, and the next request reconnects.
+        # No pre-ping (a round trip per request): a checkout looks at the socket instead
+        # (see _discard_if_closed_by_server). A connection that died silently (no FIN
+        # from a lost host) still fails its next statement (503); SQLAlchemy then
+        # discards every connection of the pool, and the next request reconnects.
         self.engine: Engine = create_engine(
             url,
             isolation_level="AUTOCOMMIT",
@@ -37,6 +42,7 @@ class Database:
             pool_timeout=5,
             connect_args={"connect_timeout": 5, "application_name": "bloom-runtime"},
         )
+        event.listen(self.engine, "checkout", _discard_if_closed_by_server)
 
     @contextmanager
     def autocommit(self) -> Iterator["Queries"]:
@@ -56,43 +62,30 @@ class Database:
                 raise
             queries.execute("commit")
 
-    @contextmanager
-    def scripted_transaction(self) -> Iterator["ScriptedTransaction"]:
-        """A transaction whose BEGIN and COMMIT travel inside its own named statements."""
+    def script(self, query: str, **params: Any) -> dict[str, Any]:
+        """Run a named statement list that carries its own BEGIN ... COMMIT, in one round
+        trip, and return the row of its last statement. A failure before the COMMIT leaves
+        the transaction open on the server: it is rolled back before the connection
+        goes back to the pool."""
         with self.autocommit() as queries:
-            transaction = ScriptedTransaction(queries)
             try:
-                yield transaction
-            finally:
-                if not transaction.committed:
-                    queries.rollback_quietly()
+                return queries.one(query, **params)
+            except BaseException:
+                queries.rollback_quietly()
+                raise
 
     def dispose(self) -> None:
         self.engine.dispose()
 
 
-class ScriptedTransaction:
-    """A transaction whose BEGIN and COMMIT travel inside its named statements.
-
-    Used where a row lock must be held as briefly as possible: the locking statement
-    opens the transaction, the last one commits it in the same round trip. Whatever
-    does not reach that commit is rolled back on the way out.
-    """
-
-    def __init__(self, queries: "Queries") -> None:
-        self.queries = queries
-        self.committed = False
-
-    def one(self, query: str, **params: Any) -> dict[str, Any]:
-        return self.queries.one(query, **params)
-
-    def all(self, query: str, **params: Any) -> list[dict[str, Any]]:
-        return self.queries.all(query, **params)
-
-    def commit_with(self, query: str, **params: Any) -> dict[str, Any]:
-        row = self.queries.one(query, **params)
-        self.committed = True
-        return row
+def _discard_if_closed_by_server(dbapi_connection, connection_record, connection_proxy) -> None:
+    """An idle pooled connection has nothing to read. If its socket is readable, the
+    server has closed it (restart, failover, idle timeout) or is saying why it will:
+    the pool then replaces it before any statement is sent. A poll(2), not a round trip."""
+    poller = select.poll()
+    poller.register(dbapi_connection.fileno(), select.POLLIN)
+    if dbapi_connection.closed or poller.poll(0):
+        raise DisconnectionError("closed by the server while idle in the pool")
 
 
 class Queries:
@@ -101,8 +94,16 @@ class Queries:
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
 
+    def _run(self, query: str, params: dict[str, Any]):
+        if query in PREPARED_QUERIES and not self.connection.info.get(_PREPARED_KEY):
+            # Once per pooled connection (the mark goes with it when it is discarded).
+            # Prepared statements outlive a rollback, so the mark is never wrong.
+            self.connection.exec_driver_sql(PREPARE_STATEMENTS)
+            self.connection.info[_PREPARED_KEY] = True
+        return self.connection.execute(QUERIES[query], params)
+
     def execute(self, query: str, **params: Any) -> None:
-        self.connection.execute(QUERIES[query], params)
+        self._run(query, params)
 
     def rollback_quietly(self) -> None:
         try:
@@ -111,14 +112,14 @@ class Queries:
             log.warning("rollback failed; the connection is discarded")
 
     def all(self, query: str, **params: Any) -> list[dict[str, Any]]:
-        return [dict(row._mapping) for row in self.connection.execute(QUERIES[query], params)]
+        return [dict(row._mapping) for row in self._run(query, params)]
 
     def one_or_none(self, query: str, **params: Any) -> dict[str, Any] | None:
-        row: Row | None = self.connection.execute(QUERIES[query], params).first()
+        row: Row | None = self._run(query, params).first()
         return dict(row._mapping) if row is not None else None
 
     def one(self, query: str, **params: Any) -> dict[str, Any]:
-        return dict(self.connection.execute(QUERIES[query], params).one()._mapping)
+        return dict(self._run(query, params).one()._mapping)
 
 
 def apply_schema(database: Database) -> None:

@@ -1,5 +1,8 @@
 -- Every SQL statement the service runs, each under a `-- name: <name>` header.
 -- Parameters are :named. Times are epoch milliseconds passed in by the caller.
+-- `(prepared)` marks a hot path, prepared once per connection (see bloom/sql.py). Its
+-- result is json or named columns, never `*`: a prepared statement whose result columns
+-- changed (a column added by an upgrade) would fail until its connection is replaced.
 -- Each state change is one statement whose precondition sits in its WHERE clause,
 -- so two racing requests cannot both win.
 
@@ -68,7 +71,7 @@ SELECT id FROM removed;
 
 -- Tasks ---------------------------------------------------------------------
 
--- name: create_task
+-- name: create_task (prepared)
 -- With an Idempotency-Key already used, inserts nothing (the caller then reads the
 -- earlier task in a new snapshot: this one cannot see a racing insert's row).
 WITH created AS (
@@ -86,7 +89,7 @@ WITH created AS (
            jsonb_build_object('context_id', context_id, 'agent_slug', agent_slug)
       FROM created
 )
-SELECT created.*, pg_notify('bloom_task_queued', '') IS NULL AS notified FROM created;
+SELECT row_to_json(created) AS task, pg_notify('bloom_task_queued', '') IS NULL AS notified FROM created;
 
 -- name: get_task_by_idempotency_key
 SELECT * FROM llm_tasks WHERE idempotency_key = :idempotency_key;
@@ -114,17 +117,24 @@ SELECT requeued.*, pg_notify('bloom_task_queued', '') IS NULL AS notified FROM r
 
 -- Leases --------------------------------------------------------------------
 
--- name: begin_lease
--- Opens the lease transaction and, in the same round trip, reads the task and locks the
--- worker that would take it: the one asked for, or the best eligible one (sticky context
--- first, then most free capacity). The lock makes every other grant to that worker wait;
--- the active-lease count here may be stale, so grant_lease_and_commit counts again.
+-- name: lease_task (prepared)
+-- A whole lease in one round trip. Statement 1 opens the transaction, picks the worker
+-- that would take the task (the one asked for, or the best eligible one: sticky context
+-- first, then most free capacity) and locks it, so every other grant to that worker
+-- waits. Its count of active leases may be stale (taken before the lock was granted), so
+-- statement 2 counts again in a new snapshot, with the worker still locked, and grants
+-- only below max_concurrency; the task moves only from 'queued', so of two racing
+-- grants for one task one wins. The lock is released by the COMMIT that follows on the
+-- server, without waiting for another hop from the client.
+-- Statement 1 hands its pick to the others in a setting of this session (set on every
+-- lease before it is read; '' when no worker was eligible); the last statement reads
+-- the committed outcome back.
 BEGIN;
-SELECT t.status AS task_status, picked.*
+SELECT set_config('bloom.lease_picked_worker', COALESCE(picked.id, ''), false)
   FROM (SELECT CAST(:task_id AS text) AS id) wanted
   LEFT JOIN llm_tasks t ON t.id = wanted.id
   LEFT JOIN LATERAL (
-        SELECT w.*, load.active_leases
+        SELECT w.id
           FROM workers w
           CROSS JOIN LATERAL (
                 SELECT count(*) AS active_leases,
@@ -143,25 +153,28 @@ SELECT t.status AS task_status, picked.*
          LIMIT 1
            FOR UPDATE OF w
   ) picked ON true;
-
--- name: grant_lease_and_commit
--- Runs while the worker row is locked, in a new snapshot: the capacity count is exact.
--- The task moves only from 'queued', so of two racing grants for one task one wins.
--- COMMIT travels in the same round trip, so the worker stays locked for one hop only;
--- the last statement reads back the committed lease (none: nothing was granted).
-WITH capacity AS (
-    SELECT count(*) AS active_leases FROM leases WHERE worker_id = :worker_id AND status = 'active'
+WITH worker AS (
+    SELECT w.id, COALESCE((w.capabilities ->> 'max_concurrency')::int, 1) AS max_concurrency
+      FROM workers w
+     WHERE w.id = current_setting('bloom.lease_picked_worker')
+       AND w.status = 'online'
+       AND COALESCE((w.capabilities ->> 'claude_cli')::boolean, true)
+), capacity AS (
+    SELECT count(*) AS active_leases
+      FROM leases l JOIN worker ON l.worker_id = worker.id
+     WHERE l.status = 'active'
 ), task AS (
     UPDATE llm_tasks t
-       SET status = 'leased', lease_id = :lease_id, worker_id = :worker_id,
+       SET status = 'leased', lease_id = :lease_id, worker_id = worker.id,
            attempts = t.attempts + 1, updated_at = :now
+      FROM worker
      WHERE t.id = :task_id AND t.status = 'queued'
-       AND (SELECT active_leases FROM capacity) < :max_concurrency
+       AND (SELECT active_leases FROM capacity) < worker.max_concurrency
     RETURNING t.*
 ), lease AS (
     INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status,
                         last_heartbeat, context_id)
-    SELECT :lease_id, id, :worker_id, :now, :now + :ttl_seconds * 1000, :ttl_seconds, 'active',
+    SELECT :lease_id, id, worker_id, :now, :now + :ttl_seconds * 1000, :ttl_seconds, 'active',
            :now, context_id
       FROM task
     RETURNING *
@@ -174,26 +187,36 @@ WITH capacity AS (
 SELECT count(*) FROM lease;
 COMMIT;
 SELECT (SELECT row_to_json(l) FROM leases l WHERE l.id = :lease_id) AS lease,
-       (SELECT count(*) FROM leases WHERE worker_id = :worker_id AND status = 'active') AS active_leases;
+       (SELECT status FROM llm_tasks WHERE id = :task_id) AS task_status,
+       current_setting('bloom.lease_picked_worker') <> '' AS worker_picked,
+       row_to_json(w) AS worker,
+       (SELECT count(*) FROM leases l WHERE l.worker_id = w.id AND l.status = 'active') AS active_leases
+  FROM (SELECT COALESCE(NULLIF(current_setting('bloom.lease_picked_worker'), ''), :worker_id) AS id) chosen
+  LEFT JOIN workers w ON w.id = chosen.id;
 
--- name: begin_claim
--- Opens the claim transaction. A claim is a sign of life: note it, and lock the worker
--- row so that concurrent claims of one worker count its leases one after the other.
+-- name: claim_task (prepared)
+-- A whole claim in one round trip. Statement 1 opens the transaction and locks the
+-- worker row, so that concurrent claims of one worker count its leases one after the
+-- other; statement 2 runs in a new snapshot with the row locked, so its capacity count
+-- is exact. A claim is a sign of life: it notes the worker's heartbeat. SKIP LOCKED:
+-- claimers never wait on each other's tasks, nor get the same one. The lock is released
+-- by the COMMIT that follows on the server; the last statement reads back the outcome.
 BEGIN;
-UPDATE workers SET last_heartbeat = :now WHERE id = :worker_id
-RETURNING *;
-
--- name: claim_next_task_and_commit
--- Runs in a new snapshot while the worker row is locked, so the capacity count is
--- exact. SKIP LOCKED: claimers never wait on each other's rows, nor get the same task.
--- COMMIT travels in the same round trip; the last statement reads back what was claimed.
-WITH capacity AS (
+SELECT id FROM workers WHERE id = :worker_id FOR UPDATE;
+WITH worker AS (
+    UPDATE workers w
+       SET last_heartbeat = :now
+     WHERE w.id = :worker_id
+       AND w.status = 'online'
+       AND COALESCE((w.capabilities ->> 'claude_cli')::boolean, true)
+    RETURNING w.id, COALESCE((w.capabilities ->> 'max_concurrency')::int, 1) AS max_concurrency
+), capacity AS (
     SELECT count(*) AS active_leases FROM leases WHERE worker_id = :worker_id AND status = 'active'
 ), next_task AS (
     SELECT id FROM llm_tasks
      WHERE status = 'queued'
        AND (CAST(:agent_slugs AS text[]) IS NULL OR agent_slug = ANY(CAST(:agent_slugs AS text[])))
-       AND (SELECT active_leases FROM capacity) < :max_concurrency
+       AND (SELECT active_leases FROM capacity) < (SELECT max_concurrency FROM worker)
      ORDER BY priority DESC, created_at, id
      LIMIT 1
        FOR UPDATE SKIP LOCKED
@@ -222,9 +245,10 @@ SELECT count(*) FROM lease;
 COMMIT;
 SELECT (SELECT row_to_json(t) FROM leases l JOIN llm_tasks t ON t.id = l.task_id WHERE l.id = :lease_id) AS task,
        (SELECT row_to_json(l) FROM leases l WHERE l.id = :lease_id) AS lease,
+       (SELECT row_to_json(w) FROM workers w WHERE w.id = :worker_id) AS worker,
        (SELECT count(*) FROM leases WHERE worker_id = :worker_id AND status = 'active') AS active_leases;
 
--- name: heartbeat_lease
+-- name: heartbeat_lease (prepared)
 -- Renews the task's current lease if it is active and not past expires_at, and marks
 -- the task running. The lease row is locked before the task row (as in complete and
 -- the sweep), and a lease released by a racing completion is not renewed.
@@ -261,7 +285,7 @@ SELECT t.status AS task_status, t.desired_format,
   FROM llm_tasks t
  WHERE t.id = :task_id;
 
--- name: complete_task
+-- name: complete_task (prepared)
 -- Releases the current lease, finishes the task and writes artifact, result and audit
 -- entry in one statement: all of it happens, or none.
 WITH current AS (

@@ -113,7 +113,7 @@ class RuntimeService:
                 actor=API_ACTOR,
             )
             if row is not None:
-                return task_json(row), True
+                return task_json(row["task"]), True
             earlier = tx.one("get_task_by_idempotency_key", idempotency_key=idempotency_key)
         return task_json(earlier), False
 
@@ -145,84 +145,62 @@ class RuntimeService:
 
     def lease_task(self, task_id: str, *, worker_id: str | None, ttl_seconds: int) -> dict[str, Any]:
         for _ in range(LEASE_PICK_ATTEMPTS):
-            lease_id = new_id()
-            with self.db.scripted_transaction() as tx:
-                picked = tx.one("begin_lease", task_id=task_id, worker_id=worker_id)
-                self._check_pick(picked, worker_id)
-                max_concurrency = capabilities_json(picked["capabilities"])["max_concurrency"]
-                granted = tx.commit_with(
-                    "grant_lease_and_commit",
-                    task_id=task_id,
-                    worker_id=picked["id"],
-                    lease_id=lease_id,
-                    ttl_seconds=ttl_seconds,
-                    max_concurrency=max_concurrency,
-                    now=now_ms(),
-                    audit_id=new_id(),
-                    actor=API_ACTOR,
-                )
-            if granted["lease"] is not None:
-                worker = {**picked, "active_leases": granted["active_leases"]}
-                return {"lease": lease_json(granted["lease"]), "worker": worker_json(worker)}
-            if granted["active_leases"] < max_concurrency:
-                # The worker had room, so the task left 'queued' under us.
-                with self.db.autocommit() as queries:
-                    status = self._task_status(queries, task_id)
-                raise Conflict(f"Task status is '{status}', expected 'queued'")
-            if worker_id is not None:
-                raise Conflict(f"Worker '{worker_id}' has no free capacity")
-            # The picked worker filled up between the pick and its lock: pick again.
-        raise Unavailable("No available worker with free capacity")
-
-    @staticmethod
-    def _check_pick(picked: dict[str, Any], worker_id: str | None) -> None:
-        task_status = picked["task_status"]
-        if task_status is None:
-            raise NotFound("Task not found")
-        if task_status != "queued":
-            raise Conflict(f"Task status is '{task_status}', expected 'queued'")
-        if picked["id"] is None:
-            if worker_id is not None:
-                raise NotFound("Worker not found")
-            raise Unavailable("No available worker with free capacity")
-        if worker_id is None:
-            return
-        capabilities = capabilities_json(picked["capabilities"])
-        if picked["status"] != "online":
-            raise Conflict(f"Worker '{worker_id}' is {picked['status']}, not online")
-        if not capabilities["claude_cli"]:
-            raise Conflict(f"Worker '{worker_id}' does not have claude_cli")
-        if picked["active_leases"] >= capabilities["max_concurrency"]:
-            raise Conflict(f"Worker '{worker_id}' has no free capacity")
-
-    def claim_task(
-        self, worker_id: str, *, ttl_seconds: int, agent_slugs: list[str] | None
-    ) -> dict[str, Any] | None:
-        """Lease the next queued task (priority, then age) to this worker; None if none."""
-        lease_id = new_id()
-        with self.db.scripted_transaction() as tx:
-            rows = tx.all("begin_claim", worker_id=worker_id, now=now_ms())
-            if not rows:
-                raise NotFound("Worker not found")
-            worker = rows[0]
-            capabilities = capabilities_json(worker["capabilities"])
-            if worker["status"] != "online":
-                raise Conflict(f"Worker '{worker_id}' is {worker['status']}, not online")
-            if not capabilities["claude_cli"]:
-                raise Conflict(f"Worker '{worker_id}' does not have claude_cli")
-            claimed = tx.commit_with(
-                "claim_next_task_and_commit",
+            outcome = self.db.script(
+                "lease_task",
+                task_id=task_id,
                 worker_id=worker_id,
-                max_concurrency=capabilities["max_concurrency"],
-                agent_slugs=agent_slugs,
-                lease_id=lease_id,
+                lease_id=new_id(),
                 ttl_seconds=ttl_seconds,
                 now=now_ms(),
                 audit_id=new_id(),
                 actor=API_ACTOR,
             )
+            if outcome["lease"] is not None:
+                worker = {**outcome["worker"], "active_leases": outcome["active_leases"]}
+                return {"lease": lease_json(outcome["lease"]), "worker": worker_json(worker)}
+            task_status = outcome["task_status"]
+            if task_status is None:
+                raise NotFound("Task not found")
+            if task_status != "queued":
+                raise Conflict(f"Task status is '{task_status}', expected 'queued'")
+            if worker_id is not None:
+                self._check_worker_fit(worker_id, outcome["worker"])
+                raise Conflict(f"Worker '{worker_id}' has no free capacity")
+            if not outcome["worker_picked"]:
+                break
+            # The picked worker filled up or went away between the pick and its lock: pick again.
+        raise Unavailable("No available worker with free capacity")
+
+    @staticmethod
+    def _check_worker_fit(worker_id: str, worker: dict[str, Any] | None) -> dict[str, Any]:
+        """Refuse a worker that cannot take work; else return its capabilities. The row
+        is read back after a lease or claim that granted nothing, to say why."""
+        if worker is None:
+            raise NotFound("Worker not found")
+        capabilities = capabilities_json(worker["capabilities"])
+        if worker["status"] != "online":
+            raise Conflict(f"Worker '{worker_id}' is {worker['status']}, not online")
+        if not capabilities["claude_cli"]:
+            raise Conflict(f"Worker '{worker_id}' does not have claude_cli")
+        return capabilities
+
+    def claim_task(
+        self, worker_id: str, *, ttl_seconds: int, agent_slugs: list[str] | None
+    ) -> dict[str, Any] | None:
+        """Lease the next queued task (priority, then age) to this worker; None if none."""
+        claimed = self.db.script(
+            "claim_task",
+            worker_id=worker_id,
+            agent_slugs=agent_slugs,
+            lease_id=new_id(),
+            ttl_seconds=ttl_seconds,
+            now=now_ms(),
+            audit_id=new_id(),
+            actor=API_ACTOR,
+        )
         if claimed["lease"] is not None:
             return {"task": task_json(claimed["task"]), "lease": lease_json(claimed["lease"])}
+        capabilities = self._check_worker_fit(worker_id, claimed["worker"])
         if claimed["active_leases"] >= capabilities["max_concurrency"]:
             raise Conflict(f"Worker '{worker_id}' has no free capacity")
         return None

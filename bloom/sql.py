@@ -1,31 +1,92 @@
-"""Loads the named statements of `queries.sql` once: a reader sees the exact SQL that runs."""
+"""Loads the named statements of `queries.sql` once: a reader sees the exact SQL that runs.
+
+A query whose header reads `-- name: <name> (prepared)` is a hot path. Each of its
+statements is prepared once per pooled connection (PREPARE ... AS, with `:name`
+parameters numbered in order of first use), and every call sends EXECUTE with the
+arguments instead: PostgreSQL parses and plans the statement once per connection rather
+than on every call. Planning was most of PostgreSQL's CPU time on the lease path
+(docs/PERFORMANCE.md). BEGIN and COMMIT inside a statement list are sent as they are.
+"""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import TextClause, text
 
-_HEADER = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
+_HEADER = re.compile(r"^--\s*name:\s*(\w+)(\s+\(prepared\))?\s*$", re.MULTILINE)
+_COMMENT_LINE = re.compile(r"^\s*--.*(?:\n|$)", re.MULTILINE)
+_STATEMENT_END = re.compile(r";\s*$", re.MULTILINE)
+# SQLAlchemy's own rule for a :named parameter (a `::type` cast is not one).
+_PARAMETER = re.compile(r"(?<![:\w\\]):(\w+)(?!:)")
+_TRANSACTION_CONTROL = frozenset({"BEGIN", "COMMIT"})
+
+# Declared types of the parameters of prepared statements; any other is text.
+PARAMETER_TYPES = {
+    "now": "bigint",  # epoch milliseconds
+    "ttl_seconds": "integer",
+    "max_attempts": "integer",
+    "priority": "integer",
+    "agent_slugs": "text[]",
+}
 
 
-def parse_named_queries(source: str) -> dict[str, str]:
-    """Split a file of `-- name: x` sections into {name: statement}."""
-    queries: dict[str, str] = {}
+@dataclass(frozen=True)
+class NamedQuery:
+    name: str
+    sql: str
+    prepared: bool
+
+
+def parse_named_queries(source: str) -> dict[str, NamedQuery]:
+    """Split a file of `-- name: x` sections into {name: query}."""
+    queries: dict[str, NamedQuery] = {}
     parts = _HEADER.split(source)
-    for name, body in zip(parts[1::2], parts[2::2]):
+    for name, prepared, body in zip(parts[1::3], parts[2::3], parts[3::3]):
         statement = body.strip()
         if name in queries:
             raise ValueError(f"query {name!r} is defined twice")
         if not statement:
             raise ValueError(f"query {name!r} is empty")
-        queries[name] = statement
+        queries[name] = NamedQuery(name, statement, bool(prepared))
     return queries
 
 
-def _load() -> dict[str, TextClause]:
+def prepared_form(query: NamedQuery) -> tuple[list[str], str]:
+    """The PREPARE statements of a query, and the statement list that EXECUTEs them."""
+    prepares: list[str] = []
+    calls: list[str] = []
+    body = _COMMENT_LINE.sub("", query.sql)
+    statements = [statement.strip() for statement in _STATEMENT_END.split(body) if statement.strip()]
+    for index, statement in enumerate(statements):
+        if statement.upper() in _TRANSACTION_CONTROL:
+            calls.append(statement)
+            continue
+        names = list(dict.fromkeys(_PARAMETER.findall(statement)))
+        numbered = _PARAMETER.sub(lambda match: f"${names.index(match.group(1)) + 1}", statement)
+        handle = f"bloom_{query.name}_{index}"
+        types = ", ".join(PARAMETER_TYPES.get(name, "text") for name in names)
+        prepares.append(f"PREPARE {handle} ({types}) AS {numbered}" if names else f"PREPARE {handle} AS {numbered}")
+        calls.append(f"EXECUTE {handle} ({', '.join(':' + name for name in names)})" if names else f"EXECUTE {handle}")
+    return prepares, ";\n".join(calls)
+
+
+def _load() -> tuple[dict[str, TextClause], frozenset[str], str]:
     source = (Path(__file__).with_name("queries.sql")).read_text(encoding="utf-8")
-    return {name: text(statement) for name, statement in parse_named_queries(source).items()}
+    queries = parse_named_queries(source)
+    statements: dict[str, TextClause] = {}
+    prepares: list[str] = []
+    for name, query in queries.items():
+        if query.prepared:
+            query_prepares, calls = prepared_form(query)
+            prepares.extend(query_prepares)
+            statements[name] = text(calls)
+        else:
+            statements[name] = text(query.sql)
+    prepared = frozenset(name for name, query in queries.items() if query.prepared)
+    return statements, prepared, ";\n".join(prepares)
 
 
-QUERIES: dict[str, TextClause] = _load()
+# What is sent for each named query; which of them are prepared; the PREPAREs of all of them.
+QUERIES, PREPARED_QUERIES, PREPARE_STATEMENTS = _load()
