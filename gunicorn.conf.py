@@ -20,7 +20,10 @@ graceful_timeout = 30  # SIGTERM: finish in-flight requests, then exit
 keepalive = 5
 # Behind the reverse proxy; ProxyFix in the app decides which X-Forwarded-* to trust.
 forwarded_allow_ips = "127.0.0.1,::1"
-accesslog = "-"
+# The app logs one line per API request (bloom/request_log.py: method, path, status,
+# duration, request id, client): gunicorn's access log would repeat it at a cost per
+# request. `--access-logfile -` turns it on, one JSON object a line.
+accesslog = None
 access_log_format = (
     '{"remote":"%(h)s","method":"%(m)s","path":"%(U)s","query":"%(q)s","status":%(s)s,'
     '"bytes":"%(B)s","duration_ms":%(M)s,"request_id":"%({x-request-id}o)s","agent":"%(a)s"}'
