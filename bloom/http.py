@@ -12,6 +12,7 @@ from flask_limiter.util import get_remote_address
 
 from .config import Settings
 from .errors import BadRequest, error_body
+from .rate_limit_store import SCHEME as PROCESS_MEMORY_SCHEME
 from .schemas import unstorable_reason
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,12 @@ def _exempt_from_shared_limit() -> bool:
     return request.path in UNLIMITED_PATHS or not request.path.startswith(PROTECTED_PREFIXES)
 
 
+def _limit_storage_uri(configured: str) -> str:
+    """memory:// is this process's memory, kept by bloom/rate_limit_store.py (no timer
+    threads); any other URI (redis://...) goes to the `limits` library as it is."""
+    return f"{PROCESS_MEMORY_SCHEME}://" if configured == "memory://" else configured
+
+
 def init_limiter(app: Flask, config: Settings) -> Limiter:
     """One counter per client address shared by all API routes, plus test-connection's own.
 
@@ -55,7 +62,7 @@ def init_limiter(app: Flask, config: Settings) -> Limiter:
         app=None,
         application_limits=[config.rate_limit],
         application_limits_exempt_when=_exempt_from_shared_limit,
-        storage_uri=config.ratelimit_storage_uri,
+        storage_uri=_limit_storage_uri(config.ratelimit_storage_uri),
         headers_enabled=True,
         swallow_errors=True,  # a rate-limit store outage must not take requests down with it
         in_memory_fallback_enabled=True,

@@ -1,0 +1,80 @@
+"""The memory:// rate-limit store: fixed windows that end, counters that are dropped,
+and no timer threads, driven through the `limits` strategy Flask-Limiter uses."""
+from __future__ import annotations
+
+import threading
+
+from limits import parse
+from limits.strategies import FixedWindowRateLimiter
+
+from bloom.rate_limit_store import ProcessMemoryStorage
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_window_allows_its_count_then_refuses_until_it_ends():
+    clock = Clock()
+    limiter = FixedWindowRateLimiter(ProcessMemoryStorage(clock=clock))
+    three_a_minute = parse("3 per minute")
+    assert [limiter.hit(three_a_minute, "10.0.0.1") for _ in range(4)] == [True, True, True, False]
+    assert limiter.hit(three_a_minute, "10.0.0.2")  # another address has its own counter
+    clock.now += 59
+    assert not limiter.hit(three_a_minute, "10.0.0.1")
+    clock.now += 1
+    assert limiter.hit(three_a_minute, "10.0.0.1")
+
+
+def test_window_stats_say_what_is_left_and_when_it_resets():
+    clock = Clock()
+    storage = ProcessMemoryStorage(clock=clock)
+    limiter = FixedWindowRateLimiter(storage)
+    five_a_minute = parse("5 per minute")
+    limiter.hit(five_a_minute, "10.0.0.1")
+    limiter.hit(five_a_minute, "10.0.0.1")
+    stats = limiter.get_window_stats(five_a_minute, "10.0.0.1")
+    assert stats.remaining == 3
+    assert stats.reset_time == clock.now + 60
+
+
+def test_expired_counters_are_dropped_so_memory_follows_the_live_clients():
+    clock = Clock()
+    storage = ProcessMemoryStorage(clock=clock)
+    limiter = FixedWindowRateLimiter(storage)
+    per_second = parse("10 per second")
+    for address in range(1000):
+        limiter.hit(per_second, f"10.0.{address // 256}.{address % 256}")
+    assert storage.counters_held() == 1000
+    clock.now += 2
+    limiter.hit(per_second, "192.0.2.1")
+    assert storage.counters_held() == 1
+
+
+def test_concurrent_hits_are_all_counted_and_start_no_threads():
+    storage = ProcessMemoryStorage()
+    limiter = FixedWindowRateLimiter(storage)
+    many = parse("1000000 per hour")
+    threads_before = threading.active_count()
+    workers = [threading.Thread(target=lambda: [limiter.hit(many, "10.0.0.1") for _ in range(500)]) for _ in range(8)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert limiter.get_window_stats(many, "10.0.0.1").remaining == 1_000_000 - 4000
+    assert threading.active_count() == threads_before
+
+
+def test_the_default_memory_uri_is_served_by_this_store(database_url):
+    from bloom import create_app
+
+    from .conftest import make_settings
+
+    app = create_app(make_settings(database_url))
+    assert isinstance(app.extensions["bloom.limiter"].storage, ProcessMemoryStorage)
+    with_redis = create_app(make_settings(database_url, RATELIMIT_STORAGE_URI="redis://127.0.0.1:1/0"))
+    assert not isinstance(with_redis.extensions["bloom.limiter"].storage, ProcessMemoryStorage)
