@@ -100,7 +100,11 @@ CREATE UNIQUE INDEX IF NOT EXISTS llm_tasks_idempotency_key_idx ON llm_tasks (id
 CREATE INDEX IF NOT EXISTS leases_started_idx ON leases (started_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS leases_status_started_idx ON leases (status, started_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS leases_active_worker_idx ON leases (worker_id, context_id) WHERE status = 'active';
-CREATE INDEX IF NOT EXISTS leases_active_expiry_idx ON leases (expires_at) WHERE status = 'active';
+-- No index on expires_at: every heartbeat rewrites it, and an indexed column would cost
+-- each heartbeat a new entry in every index of leases (no HOT update). The sweep finds
+-- expired leases among the active ones, through the partial index above: at most the
+-- workers' total capacity. (Earlier versions created leases_active_expiry_idx.)
+DROP INDEX IF EXISTS leases_active_expiry_idx;
 CREATE INDEX IF NOT EXISTS runtime_artifacts_created_idx ON runtime_artifacts (created_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS runtime_artifacts_task_created_idx ON runtime_artifacts (task_id, created_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS llm_results_task_idx ON llm_results (task_id);

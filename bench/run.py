@@ -235,6 +235,18 @@ def register_workers(port: int, count: int, capacity: int) -> None:
                     {"name": f"bench-worker-{i}", "capabilities": {"max_concurrency": capacity}})
 
 
+def warm_up(service: Service, tasks: int) -> None:
+    """Unmeasured: every worker process has served requests and opened (and prepared)
+    its pooled connections before the first measured run."""
+    clients = 8
+
+    def work(client: Client, index: int) -> None:
+        for _ in split(tasks, clients, index):
+            client.call("create", "POST", "/api/runtime/llm-tasks", TASK)
+
+    run_clients(service, clients, work)
+
+
 def bench_creation(service: Service, clients: int, tasks: int) -> dict:
     def work(client: Client, index: int) -> None:
         for _ in split(tasks, clients, index):
@@ -351,6 +363,8 @@ EXPLAINED = {
     "claim (next queued task)": """SELECT id FROM llm_tasks WHERE status = 'queued' ORDER BY priority DESC, created_at, id
                                     LIMIT 1 FOR UPDATE SKIP LOCKED""",
     "lease capacity count": "SELECT count(*) FROM leases WHERE worker_id = 'bench-worker-0' AND status = 'active'",
+    "sweep (expired active leases)": """SELECT id FROM leases
+                                         WHERE status = 'active' AND expires_at < (extract(epoch FROM now()) * 1000)::bigint""",
     "list tasks": "SELECT * FROM llm_tasks ORDER BY created_at DESC, id DESC LIMIT 100 OFFSET 0",
     "list tasks by status": "SELECT * FROM llm_tasks WHERE status = 'queued' ORDER BY created_at DESC, id DESC LIMIT 100",
     "list audit": "SELECT * FROM audit_logs ORDER BY timestamp DESC, id DESC LIMIT 100",
@@ -380,13 +394,14 @@ def main() -> int:
     parser.add_argument("--create-tasks", type=int, default=4000, help="tasks per creation run")
     parser.add_argument("--workers", type=int, default=4, help="gunicorn workers")
     parser.add_argument("--threads", type=int, default=8, help="gunicorn threads per worker")
+    parser.add_argument("--warm-up", type=int, default=400, help="unmeasured task creations before the runs")
     parser.add_argument("--rows", type=int, default=0, help="then fill tables to this many rows and measure")
     parser.add_argument("--only-scale", action="store_true", help="skip the load runs; with --rows")
     parser.add_argument("--smoke", action="store_true", help="a few seconds; proves the benchmark works")
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     args = parser.parse_args()
     if args.smoke:
-        args.clients, args.tasks, args.create_tasks, args.workers = [4], 40, 80, 2
+        args.clients, args.tasks, args.create_tasks, args.workers, args.warm_up = [4], 40, 80, 2, 16
         args.rows = args.rows or 2000
 
     scratch = None
@@ -405,6 +420,8 @@ def main() -> int:
         register_workers(service.port, count=4, capacity=32)
         print(f"BLOOM Runtime benchmark: gunicorn {args.workers} workers x {args.threads} threads, "
               f"{os.cpu_count()} CPUs shared with PostgreSQL and this load generator")
+        if not args.only_scale:
+            warm_up(service, args.warm_up)
         for clients in [] if args.only_scale else args.clients:
             results["creation"].append(bench_creation(service, clients, args.create_tasks))
         for clients in [] if args.only_scale else args.clients:
