@@ -9,13 +9,14 @@ from typing import Any, Iterator
 
 from sqlalchemy import Connection, create_engine, event
 from sqlalchemy.engine import Engine, Row
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 
 from .sql import PREPARE_STATEMENTS, PREPARED_QUERIES, QUERIES
 
 log = logging.getLogger(__name__)
 
 _PREPARED_KEY = "bloom.statements_prepared"
+_UNKNOWN_PREPARED_STATEMENT = "26000"  # invalid_sql_statement_name
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
 
 
@@ -55,6 +56,7 @@ class Database:
         """Several statements as one unit: commit on a clean exit, roll back on any exception."""
         with self.autocommit() as queries:
             queries.execute("begin")
+            queries.in_transaction = True
             try:
                 yield queries
             except BaseException:
@@ -93,14 +95,34 @@ class Queries:
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
+        self.in_transaction = False  # inside a caller's BEGIN ... COMMIT
 
     def _run(self, query: str, params: dict[str, Any]):
-        if query in PREPARED_QUERIES and not self.connection.info.get(_PREPARED_KEY):
-            # Once per pooled connection (the mark goes with it when it is discarded).
-            # Prepared statements outlive a rollback, so the mark is never wrong.
-            self.connection.exec_driver_sql(PREPARE_STATEMENTS)
-            self.connection.info[_PREPARED_KEY] = True
-        return self.connection.execute(QUERIES[query], params)
+        prepared = query in PREPARED_QUERIES
+        if prepared and not self.connection.info.get(_PREPARED_KEY):
+            self._prepare()
+        try:
+            return self.connection.execute(QUERIES[query], params)
+        except DBAPIError as error:
+            if not (prepared and getattr(error.orig, "pgcode", None) == _UNKNOWN_PREPARED_STATEMENT):
+                raise
+            # The session forgot them (DISCARD ALL, or a pooler that hands out another
+            # server session). Nothing ran: EXECUTE failed before its statement did. A
+            # unit of work of its own is rolled back and sent again once; inside a
+            # caller's transaction the error stands, and the next unit prepares again.
+            self.connection.info.pop(_PREPARED_KEY, None)
+            if self.in_transaction:
+                raise
+            self.rollback_quietly()
+            self._prepare()
+            return self.connection.execute(QUERIES[query], params)
+
+    def _prepare(self) -> None:
+        """Prepare every hot statement on this connection: once per pooled connection
+        (the mark goes with the connection when it is discarded). Prepared statements
+        outlive a rollback; DEALLOCATE ALL first makes preparing again harmless."""
+        self.connection.exec_driver_sql("DEALLOCATE ALL;\n" + PREPARE_STATEMENTS)
+        self.connection.info[_PREPARED_KEY] = True
 
     def execute(self, query: str, **params: Any) -> None:
         self._run(query, params)

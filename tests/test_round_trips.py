@@ -38,7 +38,7 @@ def statements(app):
 def test_hot_statements_are_prepared_once_per_connection(client, statements):
     with statements() as sent:
         create_task(client)
-    assert len(sent) == 2 and sent[0].startswith("PREPARE bloom_create_task_0")
+    assert len(sent) == 2 and sent[0].startswith("DEALLOCATE ALL;\nPREPARE bloom_create_task_0")
     assert sent[1].startswith("EXECUTE bloom_create_task_0")
     with statements() as sent:
         create_task(client)
@@ -54,6 +54,20 @@ def test_a_connection_replaced_after_a_server_restart_prepares_again(app, client
                            WHERE datname = current_database() AND application_name = 'bloom-runtime'""")
     admin.close()
     assert create_task(client)["status"] == "queued"
+
+
+def test_hot_calls_survive_a_session_that_forgot_its_prepared_statements(app, client):
+    register_worker(client, "w1", max_concurrency=4)
+    create_task(client)
+    engine = app.extensions["bloom.database"].engine
+    assert engine.pool.checkedin() == 1  # the test client's one pooled connection
+    with engine.connect() as connection:
+        connection.exec_driver_sql("DEALLOCATE ALL")
+    task = create_task(client)
+    with engine.connect() as connection:
+        connection.exec_driver_sql("DEALLOCATE ALL")
+    assert lease(client, task["id"]).status_code == 201  # a statement list with its own BEGIN
+    assert client.get(f"/api/runtime/llm-tasks/{task['id']}").get_json()["status"] == "leased"
 
 
 def test_create_is_one_statement(client, statements):
