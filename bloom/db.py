@@ -25,7 +25,7 @@ class Database:
 
     Every connection is in driver-level autocommit, and transactions are plain SQL
     (BEGIN ... COMMIT): a single-statement unit of work costs one round trip, a named
-    statement list with its own BEGIN and COMMIT (see `script`) too, and no connection
+    list of statements sent as one query (see `script`) too, and no connection
     pays for switching its isolation mode back and forth on each checkout.
     """
 
@@ -65,16 +65,11 @@ class Database:
             queries.execute("commit")
 
     def script(self, query: str, **params: Any) -> dict[str, Any]:
-        """Run a named statement list that carries its own BEGIN ... COMMIT, in one round
-        trip, and return the row of its last statement. A failure before the COMMIT leaves
-        the transaction open on the server: it is rolled back before the connection
-        goes back to the pool."""
+        """Run a named list of statements in one round trip and return the row of the
+        last. Sent as one query, the statements are one transaction on the server: all
+        of it commits once the last is done, or an error rolls all of it back."""
         with self.autocommit() as queries:
-            try:
-                return queries.one(query, **params)
-            except BaseException:
-                queries.rollback_quietly()
-                raise
+            return queries.one(query, **params)
 
     def dispose(self) -> None:
         self.engine.dispose()

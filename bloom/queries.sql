@@ -118,19 +118,19 @@ SELECT requeued.*, pg_notify('bloom_task_queued', '') IS NULL AS notified FROM r
 -- Leases --------------------------------------------------------------------
 
 -- name: lease_task (prepared)
--- A whole lease in one round trip. Statement 1 opens the transaction, picks the worker
--- that would take the task (the one asked for, or the best eligible one: sticky context
--- first, then most free capacity) and locks it, so every other grant to that worker
--- waits. Its count of active leases may be stale (taken before the lock was granted), so
--- statement 2 counts again in a new snapshot, with the worker still locked, and grants
--- only below max_concurrency; the task moves only from 'queued', so of two racing
--- grants for one task one wins. The lock is released by the COMMIT that follows on the
--- server, without waiting for another hop from the client.
--- Statement 1 hands its pick to the others in a setting of this session (set on every
--- lease before it is read; '' when no worker was eligible); the last statement reads
--- the committed outcome back.
-BEGIN;
-SELECT set_config('bloom.lease_picked_worker', COALESCE(picked.id, ''), false)
+-- A whole lease in one round trip: two statements in one query, which PostgreSQL runs
+-- as one transaction (no BEGIN/COMMIT needed), each in its own snapshot. Statement 1
+-- picks the worker that would take the task (the one asked for, or the best eligible
+-- one: sticky context first, then most free capacity) and locks it, so every other
+-- grant to that worker waits. Its count of active leases may be stale (taken before the
+-- lock was granted), so statement 2 counts again in a new snapshot, with the worker
+-- still locked, and grants only below max_concurrency; the task moves only from
+-- 'queued', so of two racing grants for one task one wins. The transaction commits as
+-- soon as statement 2 is done: the lock never waits for a hop to the client.
+-- Statement 1 hands its pick to statement 2 in a setting local to the transaction ('' when
+-- no worker was eligible). Statement 2 also says why nothing was granted, if nothing was:
+-- the task's status and the worker's row as its snapshot saw them.
+SELECT set_config('bloom.lease_picked_worker', COALESCE(picked.id, ''), true)
   FROM (SELECT CAST(:task_id AS text) AS id) wanted
   LEFT JOIN llm_tasks t ON t.id = wanted.id
   LEFT JOIN LATERAL (
@@ -153,12 +153,12 @@ SELECT set_config('bloom.lease_picked_worker', COALESCE(picked.id, ''), false)
          LIMIT 1
            FOR UPDATE OF w
   ) picked ON true;
-WITH worker AS (
-    SELECT w.id, COALESCE((w.capabilities ->> 'max_concurrency')::int, 1) AS max_concurrency
-      FROM workers w
-     WHERE w.id = current_setting('bloom.lease_picked_worker')
-       AND w.status = 'online'
-       AND COALESCE((w.capabilities ->> 'claude_cli')::boolean, true)
+WITH picked AS (
+    SELECT NULLIF(current_setting('bloom.lease_picked_worker'), '') AS worker_id
+), worker AS (
+    -- The picked worker, or else the one asked for (read only to say why it took nothing).
+    SELECT w.* FROM workers w, picked
+     WHERE w.id = COALESCE(picked.worker_id, CAST(:worker_id AS text))
 ), capacity AS (
     SELECT count(*) AS active_leases
       FROM leases l JOIN worker ON l.worker_id = worker.id
@@ -167,9 +167,12 @@ WITH worker AS (
     UPDATE llm_tasks t
        SET status = 'leased', lease_id = :lease_id, worker_id = worker.id,
            attempts = t.attempts + 1, updated_at = :now
-      FROM worker
+      FROM worker, picked
      WHERE t.id = :task_id AND t.status = 'queued'
-       AND (SELECT active_leases FROM capacity) < worker.max_concurrency
+       AND worker.id = picked.worker_id
+       AND worker.status = 'online'
+       AND COALESCE((worker.capabilities ->> 'claude_cli')::boolean, true)
+       AND (SELECT active_leases FROM capacity) < COALESCE((worker.capabilities ->> 'max_concurrency')::int, 1)
     RETURNING t.*
 ), lease AS (
     INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status,
@@ -184,39 +187,39 @@ WITH worker AS (
            jsonb_build_object('lease_id', id, 'worker_id', worker_id, 'ttl_seconds', ttl_seconds)
       FROM lease
 )
-SELECT count(*) FROM lease;
-COMMIT;
-SELECT (SELECT row_to_json(l) FROM leases l WHERE l.id = :lease_id) AS lease,
+SELECT (SELECT row_to_json(lease) FROM lease) AS lease,
        (SELECT status FROM llm_tasks WHERE id = :task_id) AS task_status,
-       current_setting('bloom.lease_picked_worker') <> '' AS worker_picked,
-       row_to_json(w) AS worker,
-       (SELECT count(*) FROM leases l WHERE l.worker_id = w.id AND l.status = 'active') AS active_leases
-  FROM (SELECT COALESCE(NULLIF(current_setting('bloom.lease_picked_worker'), ''), :worker_id) AS id) chosen
-  LEFT JOIN workers w ON w.id = chosen.id;
+       (SELECT worker_id FROM picked) IS NOT NULL AS worker_picked,
+       (SELECT row_to_json(worker) FROM worker) AS worker,
+       (SELECT active_leases FROM capacity) + (SELECT count(*) FROM lease) AS active_leases;
 
 -- name: claim_task (prepared)
--- A whole claim in one round trip. Statement 1 opens the transaction and locks the
--- worker row, so that concurrent claims of one worker count its leases one after the
--- other; statement 2 runs in a new snapshot with the row locked, so its capacity count
--- is exact. A claim is a sign of life: it notes the worker's heartbeat. SKIP LOCKED:
--- claimers never wait on each other's tasks, nor get the same one. The lock is released
--- by the COMMIT that follows on the server; the last statement reads back the outcome.
-BEGIN;
+-- A whole claim in one round trip: two statements in one query, which PostgreSQL runs as
+-- one transaction, each in its own snapshot. Statement 1 locks the worker row, so that
+-- concurrent claims of one worker count its leases one after the other; statement 2
+-- runs in a new snapshot with the row locked, so its capacity count is exact. A claim by
+-- an online worker is a sign of life: it notes the worker's heartbeat. SKIP LOCKED:
+-- claimers never wait on each other's tasks, nor get the same one. The transaction
+-- commits as soon as statement 2 is done. Statement 2 also says why nothing was
+-- claimed, if nothing was.
 SELECT id FROM workers WHERE id = :worker_id FOR UPDATE;
 WITH worker AS (
+    SELECT w.* FROM workers w WHERE w.id = :worker_id
+), fit AS (
     UPDATE workers w
        SET last_heartbeat = :now
-     WHERE w.id = :worker_id
-       AND w.status = 'online'
-       AND COALESCE((w.capabilities ->> 'claude_cli')::boolean, true)
-    RETURNING w.id, COALESCE((w.capabilities ->> 'max_concurrency')::int, 1) AS max_concurrency
+      FROM worker
+     WHERE w.id = worker.id
+       AND worker.status = 'online'
+       AND COALESCE((worker.capabilities ->> 'claude_cli')::boolean, true)
+    RETURNING COALESCE((worker.capabilities ->> 'max_concurrency')::int, 1) AS max_concurrency
 ), capacity AS (
     SELECT count(*) AS active_leases FROM leases WHERE worker_id = :worker_id AND status = 'active'
 ), next_task AS (
     SELECT id FROM llm_tasks
      WHERE status = 'queued'
        AND (CAST(:agent_slugs AS text[]) IS NULL OR agent_slug = ANY(CAST(:agent_slugs AS text[])))
-       AND (SELECT active_leases FROM capacity) < (SELECT max_concurrency FROM worker)
+       AND (SELECT active_leases FROM capacity) < (SELECT max_concurrency FROM fit)
      ORDER BY priority DESC, created_at, id
      LIMIT 1
        FOR UPDATE SKIP LOCKED
@@ -241,12 +244,10 @@ WITH worker AS (
                               'claimed', true)
       FROM lease
 )
-SELECT count(*) FROM lease;
-COMMIT;
-SELECT (SELECT row_to_json(t) FROM leases l JOIN llm_tasks t ON t.id = l.task_id WHERE l.id = :lease_id) AS task,
-       (SELECT row_to_json(l) FROM leases l WHERE l.id = :lease_id) AS lease,
-       (SELECT row_to_json(w) FROM workers w WHERE w.id = :worker_id) AS worker,
-       (SELECT count(*) FROM leases WHERE worker_id = :worker_id AND status = 'active') AS active_leases;
+SELECT (SELECT row_to_json(task) FROM task) AS task,
+       (SELECT row_to_json(lease) FROM lease) AS lease,
+       (SELECT row_to_json(worker) FROM worker) AS worker,
+       (SELECT active_leases FROM capacity) + (SELECT count(*) FROM lease) AS active_leases;
 
 -- name: heartbeat_lease (prepared)
 -- Renews the task's current lease if it is active and not past expires_at, and marks

@@ -5,7 +5,7 @@ statements is prepared once per pooled connection (PREPARE ... AS, with `:name`
 parameters numbered in order of first use), and every call sends EXECUTE with the
 arguments instead: PostgreSQL parses and plans the statement once per connection rather
 than on every call. Planning was most of PostgreSQL's CPU time on the lease path
-(docs/PERFORMANCE.md). BEGIN and COMMIT inside a statement list are sent as they are.
+(docs/PERFORMANCE.md).
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ _COMMENT_LINE = re.compile(r"^\s*--.*(?:\n|$)", re.MULTILINE)
 _STATEMENT_END = re.compile(r";\s*$", re.MULTILINE)
 # SQLAlchemy's own rule for a :named parameter (a `::type` cast is not one).
 _PARAMETER = re.compile(r"(?<![:\w\\]):(\w+)(?!:)")
-_TRANSACTION_CONTROL = frozenset({"BEGIN", "COMMIT"})
 
 # Declared types of the parameters of prepared statements; any other is text.
 PARAMETER_TYPES = {
@@ -60,9 +59,6 @@ def prepared_form(query: NamedQuery) -> tuple[list[str], str]:
     body = _COMMENT_LINE.sub("", query.sql)
     statements = [statement.strip() for statement in _STATEMENT_END.split(body) if statement.strip()]
     for index, statement in enumerate(statements):
-        if statement.upper() in _TRANSACTION_CONTROL:
-            calls.append(statement)
-            continue
         names = list(dict.fromkeys(_PARAMETER.findall(statement)))
         numbered = _PARAMETER.sub(lambda match: f"${names.index(match.group(1)) + 1}", statement)
         handle = f"bloom_{query.name}_{index}"
