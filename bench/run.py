@@ -135,7 +135,7 @@ class CpuMeter:
     PostgreSQL's processes and this load generator. Divided by the requests of the run,
     it says where a request's cost goes on a machine whose cores they all share."""
 
-    def __init__(self, service: "Service") -> None:
+    def __init__(self, service: Service) -> None:
         self.service = service
 
     def _processes(self) -> dict[str, list[psutil.Process]]:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import ClassVar
 
 from limits.storage import Storage
 
@@ -25,7 +26,7 @@ SWEEP_INTERVAL_S = 1.0
 
 
 class ProcessMemoryStorage(Storage):
-    STORAGE_SCHEME = [SCHEME]
+    STORAGE_SCHEME: ClassVar[list[str]] = [SCHEME]
 
     def __init__(
         self,

@@ -59,13 +59,19 @@ def prepared_form(query: NamedQuery) -> tuple[list[str], str]:
     body = _COMMENT_LINE.sub("", query.sql)
     statements = [statement.strip() for statement in _STATEMENT_END.split(body) if statement.strip()]
     for index, statement in enumerate(statements):
-        names = list(dict.fromkeys(_PARAMETER.findall(statement)))
-        numbered = _PARAMETER.sub(lambda match: f"${names.index(match.group(1)) + 1}", statement)
+        numbered, names = _number_parameters(statement)
         handle = f"bloom_{query.name}_{index}"
         types = ", ".join(PARAMETER_TYPES.get(name, "text") for name in names)
         prepares.append(f"PREPARE {handle} ({types}) AS {numbered}" if names else f"PREPARE {handle} AS {numbered}")
         calls.append(f"EXECUTE {handle} ({', '.join(':' + name for name in names)})" if names else f"EXECUTE {handle}")
     return prepares, ";\n".join(calls)
+
+
+def _number_parameters(statement: str) -> tuple[str, list[str]]:
+    """`:name` parameters as `$1, $2, ...` in order of first use, and their names."""
+    names = list(dict.fromkeys(_PARAMETER.findall(statement)))
+    positions = {name: position for position, name in enumerate(names, start=1)}
+    return _PARAMETER.sub(lambda match: f"${positions[match.group(1)]}", statement), names
 
 
 def _load() -> tuple[dict[str, TextClause], frozenset[str], str]:

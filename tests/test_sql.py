@@ -1,0 +1,41 @@
+"""The loader of queries.sql: named sections, and the prepared form of hot queries."""
+from __future__ import annotations
+
+import pytest
+
+from bloom.sql import NamedQuery, parse_named_queries, prepared_form
+
+SOURCE = """
+-- name: plain
+SELECT * FROM llm_tasks WHERE id = :task_id;
+
+-- name: hot (prepared)
+-- A comment; with a semicolon, and a :not_a_parameter.
+SELECT set_config('x', :worker_id, true);
+UPDATE leases SET detail = '{}'::jsonb, expires_at = :now + :ttl_seconds * 1000
+ WHERE worker_id = :worker_id AND id = :lease_id;
+"""
+
+
+def test_sections_are_named_and_flagged():
+    queries = parse_named_queries(SOURCE)
+    assert set(queries) == {"plain", "hot"}
+    assert not queries["plain"].prepared and queries["hot"].prepared
+    assert queries["plain"].sql == "SELECT * FROM llm_tasks WHERE id = :task_id;"
+
+
+def test_a_prepared_query_numbers_its_parameters_per_statement_and_types_them():
+    prepares, calls = prepared_form(parse_named_queries(SOURCE)["hot"])
+    assert prepares == [
+        "PREPARE bloom_hot_0 (text) AS SELECT set_config('x', $1, true)",
+        "PREPARE bloom_hot_1 (bigint, integer, text, text) AS UPDATE leases SET detail = '{}'::jsonb, "
+        "expires_at = $1 + $2 * 1000\n WHERE worker_id = $3 AND id = $4",
+    ]
+    assert calls == ("EXECUTE bloom_hot_0 (:worker_id);\n"
+                     "EXECUTE bloom_hot_1 (:now, :ttl_seconds, :worker_id, :lease_id)")
+
+
+def test_a_name_used_twice_is_refused():
+    with pytest.raises(ValueError, match="defined twice"):
+        parse_named_queries("-- name: a\nSELECT 1;\n-- name: a\nSELECT 2;")
+    assert isinstance(parse_named_queries("-- name: a\nSELECT 1;")["a"], NamedQuery)
