@@ -79,9 +79,11 @@ def _discard_if_closed_by_server(dbapi_connection, connection_record, connection
     """An idle pooled connection has nothing to read. If its socket is readable, the
     server has closed it (restart, failover, idle timeout) or is saying why it will:
     the pool then replaces it before any statement is sent. A poll(2), not a round trip."""
+    if dbapi_connection.closed:
+        raise DisconnectionError("closed while idle in the pool")
     poller = select.poll()
     poller.register(dbapi_connection.fileno(), select.POLLIN)
-    if dbapi_connection.closed or poller.poll(0):
+    if poller.poll(0):
         raise DisconnectionError("closed by the server while idle in the pool")
 
 
