@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 from sqlalchemy import Connection, create_engine, event
 from sqlalchemy.engine import Engine, Row
 from sqlalchemy.exc import DBAPIError, DisconnectionError
@@ -56,7 +57,6 @@ class Database:
         """Several statements as one unit: commit on a clean exit, roll back on any exception."""
         with self.autocommit() as queries:
             queries.execute("begin")
-            queries.in_transaction = True
             try:
                 yield queries
             except BaseException:
@@ -92,7 +92,6 @@ class Queries:
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
-        self.in_transaction = False  # inside a caller's BEGIN ... COMMIT
 
     def _run(self, query: str, params: dict[str, Any]):
         prepared = query in PREPARED_QUERIES
@@ -105,14 +104,17 @@ class Queries:
                 raise
             # The session forgot them (DISCARD ALL, or a pooler that hands out another
             # server session). Nothing ran: EXECUTE failed before its statement did. A
-            # unit of work of its own is rolled back and sent again once; inside a
-            # caller's transaction the error stands, and the next unit prepares again.
+            # unit of work of its own has been rolled back by the server (the session is
+            # idle again) and is sent once more; inside a caller's transaction, now
+            # aborted, the error stands, and the next unit of work prepares again.
             self.connection.info.pop(_PREPARED_KEY, None)
-            if self.in_transaction:
+            if self._transaction_status() != TRANSACTION_STATUS_IDLE:
                 raise
-            self.rollback_quietly()
             self._prepare()
             return self.connection.execute(QUERIES[query], params)
+
+    def _transaction_status(self) -> int:
+        return self.connection.connection.dbapi_connection.info.transaction_status
 
     def _prepare(self) -> None:
         """Prepare every hot statement on this connection: once per pooled connection

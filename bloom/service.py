@@ -145,16 +145,7 @@ class RuntimeService:
 
     def lease_task(self, task_id: str, *, worker_id: str | None, ttl_seconds: int) -> dict[str, Any]:
         for _ in range(LEASE_PICK_ATTEMPTS):
-            outcome = self.db.script(
-                "lease_task",
-                task_id=task_id,
-                worker_id=worker_id,
-                lease_id=new_id(),
-                ttl_seconds=ttl_seconds,
-                now=now_ms(),
-                audit_id=new_id(),
-                actor=API_ACTOR,
-            )
+            outcome = self._grant("lease_task", ttl_seconds, task_id=task_id, worker_id=worker_id)
             if outcome["lease"] is not None:
                 worker = {**outcome["worker"], "active_leases": outcome["active_leases"]}
                 return {"lease": lease_json(outcome["lease"]), "worker": worker_json(worker)}
@@ -170,6 +161,14 @@ class RuntimeService:
                 break
             # The picked worker filled up or went away between the pick and its lock: pick again.
         raise Unavailable("No available worker with free capacity")
+
+    def _grant(self, query: str, ttl_seconds: int, **params: Any) -> dict[str, Any]:
+        """Run a lease-granting statement list (lease or claim) with a new lease id, the
+        id of its audit entry and the time; its one row says what was granted, or why not."""
+        return self.db.script(
+            query, lease_id=new_id(), ttl_seconds=ttl_seconds, now=now_ms(), audit_id=new_id(), actor=API_ACTOR,
+            **params,
+        )
 
     @staticmethod
     def _check_worker_fit(worker_id: str, worker: dict[str, Any] | None) -> dict[str, Any]:
@@ -188,16 +187,7 @@ class RuntimeService:
         self, worker_id: str, *, ttl_seconds: int, agent_slugs: list[str] | None
     ) -> dict[str, Any] | None:
         """Lease the next queued task (priority, then age) to this worker; None if none."""
-        claimed = self.db.script(
-            "claim_task",
-            worker_id=worker_id,
-            agent_slugs=agent_slugs,
-            lease_id=new_id(),
-            ttl_seconds=ttl_seconds,
-            now=now_ms(),
-            audit_id=new_id(),
-            actor=API_ACTOR,
-        )
+        claimed = self._grant("claim_task", ttl_seconds, worker_id=worker_id, agent_slugs=agent_slugs)
         if claimed["lease"] is not None:
             return {"task": task_json(claimed["task"]), "lease": lease_json(claimed["lease"])}
         capabilities = self._check_worker_fit(worker_id, claimed["worker"])

@@ -117,3 +117,15 @@ def test_claim_is_one_statement(client, statements):
     with statements() as sent:
         assert client.post("/api/runtime/workers/w1/claim", json={}).status_code == 201
     assert len(sent) == 1
+
+
+def test_inside_a_callers_transaction_a_forgotten_statement_is_an_error_not_a_silent_resend(app, client):
+    from sqlalchemy.exc import DBAPIError
+
+    database = app.extensions["bloom.database"]
+    task = create_task(client)
+    with pytest.raises(DBAPIError) as raised, database.transaction() as tx:
+        tx.connection.exec_driver_sql("DEALLOCATE ALL")
+        tx.one_or_none("heartbeat_lease", task_id=task["id"], lease_id=None, worker_id=None, now=0)
+    assert raised.value.orig.pgcode == "26000"  # the statement's own error, nothing sent after it
+    assert create_task(client)["status"] == "queued"  # the next unit of work prepares again
