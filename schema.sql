@@ -90,6 +90,14 @@ CREATE TABLE IF NOT EXISTS runtime_settings (
 -- (higher first) and the Idempotency-Key of the request that created the task.
 ALTER TABLE llm_tasks ADD COLUMN IF NOT EXISTS priority integer NOT NULL DEFAULT 0;
 ALTER TABLE llm_tasks ADD COLUMN IF NOT EXISTS idempotency_key text;
+-- What a Membridge agent tells about itself when it registers (null when unknown), and
+-- the time of the runtime's own latest evidence of a worker's state: its own calls
+-- (registration, claim, task heartbeat, completion), probes of its url and dispatch
+-- outcomes. While that evidence is recent, Membridge's status for the worker is ignored.
+ALTER TABLE workers ADD COLUMN IF NOT EXISTS agent_version text;
+ALTER TABLE workers ADD COLUMN IF NOT EXISTS os_info jsonb;
+ALTER TABLE workers ADD COLUMN IF NOT EXISTS install_method text;
+ALTER TABLE workers ADD COLUMN IF NOT EXISTS evidence_at bigint;
 
 -- Indexes for every list filter and order, the lease capacity counts and the sweep.
 CREATE INDEX IF NOT EXISTS llm_tasks_created_idx ON llm_tasks (created_at DESC, id DESC);

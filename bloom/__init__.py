@@ -9,18 +9,22 @@ from flask import Flask
 from sqlalchemy.exc import DBAPIError
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from .agents import AgentClient
 from .artifacts import MinioArtifactStore
 from .config import Settings
 from .db import Database, apply_schema
+from .dispatch import Dispatcher
 from .errors import register_error_handlers
 from .http import init_limiter, install_request_guards
+from .liveness import probe_push_workers
 from .scheduler import Job, start_scheduler
-from .membridge import MembridgeClient
+from .membridge import MembridgeClient, UpstreamHealth
 from .queue_events import QueueEvents
 from .request_log import install_request_log
 from .runtime_config import RuntimeConfigStore
 from .service import RuntimeService
 from .worker_sync import run_worker_sync
+from .api.converters import WorkerIdConverter
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     _configure_logging()
     app = Flask(__name__)
+    app.url_map.converters["worker_id"] = WorkerIdConverter
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     if settings.trusted_proxies > 0:
@@ -50,14 +55,20 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["bloom.settings"] = settings
     app.extensions["bloom.database"] = database
     app.extensions["bloom.service"] = runtime
-    app.extensions["bloom.queue_events"] = QueueEvents(database.engine)
+    queue_events = app.extensions["bloom.queue_events"] = QueueEvents(database.engine)
+    agents = app.extensions["bloom.agents"] = AgentClient(settings.agent_key)
+    app.extensions["bloom.dispatcher"] = Dispatcher(
+        runtime, database, agents, queue_events, public_url=settings.public_url
+    )
     config_store = RuntimeConfigStore(
         database,
         default_server_url=settings.membridge_server_url,
         default_admin_key=settings.membridge_admin_key,
     )
     app.extensions["bloom.runtime_config"] = config_store
-    app.extensions["bloom.membridge"] = MembridgeClient(config_store.target)
+    app.extensions["bloom.membridge"] = MembridgeClient(
+        config_store.target, UpstreamHealth(on_change=config_store.publish_upstream_status)
+    )
 
     from .api import config, health, membridge, records, tasks, workers
 
@@ -71,6 +82,9 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     if not settings.runtime_api_key:
         log.warning("RUNTIME_API_KEY is not set: the runtime API is open to anyone who can reach it")
+    if not settings.public_url:
+        log.warning("BLOOM_PUBLIC_URL is not set: tasks cannot be dispatched to Membridge agents "
+                    "(they would not know where to call back); pull workers are unaffected")
     try:
         apply_schema(database)
     except DBAPIError as error:
@@ -90,16 +104,21 @@ def start_background_jobs(app: Flask) -> None:
     runtime: RuntimeService = app.extensions["bloom.service"]
     database: Database = app.extensions["bloom.database"]
     membridge_client: MembridgeClient = app.extensions["bloom.membridge"]
-    config_store: RuntimeConfigStore = app.extensions["bloom.runtime_config"]
+    agents: AgentClient = app.extensions["bloom.agents"]
+
+    def sync_and_probe_workers() -> None:
+        # One job, in this order: upstream's view first, then the runtime's own evidence,
+        # so a dead agent that upstream lists 'online' is taken out in the same round.
+        run_worker_sync(membridge_client, database, liveness_s=settings.worker_liveness_s)
+        probe_push_workers(database, agents, budget_s=max(1.0, settings.worker_sync_interval_s * 0.8))
+
     jobs = [
         Job("lease-sweep", settings.lease_sweep_interval_s, runtime.sweep_expired_leases),
-        Job(
-            "worker-sync",
-            settings.worker_sync_interval_s,
-            lambda: run_worker_sync(membridge_client, database, config_store),
-        ),
+        Job("worker-sync", settings.worker_sync_interval_s, sync_and_probe_workers),
     ]
     app.extensions["bloom.scheduler"] = start_scheduler(database, jobs)
+    if settings.dispatch_enabled:
+        app.extensions["bloom.dispatcher"].start()
 
 
 def _register_cli(app: Flask, database: Database) -> None:

@@ -30,6 +30,11 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
 
 
+def _switch(env: Mapping[str, str], name: str) -> bool:
+    """On unless set to off, 0 or false."""
+    return env.get(name, "on").strip().lower() not in ("off", "0", "false")
+
+
 def normalize_database_url(url: str) -> str:
     """Accept the `postgres://` spelling other services use, and pin the psycopg2 driver."""
     for prefix in ("postgres://", "postgresql://"):
@@ -67,6 +72,12 @@ class Settings:
     lease_sweep_interval_s: float
     run_scheduler: bool
     db_pool_size: int
+    # The address agents call back (runtime_url of a dispatched task): configuration
+    # only, never a request's Host or X-Forwarded-Host. Unset: no dispatch.
+    public_url: str | None
+    agent_key: str
+    dispatch_enabled: bool
+    worker_liveness_s: float
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -100,7 +111,12 @@ class Settings:
             max_body_bytes=_int(env, "BLOOM_MAX_BODY_BYTES", 16 * 1024 * 1024),
             worker_sync_interval_s=_float(env, "WORKER_SYNC_INTERVAL_S", 10.0),
             lease_sweep_interval_s=_float(env, "LEASE_SWEEP_INTERVAL_S", 30.0),
-            run_scheduler=env.get("BLOOM_SCHEDULER", "on").strip().lower() not in ("off", "0", "false"),
-            # One connection per gunicorn thread, plus the scheduler's lock and the queue listener.
-            db_pool_size=_int(env, "BLOOM_DB_POOL_SIZE", _int(env, "GUNICORN_THREADS", 8) + 2),
+            run_scheduler=_switch(env, "BLOOM_SCHEDULER"),
+            # One connection per gunicorn thread, plus the scheduler's lock, the queue
+            # listener and the dispatcher's leadership lock.
+            db_pool_size=_int(env, "BLOOM_DB_POOL_SIZE", _int(env, "GUNICORN_THREADS", 8) + 3),
+            public_url=(env.get("BLOOM_PUBLIC_URL", "").strip().rstrip("/") or None),
+            agent_key=env.get("MEMBRIDGE_AGENT_KEY", ""),
+            dispatch_enabled=_switch(env, "BLOOM_DISPATCH"),
+            worker_liveness_s=_float(env, "BLOOM_WORKER_LIVENESS_S", 60.0),
         )

@@ -81,37 +81,85 @@ class UpstreamResponse:
     def ok(self) -> bool:
         return 200 <= self.status < 300
 
+    @property
+    def refused_admin_key(self) -> bool:
+        return self.status in (401, 403)
+
+    @property
+    def detail(self) -> Any:
+        """Upstream's own account of an error, as JSON (FastAPI's `detail`, or the body)."""
+        if isinstance(self.body, dict) and "detail" in self.body:
+            return self.body["detail"]
+        return self.body if not isinstance(self.body, str) else self.body[:1000]
+
     def error_message(self) -> str:
-        if isinstance(self.body, dict):
-            detail = self.body.get("detail", self.body.get("error"))
-            if detail is not None:
-                return detail if isinstance(detail, str) else str(detail)
+        """One readable line: FastAPI's 422 list becomes 'body.field: message; ...'."""
+        if self.refused_admin_key:
+            return "Membridge refused the admin key"
+        detail = self.detail
+        if isinstance(self.body, dict) and "detail" not in self.body and isinstance(self.body.get("error"), str):
+            detail = self.body["error"]
+        if isinstance(detail, str) and detail.strip():
+            return " ".join(detail.split())[:500]
+        if isinstance(detail, list):
+            lines = [_validation_line(item) for item in detail[:10]]
+            return "; ".join(line for line in lines if line)[:500] or f"Membridge answered {self.status}"
         return f"Membridge answered {self.status}"
 
 
-class UpstreamHealth:
-    """consecutiveFailures / lastSuccess / lastError / connected of this process's calls."""
+def _validation_line(item: Any) -> str:
+    if not isinstance(item, dict):
+        return str(item)[:200]
+    location = ".".join(str(part) for part in item.get("loc") or [])
+    message = str(item.get("msg") or item.get("type") or "invalid")
+    return f"{location}: {message}" if location else message
 
-    def __init__(self) -> None:
+
+class UpstreamHealth:
+    """consecutiveFailures / lastSuccess / lastError / connected of this process's calls.
+
+    `on_change` (if given) receives each new snapshot, outside the lock: the runtime
+    config store shares it with every other process (SPEC §6, §7).
+    """
+
+    def __init__(self, on_change: Callable[[dict[str, Any]], None] | None = None) -> None:
         self._lock = threading.Lock()
         self._state = {"consecutiveFailures": 0, "lastSuccess": None, "lastError": None, "connected": False}
         self._observed_at = 0
+        self.on_change = on_change
 
     def success(self) -> None:
         with self._lock:
             now = int(time.time() * 1000)
             self._state.update(consecutiveFailures=0, lastSuccess=now, connected=True)
             self._observed_at = now
+        self._announce()
 
     def failure(self, message: str) -> None:
         with self._lock:
             self._state["consecutiveFailures"] += 1
             self._state.update(lastError=message, connected=False)
             self._observed_at = int(time.time() * 1000)
+        self._announce()
+
+    def forget(self, reason: str) -> None:
+        """Not known to be connected any more (the target or key changed), yet no failure."""
+        with self._lock:
+            self._state.update(lastError=reason, connected=False)
+            self._observed_at = int(time.time() * 1000)
+        self._announce()
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {**self._state, "observedAt": self._observed_at}
+
+    def _announce(self) -> None:
+        if self.on_change is None:
+            return
+        try:
+            self.on_change(self.snapshot())
+        except Exception as error:  # sharing is best effort: the call's own outcome stands
+            log.warning("could not share the Membridge status: %s", type(error).__name__)
 
 
 class MembridgeClient:
@@ -152,7 +200,7 @@ class MembridgeClient:
         if result.ok:
             self.health.success()
         else:
-            self.health.failure(f"Membridge answered {response.status_code}")
+            self.health.failure(f"Membridge answered {response.status_code}: {result.error_message()}"[:300])
             log.warning("%s %s: Membridge answered %s", method, path, response.status_code)
         return result
 

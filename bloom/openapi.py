@@ -60,6 +60,9 @@ class WorkerNode(Schema):
     db_sha = fields.String(allow_none=True, required=True)
     registered_at = fields.Integer(allow_none=True, required=True)
     active_leases = fields.Integer(required=True)
+    agent_version = fields.String(allow_none=True, required=True)
+    os_info = fields.Raw(allow_none=True, required=True, metadata={"description": "a string or an object, as the agent sent it"})
+    install_method = fields.String(allow_none=True, required=True)
 
 
 class TaskPolicy(Schema):
@@ -117,7 +120,7 @@ class RuntimeArtifact(Schema):
 
 class ResultMetrics(Schema):
     duration_ms = fields.Integer(required=True)
-    tokens_used = fields.Integer()
+    tokens_used = fields.Integer(allow_none=True)
 
 
 class LLMResult(Schema):
@@ -190,6 +193,14 @@ class Claimed(Schema):
     lease = fields.Nested(Lease, required=True)
 
 
+class Dispatched(Schema):
+    dispatched = fields.Boolean(required=True)
+    task_id = fields.String(required=True)
+    worker_id = fields.String(required=True)
+    lease_id = fields.String(metadata={"description": "when dispatched"})
+    error = fields.String(metadata={"description": "why the agent did not take it"})
+
+
 class Removed(Schema):
     removed = fields.Boolean(required=True)
     id = fields.String(required=True)
@@ -225,7 +236,7 @@ class ConnectionTest(Schema):
 # Leaves before the objects that nest them: apispec names a nested schema when it first meets it.
 _OBJECTS = [
     Lease, WorkerNode, WorkerDetail, LLMTask, RuntimeArtifact, LLMResult, AuditLogEntry, RuntimeConfig, Health,
-    Ready, LeaseGrant, HeartbeatReply, Completion, Claimed, Removed, Stats, ConnectionTest,
+    Ready, LeaseGrant, HeartbeatReply, Completion, Claimed, Dispatched, Removed, Stats, ConnectionTest,
 ]
 
 _ERROR = {

@@ -34,26 +34,34 @@ SELECT * FROM leases
 
 -- name: register_worker
 -- A re-registration keeps registered_at, obs_count and db_sha, and the url,
--- capabilities and ip_addrs it already had when the request leaves them out.
+-- capabilities, ip_addrs and agent details it already had when the request leaves them
+-- out. Registering is the worker's own sign of life (evidence_at).
 WITH upserted AS (
     INSERT INTO workers (id, node_id, url, status, capabilities, last_heartbeat, ip_addrs,
-                         obs_count, db_sha, registered_at)
+                         obs_count, db_sha, registered_at, agent_version, os_info, install_method,
+                         evidence_at)
     VALUES (:worker_id, :worker_id, :url, :status,
             COALESCE(CAST(:capabilities AS jsonb), CAST(:default_capabilities AS jsonb)), :now,
-            COALESCE(CAST(:ip_addrs AS jsonb), '[]'::jsonb), 0, NULL, :now)
+            COALESCE(CAST(:ip_addrs AS jsonb), '[]'::jsonb), 0, NULL, :now,
+            :agent_version, CAST(:os_info AS jsonb), :install_method, :now)
     ON CONFLICT (id) DO UPDATE
        SET url = COALESCE(EXCLUDED.url, workers.url),
            status = EXCLUDED.status,
            capabilities = COALESCE(CAST(:capabilities AS jsonb), workers.capabilities),
            ip_addrs = COALESCE(CAST(:ip_addrs AS jsonb), workers.ip_addrs),
-           last_heartbeat = EXCLUDED.last_heartbeat
+           last_heartbeat = EXCLUDED.last_heartbeat,
+           agent_version = COALESCE(EXCLUDED.agent_version, workers.agent_version),
+           os_info = COALESCE(EXCLUDED.os_info, workers.os_info),
+           install_method = COALESCE(EXCLUDED.install_method, workers.install_method),
+           evidence_at = EXCLUDED.evidence_at
     RETURNING workers.*, (xmax = 0) AS inserted
 ), audit AS (
     INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
     SELECT :audit_id, :now,
            CASE WHEN inserted THEN 'worker_registered' ELSE 'worker_updated' END,
            'worker', id, :actor,
-           jsonb_build_object('url', url, 'status', status, 'capabilities', capabilities)
+           jsonb_build_object('url', url, 'status', status, 'capabilities', capabilities,
+                              'agent_version', agent_version)
       FROM upserted
 )
 SELECT u.*,
@@ -130,6 +138,8 @@ SELECT requeued.*, pg_notify('bloom_task_queued', '') IS NULL AS notified FROM r
 -- Statement 1 hands its pick to statement 2 in a setting local to the transaction ('' when
 -- no worker was eligible). Statement 2 also says why nothing was granted, if nothing was:
 -- the task's status and the worker's row as its snapshot saw them.
+-- A dispatch (:push_only) considers only workers with a url, and without :ttl_seconds
+-- its lease lasts the task's policy.timeout_sec + 60 s, so a slow live run is not swept.
 SELECT set_config('bloom.lease_picked_worker', COALESCE(picked.id, ''), true)
   FROM (SELECT CAST(:task_id AS text) AS id) wanted
   LEFT JOIN llm_tasks t ON t.id = wanted.id
@@ -146,6 +156,7 @@ SELECT set_config('bloom.lease_picked_worker', COALESCE(picked.id, ''), true)
                      THEN w.status = 'online'
                           AND COALESCE((w.capabilities ->> 'claude_cli')::boolean, true)
                           AND load.active_leases < COALESCE((w.capabilities ->> 'max_concurrency')::int, 1)
+                          AND (NOT :push_only OR w.url IS NOT NULL)
                      ELSE w.id = :worker_id END)
          ORDER BY load.holds_context DESC,
                   COALESCE((w.capabilities ->> 'max_concurrency')::int, 1) - load.active_leases DESC,
@@ -172,22 +183,28 @@ WITH picked AS (
        AND worker.id = picked.worker_id
        AND worker.status = 'online'
        AND COALESCE((worker.capabilities ->> 'claude_cli')::boolean, true)
+       AND (NOT :push_only OR worker.url IS NOT NULL)
        AND (SELECT active_leases FROM capacity) < COALESCE((worker.capabilities ->> 'max_concurrency')::int, 1)
     RETURNING t.*
 ), lease AS (
     INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status,
                         last_heartbeat, context_id)
-    SELECT :lease_id, id, worker_id, :now, :now + :ttl_seconds * 1000, :ttl_seconds, 'active',
+    SELECT :lease_id, id, worker_id, :now, :now + ttl.seconds * 1000, ttl.seconds, 'active',
            :now, context_id
       FROM task
+     CROSS JOIN LATERAL (
+           SELECT COALESCE(:ttl_seconds, COALESCE((task.policy ->> 'timeout_sec')::int, 120) + 60) AS seconds
+     ) ttl
     RETURNING *
 ), audit AS (
     INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
-    SELECT :audit_id, :now, 'task_leased', 'task', task_id, :actor,
+    SELECT :audit_id, :now, CASE WHEN :push_only THEN 'task_dispatched' ELSE 'task_leased' END,
+           'task', task_id, :actor,
            jsonb_build_object('lease_id', id, 'worker_id', worker_id, 'ttl_seconds', ttl_seconds)
       FROM lease
 )
 SELECT (SELECT row_to_json(lease) FROM lease) AS lease,
+       (SELECT row_to_json(task) FROM task) AS task,
        (SELECT status FROM llm_tasks WHERE id = :task_id) AS task_status,
        (SELECT worker_id FROM picked) IS NOT NULL AS worker_picked,
        (SELECT row_to_json(worker) FROM worker) AS worker,
@@ -207,7 +224,7 @@ WITH worker AS (
     SELECT w.* FROM workers w WHERE w.id = :worker_id
 ), fit AS (
     UPDATE workers w
-       SET last_heartbeat = :now
+       SET last_heartbeat = :now, evidence_at = :now
       FROM worker
      WHERE w.id = worker.id
        AND worker.status = 'online'
@@ -274,6 +291,15 @@ WITH current AS (
       FROM renewed r
      WHERE t.id = r.task_id AND t.lease_id = r.id AND t.status IN ('leased', 'running')
     RETURNING t.id
+), alive AS (
+    -- The worker's own sign of life (SPEC §7), written at most every 5 s per worker so
+    -- that most heartbeats leave the worker row alone. Locked after lease and task.
+    UPDATE workers w
+       SET evidence_at = :now, last_heartbeat = :now,
+           status = CASE WHEN w.status = 'offline' THEN 'online' ELSE w.status END
+      FROM renewed r
+     WHERE w.id = r.worker_id
+       AND (COALESCE(w.evidence_at, 0) < :now - 5000 OR w.status = 'offline')
 )
 SELECT c.*, (SELECT row_to_json(renewed) FROM renewed) AS lease
   FROM current c;
@@ -322,6 +348,14 @@ WITH current AS (
            CAST(:metrics AS jsonb), :now
       FROM task
     RETURNING *
+), alive AS (
+    -- As in heartbeat_lease: the worker's own sign of life, at most every 5 s.
+    UPDATE workers w
+       SET evidence_at = :now, last_heartbeat = :now,
+           status = CASE WHEN w.status = 'offline' THEN 'online' ELSE w.status END
+      FROM released r
+     WHERE w.id = r.worker_id
+       AND (COALESCE(w.evidence_at, 0) < :now - 5000 OR w.status = 'offline')
 ), audit AS (
     INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
     SELECT :audit_id, :now, 'task_completed', 'task', id, :actor,
@@ -469,7 +503,12 @@ ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = EXCLUDED.up
 
 -- name: upsert_synced_workers
 -- Agents of one Membridge answer. Fields an agent leaves out (null here) keep their
--- stored values; registered_at is set once, when the worker is first seen.
+-- stored values; registered_at is set once, when the worker is first seen. Upstream's
+-- status decides only for workers of which the runtime has no recent evidence of its
+-- own (evidence_at: their calls, probes of their url, dispatch outcomes): Membridge
+-- changes an agent's status only when it calls the agent itself, so a dead agent can be
+-- listed 'online' for hours. For the same reason a push worker (it has a url) that was
+-- never probed is 'unknown', not leasable, until the probe that follows in the same job.
 WITH incoming AS (
     SELECT *
       FROM jsonb_to_recordset(CAST(:agents AS jsonb))
@@ -478,19 +517,22 @@ WITH incoming AS (
 ), updated AS (
     UPDATE workers w
        SET url = COALESCE(i.url, w.url),
-           status = i.status,
+           status = CASE WHEN COALESCE(w.evidence_at, 0) >= :evidence_since THEN w.status
+                         WHEN COALESCE(i.url, w.url) IS NOT NULL AND w.evidence_at IS NULL THEN 'unknown'
+                         ELSE i.status END,
            capabilities = COALESCE(i.capabilities, w.capabilities),
            ip_addrs = COALESCE(i.ip_addrs, w.ip_addrs),
            obs_count = COALESCE(i.obs_count, w.obs_count),
            db_sha = COALESCE(i.db_sha, w.db_sha),
-           last_heartbeat = i.last_heartbeat
+           last_heartbeat = GREATEST(i.last_heartbeat, w.evidence_at)
       FROM incoming i
      WHERE w.id = i.id
     RETURNING w.id
 ), inserted AS (
     INSERT INTO workers (id, node_id, url, status, capabilities, last_heartbeat, ip_addrs,
                          obs_count, db_sha, registered_at)
-    SELECT i.id, i.id, i.url, i.status, COALESCE(i.capabilities, CAST(:default_capabilities AS jsonb)),
+    SELECT i.id, i.id, i.url, CASE WHEN i.url IS NOT NULL THEN 'unknown' ELSE i.status END,
+           COALESCE(i.capabilities, CAST(:default_capabilities AS jsonb)),
            i.last_heartbeat, COALESCE(i.ip_addrs, '[]'::jsonb), COALESCE(i.obs_count, 0), i.db_sha, :now
       FROM incoming i
      WHERE i.id NOT IN (SELECT id FROM updated)
@@ -500,8 +542,91 @@ WITH incoming AS (
 SELECT (SELECT count(*) FROM updated) AS updated, (SELECT count(*) FROM inserted) AS inserted;
 
 -- name: offline_stale_workers
+-- Online workers that upstream no longer lists and that gave no sign of life of their
+-- own for a while.
 UPDATE workers SET status = 'offline'
  WHERE status = 'online'
    AND id <> ALL(CAST(:seen_ids AS text[]))
    AND COALESCE(last_heartbeat, 0) < :stale_before
+   AND COALESCE(evidence_at, 0) < :evidence_since
 RETURNING id;
+
+-- Liveness and dispatch (the runtime's own evidence of its push workers) -------------
+
+-- name: push_workers
+-- Workers the runtime pushes tasks to (they have a url), to probe.
+SELECT id, url FROM workers WHERE url IS NOT NULL ORDER BY id;
+
+-- name: mark_workers_alive
+-- Push workers whose url answered a probe: online (still not leasable if they said
+-- they have no Claude CLI: capabilities.claude_cli stays false until they register again).
+UPDATE workers
+   SET status = 'online', evidence_at = :now, last_heartbeat = :now
+ WHERE id = ANY(CAST(:worker_ids AS text[])) AND url IS NOT NULL
+RETURNING id;
+
+-- name: take_workers_out
+-- Workers found dead by the runtime's own evidence (a failed probe of their url, a
+-- refused dispatch) leave the rotation at once, and their tasks go back to the queue now,
+-- not after the lease TTL. A task whose run never started ('leased': the agent never
+-- took it) gets back the attempt it was charged; a started one keeps it, and is 'dead'
+-- once its attempts are spent, as in the sweep. With :claude_cli_missing (the agent
+-- answered that it cannot run anything) the worker stays online but is not leasable
+-- (claude_cli false), and only its tasks that never started are requeued. Each row is
+-- changed under its precondition (lease active, task still on that lease), so a racing
+-- completion or heartbeat either wins or finds the task requeued.
+WITH ended AS (
+    UPDATE leases l
+       SET status = CASE WHEN t.status = 'leased' THEN 'released' ELSE 'failed' END
+      FROM llm_tasks t
+     WHERE l.worker_id = ANY(CAST(:worker_ids AS text[])) AND l.status = 'active'
+       AND t.id = l.task_id AND t.lease_id = l.id
+       AND (NOT :claude_cli_missing OR t.status = 'leased')
+    RETURNING l.id, l.task_id, l.worker_id
+), requeued AS (
+    UPDATE llm_tasks t
+       SET status = CASE WHEN t.status = 'leased' OR t.attempts < t.max_attempts THEN 'queued' ELSE 'dead' END,
+           attempts = CASE WHEN t.status = 'leased' THEN GREATEST(t.attempts - 1, 0) ELSE t.attempts END,
+           lease_id = NULL, worker_id = NULL, updated_at = :now
+      FROM ended e
+     WHERE t.id = e.task_id AND t.lease_id = e.id AND t.status IN ('leased', 'running')
+    RETURNING t.id, t.status, e.id AS lease_id, e.worker_id
+), taken_out AS (
+    UPDATE workers w
+       SET status = CASE WHEN :claude_cli_missing THEN w.status ELSE 'offline' END,
+           capabilities = CASE WHEN :claude_cli_missing
+                               THEN jsonb_set(w.capabilities, '{claude_cli}', 'false'::jsonb)
+                               ELSE w.capabilities END,
+           evidence_at = :now
+     WHERE w.id = ANY(CAST(:worker_ids AS text[]))
+    RETURNING w.id
+), audit AS (
+    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+    SELECT gen_random_uuid()::text, :now, 'worker_out_of_rotation', 'worker', o.id, :actor,
+           jsonb_build_object('reason', :reason,
+                              'requeued', (SELECT COALESCE(jsonb_agg(r.id), '[]'::jsonb)
+                                             FROM requeued r WHERE r.worker_id = o.id))
+      FROM taken_out o
+)
+SELECT (SELECT count(*) FROM taken_out) AS workers,
+       (SELECT count(*) FROM requeued WHERE status = 'queued') AS requeued,
+       (SELECT count(*) FROM requeued WHERE status = 'dead') AS dead,
+       CASE WHEN EXISTS (SELECT 1 FROM requeued WHERE status = 'queued')
+            THEN pg_notify('bloom_task_queued', '') IS NULL END AS notified;
+
+-- name: dispatch_candidates
+-- The next queued tasks (priority, then age), while some online push worker has room.
+-- Each is then granted by lease_task, which re-checks everything under its locks: a
+-- candidate another process or a pull worker took meanwhile is simply refused.
+SELECT t.id
+  FROM llm_tasks t
+ WHERE t.status = 'queued'
+   AND EXISTS (
+        SELECT 1 FROM workers w
+         WHERE w.url IS NOT NULL AND w.status = 'online'
+           AND COALESCE((w.capabilities ->> 'claude_cli')::boolean, true)
+           AND (SELECT count(*) FROM leases l WHERE l.worker_id = w.id AND l.status = 'active')
+               < COALESCE((w.capabilities ->> 'max_concurrency')::int, 1))
+ ORDER BY t.priority DESC, t.created_at, t.id
+ LIMIT :limit;
+

@@ -47,6 +47,10 @@ class QueueEvents:
                 self._condition.wait(remaining)
             return self._generation
 
+    def poke(self) -> None:
+        """Wake this process's waiters (something changed that no NOTIFY announces)."""
+        self._bump()
+
     def _bump(self) -> None:
         with self._condition:
             self._generation += 1

@@ -20,8 +20,10 @@ from .service import new_id, now_ms
 log = logging.getLogger(__name__)
 
 CACHE_SECONDS = 2.0
-SYNC_STATUS_KEY = "membridge_sync_status"
-_KEYS = ["membridge_server_url", "admin_key", "connected", "last_test", SYNC_STATUS_KEY]
+# The last upstream result of any process (sync, proxy call or connection test).
+UPSTREAM_STATUS_KEY = "membridge_sync_status"
+_KEYS = ["membridge_server_url", "admin_key", "connected", "last_test", UPSTREAM_STATUS_KEY]
+_STATUS_FIELDS = ("consecutiveFailures", "lastSuccess", "lastError", "connected")
 
 
 def mask_key(key: str) -> str:
@@ -36,16 +38,23 @@ class MembridgeConfig:
     admin_key: str
     connected: bool
     last_test: int | None
-    sync_status: dict[str, Any] | None
+    upstream_status: dict[str, Any] | None
 
-    def public(self) -> dict[str, Any]:
-        """The RuntimeConfig object of the API: never the key itself."""
+    def public(self, own_status: dict[str, Any]) -> dict[str, Any]:
+        """The RuntimeConfig object of the API: never the key itself. `connected` is the
+        last upstream result (the same as /health's), not only the last test's."""
         return {
             "membridge_server_url": self.server_url,
             "admin_key_masked": mask_key(self.admin_key),
-            "connected": self.connected,
+            "connected": bool(self.freshest_status(own_status)["connected"]),
             "last_test": self.last_test,
         }
+
+    def freshest_status(self, own_status: dict[str, Any]) -> dict[str, Any]:
+        """The newer of this process's own upstream outcome and the deployment's shared one."""
+        shared = self.upstream_status or {}
+        freshest = shared if shared.get("observedAt", 0) > own_status.get("observedAt", 0) else own_status
+        return {key: freshest.get(key) for key in _STATUS_FIELDS}
 
 
 class RuntimeConfigStore:
@@ -85,7 +94,7 @@ class RuntimeConfigStore:
             admin_key=rows.get("admin_key") if rows.get("admin_key") is not None else self._defaults.admin_key,
             connected=rows.get("connected") == "true",
             last_test=int(last_test) if last_test and last_test.isdigit() else None,
-            sync_status=_json_or_none(rows.get(SYNC_STATUS_KEY)),
+            upstream_status=_json_or_none(rows.get(UPSTREAM_STATUS_KEY)),
         )
 
     def _forget(self) -> None:
@@ -112,9 +121,10 @@ class RuntimeConfigStore:
         self._forget()
         return self.current()
 
-    def publish_sync_status(self, status: dict[str, Any]) -> None:
+    def publish_upstream_status(self, status: dict[str, Any]) -> None:
         with self._db.autocommit() as tx:
-            tx.execute("put_setting", key=SYNC_STATUS_KEY, value=json.dumps(status), now=now_ms())
+            tx.execute("put_setting", key=UPSTREAM_STATUS_KEY, value=json.dumps(status), now=now_ms())
+        self._forget()
 
 
 def _json_or_none(raw: str | None) -> dict[str, Any] | None:

@@ -6,8 +6,10 @@ did, so existing clients that send extra fields keep working.
 """
 from __future__ import annotations
 
+import json
 import numbers
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
@@ -33,8 +35,43 @@ class StrictNumber(fields.Float):
         return super()._deserialize(value, attr, data, **kwargs)
 
 
+# Texts that go into an index or a key (ids, slugs, names, tags) are bounded: an index
+# row has a size limit, and one oversized value must never reach it (a task whose
+# context_id could not be indexed would stop every grant).
+KEY_TEXT_MAX = 255
+URL_MAX = 2048
+AGENT_INFO_MAX = 4096
+
+
 def NonEmptyString(**kwargs: Any) -> fields.String:
     return fields.String(validate=validate.Length(min=1), **kwargs)
+
+
+def KeyText(**kwargs: Any) -> fields.String:
+    """A non-empty text of at most KEY_TEXT_MAX characters, without control characters."""
+    return fields.String(validate=[validate.Length(min=1, max=KEY_TEXT_MAX), _no_control_characters], **kwargs)
+
+
+def _no_control_characters(value: str) -> None:
+    if any(ord(character) < 32 or ord(character) == 127 for character in value):
+        raise ValidationError("Must not contain control characters.")
+
+
+def _http_url(value: str) -> None:
+    parsed = urlsplit(value)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValidationError("Must be an http:// or https:// URL.")
+
+
+class OsInfo(fields.Raw):
+    """What the agent says of its OS: a string or an object, kept as it came (bounded)."""
+
+    def _deserialize(self, value: Any, attr, data, **kwargs) -> Any:
+        if not isinstance(value, (str, dict)):
+            raise ValidationError("Must be a string or an object.")
+        if len(json.dumps(value)) > AGENT_INFO_MAX:
+            raise ValidationError(f"Must be at most {AGENT_INFO_MAX} characters as JSON.")
+        return value
 
 
 class _Body(Schema):
@@ -45,15 +82,20 @@ class _Body(Schema):
 class CapabilitiesSchema(_Body):
     claude_cli = StrictBoolean(load_default=True)
     max_concurrency = fields.Integer(strict=True, validate=validate.Range(1, 32), load_default=1)
-    labels = fields.List(fields.String(), load_default=list)
+    labels = fields.List(KeyText(), load_default=list, validate=validate.Length(max=64))
 
 
 class RegisterWorkerSchema(_Body):
-    name = fields.String(required=True, validate=validate.Length(min=1, max=128))
-    url = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=2048))
+    # Any character Membridge accepts in an agent name ('/' included) except control
+    # characters: every /workers/<id> route takes the id percent-encoded.
+    name = fields.String(required=True, validate=[validate.Length(min=1, max=128), _no_control_characters])
+    url = fields.String(load_default=None, allow_none=True, validate=[validate.Length(max=URL_MAX), _http_url])
     status = fields.String(load_default="online", validate=validate.OneOf(WORKER_STATUSES))
     capabilities = fields.Nested(CapabilitiesSchema, load_default=None, allow_none=True)
-    ip_addrs = fields.List(fields.String(), load_default=None, allow_none=True)
+    ip_addrs = fields.List(KeyText(), load_default=None, allow_none=True, validate=validate.Length(max=64))
+    agent_version = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=KEY_TEXT_MAX))
+    os_info = OsInfo(load_default=None, allow_none=True)
+    install_method = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=KEY_TEXT_MAX))
 
 
 class PolicySchema(_Body):
@@ -62,8 +104,8 @@ class PolicySchema(_Body):
 
 
 class CreateTaskSchema(_Body):
-    context_id = NonEmptyString(required=True)
-    agent_slug = NonEmptyString(required=True)
+    context_id = KeyText(required=True)
+    agent_slug = KeyText(required=True)
     prompt = NonEmptyString(required=True)
     context_hints = fields.List(fields.String(), load_default=list)
     policy = fields.Nested(PolicySchema, load_default=lambda: {"timeout_sec": 120, "budget": 0})
@@ -73,26 +115,34 @@ class CreateTaskSchema(_Body):
 
 
 class LeaseTaskSchema(_Body):
-    worker_id = fields.String(load_default=None, allow_none=True, validate=validate.Length(min=1))
+    worker_id = KeyText(load_default=None, allow_none=True)
     ttl_seconds = fields.Integer(strict=True, validate=validate.Range(1, 86400), load_default=300)
+
+
+class DispatchTaskSchema(_Body):
+    """Like a lease; without ttl_seconds the lease lasts policy.timeout_sec + 60 s."""
+
+    worker_id = KeyText(load_default=None, allow_none=True)
+    ttl_seconds = fields.Integer(strict=True, validate=validate.Range(1, 86400), load_default=None, allow_none=True)
 
 
 class ClaimSchema(_Body):
     ttl_seconds = fields.Integer(strict=True, validate=validate.Range(1, 86400), load_default=300)
     wait_seconds = StrictNumber(validate=validate.Range(0, 30), load_default=0)
-    agent_slugs = fields.List(fields.String(validate=validate.Length(min=1)), load_default=None, allow_none=True)
+    agent_slugs = fields.List(KeyText(), load_default=None, allow_none=True, validate=validate.Length(max=100))
 
 
 class FencingSchema(_Body):
     """Optional lease and worker a caller claims to hold; a mismatch is a 409."""
 
-    lease_id = fields.String(load_default=None, allow_none=True, validate=validate.Length(min=1))
-    worker_id = fields.String(load_default=None, allow_none=True, validate=validate.Length(min=1))
+    lease_id = KeyText(load_default=None, allow_none=True)
+    worker_id = KeyText(load_default=None, allow_none=True)
 
 
 class MetricsSchema(_Body):
-    duration_ms = fields.Integer(strict=True, required=True, validate=validate.Range(min=0))
-    tokens_used = fields.Integer(strict=True, validate=validate.Range(min=0))
+    duration_ms = fields.Integer(strict=True, required=True, validate=validate.Range(min=0, max=2**62))
+    # A Membridge agent always sends "tokens_used": null.
+    tokens_used = fields.Integer(strict=True, allow_none=True, validate=validate.Range(min=0, max=2**62))
 
 
 class CompleteTaskSchema(FencingSchema):
@@ -100,8 +150,8 @@ class CompleteTaskSchema(FencingSchema):
     output = fields.String(load_default=None, allow_none=True)
     error_message = fields.String(load_default=None, allow_none=True)
     metrics = fields.Nested(MetricsSchema, required=True)
-    artifact_type = fields.String(load_default="LLM_RESULT", validate=validate.Length(min=1, max=128))
-    artifact_tags = fields.List(fields.String(), load_default=list)
+    artifact_type = fields.String(load_default="LLM_RESULT", allow_none=True, validate=validate.Length(min=1, max=128))
+    artifact_tags = fields.List(KeyText(), load_default=list, allow_none=True, validate=validate.Length(max=64))
 
 
 class ConfigUpdateSchema(_Body):

@@ -28,6 +28,9 @@ def worker_json(row: dict[str, Any]) -> dict[str, Any]:
         "db_sha": row.get("db_sha"),
         "registered_at": row.get("registered_at"),
         "active_leases": int(row.get("active_leases") or 0),
+        "agent_version": row.get("agent_version"),
+        "os_info": row.get("os_info"),
+        "install_method": row.get("install_method"),
     }
 
 

@@ -66,6 +66,7 @@ class RuntimeService:
         """Create or re-register a worker; returns (worker, created)."""
         capabilities = body.get("capabilities")
         ip_addrs = body.get("ip_addrs")
+        os_info = body.get("os_info")
         with self.db.autocommit() as tx:
             row = tx.one(
                 "register_worker",
@@ -75,6 +76,9 @@ class RuntimeService:
                 capabilities=json.dumps(capabilities) if capabilities is not None else None,
                 default_capabilities=json.dumps(DEFAULT_CAPABILITIES),
                 ip_addrs=json.dumps(ip_addrs) if ip_addrs is not None else None,
+                agent_version=body.get("agent_version"),
+                os_info=json.dumps(os_info) if os_info is not None else None,
+                install_method=body.get("install_method"),
                 now=now_ms(),
                 audit_id=new_id(),
                 actor=API_ACTOR,
@@ -144,11 +148,26 @@ class RuntimeService:
     # Leases ----------------------------------------------------------------
 
     def lease_task(self, task_id: str, *, worker_id: str | None, ttl_seconds: int) -> dict[str, Any]:
+        granted = self.grant_lease(task_id, worker_id=worker_id, ttl_seconds=ttl_seconds, push_only=False)
+        return {"lease": granted["lease"], "worker": granted["worker"]}
+
+    def grant_lease(
+        self, task_id: str, *, worker_id: str | None, ttl_seconds: int | None, push_only: bool
+    ) -> dict[str, Any]:
+        """Lease a queued task to a worker (the one asked for, or the best eligible one);
+        returns {lease, worker, task}. With push_only (a dispatch) only workers with a url
+        qualify, and without ttl_seconds the lease lasts policy.timeout_sec + 60 s."""
         for _ in range(LEASE_PICK_ATTEMPTS):
-            outcome = self._grant("lease_task", ttl_seconds, task_id=task_id, worker_id=worker_id)
+            outcome = self._grant(
+                "lease_task", ttl_seconds, task_id=task_id, worker_id=worker_id, push_only=push_only
+            )
             if outcome["lease"] is not None:
                 worker = {**outcome["worker"], "active_leases": outcome["active_leases"]}
-                return {"lease": lease_json(outcome["lease"]), "worker": worker_json(worker)}
+                return {
+                    "lease": lease_json(outcome["lease"]),
+                    "worker": worker_json(worker),
+                    "task": task_json(outcome["task"]),
+                }
             task_status = outcome["task_status"]
             if task_status is None:
                 raise NotFound("Task not found")
@@ -156,13 +175,15 @@ class RuntimeService:
                 raise Conflict(f"Task status is '{task_status}', expected 'queued'")
             if worker_id is not None:
                 self._check_worker_fit(worker_id, outcome["worker"])
+                if push_only and not outcome["worker"]["url"]:
+                    raise Conflict(f"Worker '{worker_id}' has no url to dispatch to")
                 raise Conflict(f"Worker '{worker_id}' has no free capacity")
             if not outcome["worker_picked"]:
                 break
             # The picked worker filled up or went away between the pick and its lock: pick again.
         raise Unavailable("No available worker with free capacity")
 
-    def _grant(self, query: str, ttl_seconds: int, **params: Any) -> dict[str, Any]:
+    def _grant(self, query: str, ttl_seconds: int | None, **params: Any) -> dict[str, Any]:
         """Run a lease-granting statement list (lease or claim) with a new lease id, the
         id of its audit entry and the time; its one row says what was granted, or why not."""
         return self.db.script(
@@ -222,7 +243,7 @@ class RuntimeService:
         if worker_id is not None and worker_id != row["worker_id"]:
             raise Conflict(f"Task is not leased to worker '{worker_id}'")
 
-    def complete_task(self, task_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    def complete_task(self, task_id: str, body: dict[str, Any], *, actor: str = API_ACTOR) -> dict[str, Any]:
         output = body.get("output")
         expected = "expected 'leased' or 'running'"
         now = now_ms()
@@ -250,14 +271,14 @@ class RuntimeService:
                     error_message=body.get("error_message"),
                     metrics=json.dumps(body["metrics"]),
                     artifact_id=new_id(),
-                    artifact_type=body["artifact_type"],
-                    artifact_tags=json.dumps(body["artifact_tags"]),
+                    artifact_type=body["artifact_type"] or "LLM_RESULT",
+                    artifact_tags=json.dumps(body["artifact_tags"] or []),
                     artifact_url=object_url,
                     artifact_content=None if object_url is not None else output,
                     result_id=new_id(),
                     now=now,
                     audit_id=new_id(),
-                    actor=API_ACTOR,
+                    actor=actor,
                 )
                 if row is None:
                     raise NotFound("Task not found")
@@ -320,11 +341,13 @@ class RuntimeService:
             rows = tx.all("list_audit", limit=limit, offset=offset)
         return [audit_json(row) for row in rows]
 
-    def record_audit(self, action: str, entity_type: str, entity_id: str, detail: dict[str, Any]) -> None:
+    def record_audit(
+        self, action: str, entity_type: str, entity_id: str, detail: dict[str, Any], *, actor: str = API_ACTOR
+    ) -> None:
         with self.db.autocommit() as tx:
             tx.execute(
                 "insert_audit", audit_id=new_id(), now=now_ms(), action=action, entity_type=entity_type,
-                entity_id=entity_id, actor=API_ACTOR, detail=json.dumps(detail),
+                entity_id=entity_id, actor=actor, detail=json.dumps(detail),
             )
 
     def stats(self) -> dict[str, Any]:

@@ -28,6 +28,7 @@ PARAMETER_TYPES = {
     "max_attempts": "integer",
     "priority": "integer",
     "agent_slugs": "text[]",
+    "push_only": "boolean",
 }
 
 

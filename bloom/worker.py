@@ -21,6 +21,8 @@ import threading
 import time
 from typing import Any
 
+from urllib.parse import quote
+
 import requests
 
 log = logging.getLogger("bloom.worker")
@@ -123,7 +125,7 @@ class Worker:
         body = {"ttl_seconds": self.ttl_seconds, "wait_seconds": self.wait_seconds}
         if self.agent_slugs:
             body["agent_slugs"] = self.agent_slugs
-        response = self.api.call("POST", f"/api/runtime/workers/{self.name}/claim", body, timeout=self.wait_seconds + 30)
+        response = self.api.call("POST", f"/api/runtime/workers/{quote(self.name, safe='')}/claim", body, timeout=self.wait_seconds + 30)
         if response.status_code == 201:
             return response.json()
         if response.status_code == 204:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from .db import Database
-from .runtime_config import RuntimeConfigStore
 from .membridge import SYNC_TIMEOUT_S, MembridgeClient, UpstreamUnreachable
 from .serialize import DEFAULT_CAPABILITIES
 from .service import now_ms
@@ -128,7 +127,9 @@ def fetch_agents(client: MembridgeClient) -> list[Any]:
     return response.body
 
 
-def sync_workers(client: MembridgeClient, database: Database) -> SyncOutcome:
+def sync_workers(client: MembridgeClient, database: Database, *, liveness_s: float = 60.0) -> SyncOutcome:
+    """Apply upstream's agents. Upstream's status counts only for workers of which the
+    runtime has had no evidence of its own for `liveness_s` (see queries.sql)."""
     agents = fetch_agents(client)
     now = now_ms()
     rows: dict[str, dict[str, Any]] = {}
@@ -141,14 +142,19 @@ def sync_workers(client: MembridgeClient, database: Database) -> SyncOutcome:
             log.warning("worker sync: skipped agent #%d: %s", index, problem)
             continue
         rows[row["id"]] = row  # a name listed twice: the last entry wins
+    evidence_since = now - int(liveness_s * 1000)
     with database.transaction() as tx:
         counts = tx.one(
             "upsert_synced_workers",
             agents=json.dumps(list(rows.values())),
             default_capabilities=json.dumps(DEFAULT_CAPABILITIES),
+            evidence_since=evidence_since,
             now=now,
         )
-        offlined = tx.all("offline_stale_workers", seen_ids=list(rows), stale_before=now - STALE_AFTER_MS)
+        offlined = tx.all(
+            "offline_stale_workers", seen_ids=list(rows), stale_before=now - STALE_AFTER_MS,
+            evidence_since=evidence_since,
+        )
     outcome = SyncOutcome(int(counts["inserted"]), int(counts["updated"]), skipped, len(offlined))
     log.info(
         "worker sync: %d new, %d updated, %d skipped, %d marked offline",
@@ -157,11 +163,10 @@ def sync_workers(client: MembridgeClient, database: Database) -> SyncOutcome:
     return outcome
 
 
-def run_worker_sync(client: MembridgeClient, database: Database, config_store: RuntimeConfigStore) -> None:
-    """The scheduled job: sync, then share this run's outcome with every process's health."""
+def run_worker_sync(client: MembridgeClient, database: Database, *, liveness_s: float = 60.0) -> None:
+    """The scheduled job. Its outcome reaches every process's health through the
+    client's status, which the runtime config store shares."""
     try:
-        sync_workers(client, database)
+        sync_workers(client, database, liveness_s=liveness_s)
     except SyncFailed as failure:
         log.warning("worker sync failed, nothing changed: %s", failure)
-    finally:
-        config_store.publish_sync_status(client.health.snapshot())

@@ -1,4 +1,9 @@
-"""A small real HTTP server that speaks the Membridge control plane contract (SPEC §5).
+"""A small real HTTP server that speaks the Membridge control plane contract (SPEC §5),
+with the quirks SPEC §7 measured on the real one: a new agent is `unknown`, statuses
+change only when the control plane itself calls an agent (`poll_agents`) and then stay,
+state lives in memory (`restart` empties it), an unknown project answers 200 with empty
+data, validation errors are 422 with a list of details, and without its own admin key
+configured every admin route answers 500.
 
 Switches make it slow, fail with 5xx, drop connections or answer garbage; every
 request it receives is recorded so tests can count retries and check headers.
@@ -27,7 +32,7 @@ class Received:
 
 @dataclass
 class FakeMembridgeState:
-    admin_key: str
+    admin_key: str | None  # None: started without MEMBRIDGE_ADMIN_KEY configured
     agents: list[Any] = field(default_factory=list)
     mode: str = "normal"  # normal | fail5xx | drop | garbage | slow
     slow_seconds: float = 0.0
@@ -84,6 +89,8 @@ def _handler(state: FakeMembridgeState):
                 return self._send(200, None, raw=b"<html>definitely not json")
             if self.path == "/health":
                 return self._send(200, {"status": "ok", "service": "membridge-control-plane", "version": "0.9.1"})
+            if state.admin_key is None:
+                return self._send(500, {"detail": "MEMBRIDGE_ADMIN_KEY not configured on server"})
             if self.headers.get("X-MEMBRIDGE-ADMIN") != state.admin_key:
                 return self._send(401, {"detail": "invalid admin key"})
             self._route(method, body)
@@ -97,13 +104,19 @@ def _handler(state: FakeMembridgeState):
                 return self._send(200, PROJECTS)
             if len(parts) >= 3 and parts[0] == "projects":
                 cid = parts[1]
+                known = cid in {project["canonical_id"] for project in PROJECTS}
                 if method == "GET" and parts[2:] == ["nodes"]:
-                    return self._send(200, [dict(node, canonical_id=cid) for node in NODES])
+                    return self._send(200, [dict(node, canonical_id=cid) for node in NODES] if known else [])
                 if method == "GET" and parts[2:] == ["leadership"]:
+                    if not known:
+                        return self._send(200, {"canonical_id": cid, "preferred_primary": None, "node_count": 0, "nodes": []})
                     return self._send(200, {"canonical_id": cid, "preferred_primary": "node-a", "node_count": 1, "nodes": NODES})
                 if method == "POST" and parts[2:] == ["leadership", "select"]:
                     if not isinstance(body, dict) or "primary_node_id" not in body:
-                        return self._send(422, {"detail": "primary_node_id is required"})
+                        return self._send(422, {"detail": [{
+                            "type": "missing", "loc": ["body", "primary_node_id"], "msg": "Field required",
+                            "input": body,
+                        }]})
                     return self._send(200, {
                         "ok": True, "canonical_id": cid, "primary_node_id": body["primary_node_id"],
                         "lease_seconds": body.get("lease_seconds", 30), "detail": "promoted",
@@ -146,7 +159,7 @@ class _Server(ThreadingHTTPServer):
 
 
 class FakeMembridge:
-    def __init__(self, admin_key: str = ADMIN_KEY) -> None:
+    def __init__(self, admin_key: str | None = ADMIN_KEY) -> None:
         self.state = FakeMembridgeState(admin_key=admin_key)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -156,6 +169,28 @@ class FakeMembridge:
     def start(self) -> None:
         self._server = _Server(("127.0.0.1", self.port), _handler(self.state))
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def add_agent(self, name: str, url: str | None) -> None:
+        """What the real control plane lists for a newly added agent: `unknown`, never seen."""
+        with self.state.lock:
+            self.state.agents.append(
+                {"name": name, "url": url, "status": "unknown", "registered_at": time.time(), "last_seen": None}
+            )
+
+    def poll_agents(self, alive: set[str]) -> None:
+        """The control plane's own sync: the only moment an agent's status changes."""
+        with self.state.lock:
+            for agent in self.state.agents:
+                agent["status"] = "online" if agent["name"] in alive else "offline"
+                if agent["name"] in alive:
+                    agent["last_seen"] = time.time()
+
+    def restart(self) -> None:
+        """State is in memory: after a restart /agents is empty."""
+        self.stop()
+        with self.state.lock:
+            self.state.agents = []
+        self.start()
 
     def stop(self) -> None:
         if self._server is not None:

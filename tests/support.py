@@ -87,9 +87,12 @@ def start_embedded_cluster() -> tuple[str, object]:
 class GunicornServer:
     """The service as production runs it: gunicorn, several workers, real PostgreSQL."""
 
-    def __init__(self, env: dict[str, str], *, workers: int = 3, threads: int = 4) -> None:
+    def __init__(self, env: dict[str, str], *, workers: int = 3, threads: int = 4, public: bool = False) -> None:
+        """With `public`, agents are told to call back this server (BLOOM_PUBLIC_URL)."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
+        if public:
+            env = {"BLOOM_PUBLIC_URL": self.base_url, **env}
         self.log_path = Path(tempfile.mkstemp(prefix="bloom-gunicorn-", suffix=".log")[1])
         full_env = {
             **os.environ,

@@ -34,12 +34,49 @@ def test_proxy_forwards_the_admin_key_and_never_returns_it(client, membridge, ca
         assert client.get(path).status_code == 200, path
 
 
-def test_upstream_errors_keep_their_status(client, database_url, membridge):
+def test_upstream_errors_pass_through_as_json_and_a_refused_key_is_502(client, database_url, membridge):
     wrong_key = create_app(make_settings(database_url, MEMBRIDGE_SERVER_URL=membridge.url, MEMBRIDGE_ADMIN_KEY="nope"))
-    response = wrong_key.test_client().get("/api/membridge/projects")
-    assert (response.status_code, response.get_json()) == (401, {"error": "invalid admin key"})
+    refused = wrong_key.test_client().get("/api/membridge/projects")
+    # Not 401: the caller's own runtime key was fine; it is Membridge that refused ours.
+    assert (refused.status_code, refused.get_json()) == (
+        502, {"error": "Membridge refused the admin key", "detail": "invalid admin key"}
+    )
     missing = client.post("/api/membridge/projects/cid-1/leadership/select", json={})
-    assert (missing.status_code, missing.get_json()) == (422, {"error": "primary_node_id is required"})
+    assert missing.status_code == 422
+    assert missing.get_json() == {
+        "error": "body.primary_node_id: Field required",
+        "detail": [{"type": "missing", "loc": ["body", "primary_node_id"], "msg": "Field required", "input": {}}],
+    }
+
+
+def test_an_upstream_started_without_its_admin_key_is_a_readable_500(client, membridge):
+    membridge.state.admin_key = None
+    response = client.get("/api/membridge/projects")
+    assert (response.status_code, response.get_json()) == (
+        500, {"error": "MEMBRIDGE_ADMIN_KEY not configured on server", "detail": "MEMBRIDGE_ADMIN_KEY not configured on server"}
+    )
+
+
+def test_an_unknown_project_is_empty_data_as_upstream_says(client, membridge):
+    assert client.get("/api/membridge/projects/nope/nodes").get_json() == []
+    assert client.get("/api/membridge/projects/nope/leadership").get_json()["preferred_primary"] is None
+
+
+def test_test_connection_uses_the_admin_key_and_config_agrees_with_health(client, membridge):
+    assert client.post("/api/runtime/test-connection").get_json()["connected"] is True
+    assert client.get("/api/runtime/config").get_json()["connected"] is True
+    assert health_of_membridge(client)["connected"] is True
+    client.post("/api/runtime/config", json={"membridge_server_url": membridge.url, "admin_key": "wrong-key-123"})
+    # Changed: no longer known to be connected, before any test.
+    assert client.get("/api/runtime/config").get_json()["connected"] is False
+    failed = client.post("/api/runtime/test-connection").get_json()
+    assert failed == {"connected": False, "error": "Membridge refused the admin key"}
+    assert client.get("/api/runtime/config").get_json()["connected"] is False
+    assert health_of_membridge(client)["connected"] is False
+    client.post("/api/runtime/config", json={"membridge_server_url": membridge.url, "admin_key": ADMIN_KEY})
+    assert client.get("/api/membridge/projects").status_code == 200  # any upstream success counts
+    assert client.get("/api/runtime/config").get_json()["connected"] is True
+    assert health_of_membridge(client)["connected"] is True
 
 
 def test_a_get_is_retried_three_times_with_backoff_on_5xx(client, membridge):
@@ -48,7 +85,7 @@ def test_a_get_is_retried_three_times_with_backoff_on_5xx(client, membridge):
     response = client.get("/api/membridge/projects")
     elapsed = time.monotonic() - started
     assert response.status_code == 503
-    assert response.get_json() == {"error": "control plane overloaded"}
+    assert response.get_json() == {"error": "control plane overloaded", "detail": "control plane overloaded"}
     assert membridge.state.count("GET", "/projects") == 4
     assert elapsed >= 0.5 + 1.0 + 2.0  # backoff from 0.5 s, doubling
 
@@ -92,7 +129,7 @@ def test_path_tricks_in_the_project_id_stay_inside_one_segment(client, membridge
     segment = path[len("/projects/"):-len("/nodes")]
     assert "/" not in segment and "?" not in segment and "#" not in segment
     assert segment not in (".", "..")
-    assert response.get_json()[0]["canonical_id"] == segment
+    assert response.status_code == 200  # an unknown project: upstream's empty data
 
 
 def test_unreachable_upstream_is_502_and_health_counts_failures_then_recovers(client, membridge):
@@ -152,7 +189,7 @@ def test_config_change_is_persisted_masked_audited_and_seen_by_other_processes(a
     seen = other_process.test_client().get("/api/runtime/config").get_json()
     assert seen["membridge_server_url"] == membridge.url and seen["admin_key_masked"] == "****"
     # The other process now uses the new key upstream: the fake accepts only its own.
-    assert other_process.test_client().get("/api/membridge/projects").status_code == 401
+    assert other_process.test_client().get("/api/membridge/projects").status_code == 502
     entry = client.get("/api/runtime/audit").get_json()[0]
     assert entry["action"] == "config_updated"
     assert "short" not in str(entry)

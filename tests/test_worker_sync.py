@@ -31,7 +31,7 @@ def workers_by_id(client):
 def test_sync_creates_workers_with_millisecond_timestamps(client, membridge, sync):
     last_seen = time.time() - 5
     membridge.state.agents = [
-        {"name": "node-a", "url": "http://10.0.0.1:7000", "status": "online", "registered_at": 1.7e9, "last_seen": last_seen},
+        {"name": "node-a", "url": "http://127.0.0.1:9", "status": "online", "registered_at": 1.7e9, "last_seen": last_seen},
         {"name": "node-b", "url": None, "status": "offline", "registered_at": None, "last_seen": None,
          "max_concurrency": 4, "labels": ["gpu"]},
     ]
@@ -42,13 +42,16 @@ def test_sync_creates_workers_with_millisecond_timestamps(client, membridge, syn
     a, b = workers["node-a"], workers["node-b"]
     assert a["last_heartbeat"] == int(last_seen * 1000)
     assert a["registered_at"] >= before  # local first-seen time, in ms
-    assert (a["url"], a["status"]) == ("http://10.0.0.1:7000", "online")
+    # A push worker (it has a url) is 'unknown' until the runtime's own probe has spoken:
+    # upstream's 'online' can be hours old (SPEC §7).
+    assert (a["url"], a["status"]) == ("http://127.0.0.1:9", "unknown")
+    assert b["status"] == "offline"  # no url, no evidence of its own: upstream decides
     assert b["last_heartbeat"] >= before  # no last_seen: now
     assert b["capabilities"] == {"claude_cli": True, "max_concurrency": 4, "labels": ["gpu"]}
 
 
 def test_sync_updates_keep_registered_at_and_fields_upstream_left_out(client, membridge, sync):
-    membridge.state.agents = [{"name": "node-a", "url": "http://a", "status": "online", "last_seen": time.time(),
+    membridge.state.agents = [{"name": "node-a", "status": "online", "last_seen": time.time(),
                                "ip_addrs": ["10.0.0.1"], "obs_count": 7, "db_sha": "abc",
                                "capabilities": {"max_concurrency": 3}}]
     sync()
@@ -60,7 +63,7 @@ def test_sync_updates_keep_registered_at_and_fields_upstream_left_out(client, me
     assert second["status"] == "syncing"
     assert second["registered_at"] == first["registered_at"]
     assert second["last_heartbeat"] > first["last_heartbeat"]
-    for kept in ("url", "ip_addrs", "obs_count", "db_sha", "capabilities"):
+    for kept in ("ip_addrs", "obs_count", "db_sha", "capabilities"):
         assert second[kept] == first[kept], kept
 
 
@@ -113,7 +116,7 @@ def test_an_upstream_failure_changes_nothing(app, client, membridge, sync, mode)
     with pytest.raises(SyncFailed):
         sync()
     assert workers_by_id(client) == before  # node-a is stale, yet not marked offline
-    run_worker_sync(app.extensions["bloom.membridge"], app.extensions["bloom.database"], app.extensions["bloom.runtime_config"])
+    run_worker_sync(app.extensions["bloom.membridge"], app.extensions["bloom.database"])
     health = client.get("/api/runtime/health").get_json()["membridge"]
     assert health["connected"] is False and health["consecutiveFailures"] >= 1
 

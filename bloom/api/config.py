@@ -21,25 +21,34 @@ def membridge() -> MembridgeClient:
     return current_app.extensions["bloom.membridge"]
 
 
+def _public(config) -> dict:
+    return config.public(membridge().health.snapshot())
+
+
 @bp.get("/config")
 @documented("Membridge settings, with the admin key masked", responses={200: "RuntimeConfig"})
 def get_config():
-    return jsonify(config_store().current().public())
+    return jsonify(_public(config_store().current()))
 
 
 @bp.post("/config")
 @documented("Change the Membridge settings", body=ConfigUpdateSchema, responses={200: "RuntimeConfig"})
 def update_config():
     body = load(ConfigUpdateSchema, json_body())
-    updated = config_store().update(body["membridge_server_url"].rstrip("/"), body["admin_key"], actor=ACTOR)
-    return jsonify(updated.public())
+    config_store().update(body["membridge_server_url"].rstrip("/"), body["admin_key"], actor=ACTOR)
+    membridge().health.forget("Membridge settings changed; not tested since")
+    return jsonify(_public(config_store().current()))
 
 
 @bp.post("/test-connection")
-@documented("Ask Membridge /health and record the outcome", responses={200: "ConnectionTest"})
+@documented(
+    "Make an authenticated call to Membridge (/agents), then read its /health; record the outcome",
+    responses={200: "ConnectionTest"},
+)
 def test_connection():
     try:
-        response = membridge().get("/health", admin=False)
+        authenticated = membridge().get("/agents")
+        response = membridge().get("/health", admin=False) if authenticated.ok else authenticated
     except UpstreamUnreachable as error:
         config_store().record_connection_test(False, actor=ACTOR)
         return jsonify({"connected": False, "error": str(error)})

@@ -27,11 +27,9 @@ def health():
 
 
 def _membridge_status() -> dict:
-    """The freshest of this process's own upstream calls and the last sync of the deployment."""
+    """The freshest of this process's own upstream calls and the deployment's last one."""
     mine = current_app.extensions["bloom.membridge"].health.snapshot()
-    shared = current_app.extensions["bloom.runtime_config"].current().sync_status or {}
-    freshest = shared if shared.get("observedAt", 0) > mine["observedAt"] else mine
-    return {key: freshest.get(key) for key in ("consecutiveFailures", "lastSuccess", "lastError", "connected")}
+    return current_app.extensions["bloom.runtime_config"].current().freshest_status(mine)
 
 
 @bp.get("/ready")

@@ -1,6 +1,7 @@
 """Admin proxy to Membridge: the admin key stays on the server, never in a browser."""
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from flask import Blueprint, current_app, jsonify
@@ -12,8 +13,9 @@ from ..openapi import documented
 
 bp = Blueprint("membridge", __name__, url_prefix="/api/membridge")
 
-# Upstream answers pass through; an upstream error keeps its status.
-PROXIED = {200: "Any", 401: "Error", 404: "Error", 422: "Error", 502: "Error"}
+# Upstream answers pass through; an upstream error keeps its status, except a refused
+# admin key (401/403), which is 502 so that callers can tell it from the runtime's own 401.
+PROXIED = {200: "Any", 404: "Error", 422: "Error", 500: "Error", 502: "Error"}
 
 
 def _client() -> MembridgeClient:
@@ -31,12 +33,22 @@ def _forward(method: str, path: str, body: Any = None):
 def _relay(response: UpstreamResponse):
     if response.ok:
         return jsonify(response.body), response.status
-    return jsonify({"error": _redacted(response.error_message())}), response.status
+    body = {"error": _redacted(response.error_message()), "detail": _redacted_json(response.detail)}
+    return jsonify(body), 502 if response.refused_admin_key else response.status
 
 
 def _redacted(message: str) -> str:
     admin_key = current_app.extensions["bloom.runtime_config"].current().admin_key
     return message.replace(admin_key, "****") if admin_key else message
+
+
+def _redacted_json(value: Any) -> Any:
+    """Upstream's detail as JSON, with the admin key masked wherever it was echoed."""
+    admin_key = current_app.extensions["bloom.runtime_config"].current().admin_key
+    encoded = json.dumps(value)
+    if admin_key and admin_key in encoded:
+        return json.loads(encoded.replace(admin_key, "****"))
+    return value
 
 
 @bp.get("/health")

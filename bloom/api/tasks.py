@@ -1,11 +1,19 @@
 """LLM tasks and their lease lifecycle: create, list, lease, heartbeat, complete, requeue."""
 from __future__ import annotations
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, current_app, jsonify, request
 
 from ..errors import ValidationFailed
 from ..http import json_body
-from ..schemas import CompleteTaskSchema, CreateTaskSchema, FencingSchema, LeaseTaskSchema, TaskListQuery, load
+from ..schemas import (
+    CompleteTaskSchema,
+    CreateTaskSchema,
+    DispatchTaskSchema,
+    FencingSchema,
+    LeaseTaskSchema,
+    TaskListQuery,
+    load,
+)
 from ..openapi import documented
 from . import query, service
 
@@ -55,6 +63,20 @@ def lease_task(task_id: str):
     body = load(LeaseTaskSchema, json_body())
     granted = service().lease_task(task_id, worker_id=body["worker_id"], ttl_seconds=body["ttl_seconds"])
     return jsonify(granted), 201
+
+
+@bp.post("/llm-tasks/<task_id>/dispatch")
+@documented(
+    "Lease a queued task to a push worker (one with a url) and deliver it to the agent",
+    body=DispatchTaskSchema,
+    responses={202: "Dispatched", 404: "Error", 409: "Error", 502: "Dispatched", 503: "Error"},
+)
+def dispatch_task(task_id: str):
+    body = load(DispatchTaskSchema, json_body())
+    outcome = current_app.extensions["bloom.dispatcher"].dispatch(
+        task_id, worker_id=body["worker_id"], ttl_seconds=body["ttl_seconds"]
+    )
+    return jsonify(outcome.json()), 202 if outcome.dispatched else 502
 
 
 @bp.post("/llm-tasks/<task_id>/heartbeat")

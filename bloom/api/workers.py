@@ -20,7 +20,7 @@ def list_workers():
     return jsonify(service().list_workers(limit=page["limit"], offset=page["offset"]))
 
 
-@bp.get("/<worker_id>")
+@bp.get("/<worker_id:worker_id>")
 @documented("A worker and its active leases", responses={200: "WorkerDetail", 404: "Error"})
 def get_worker(worker_id: str):
     return jsonify(service().get_worker(worker_id))
@@ -34,13 +34,13 @@ def register_worker():
     return jsonify(worker), 201 if created else 200
 
 
-@bp.delete("/<worker_id>")
+@bp.delete("/<worker_id:worker_id>")
 @documented("Remove a worker", responses={200: "Removed", 404: "Error"})
 def remove_worker(worker_id: str):
     return jsonify(service().remove_worker(worker_id))
 
 
-@bp.post("/<worker_id>/claim")
+@bp.post("/<worker_id:worker_id>/claim")
 @documented(
     "Lease the next queued task to this worker (long poll with wait_seconds)",
     body=ClaimSchema,

@@ -1,0 +1,290 @@
+"""Push dispatch: queued tasks delivered to Membridge agents (SPEC §7).
+
+A dispatch is a lease (the same statement, rules and atomicity as `lease`, limited to
+workers with a url) followed by a delivery to `{url}/execute-task`. The agent answers
+only when its run has ended, so every delivery runs on a thread of its own here: no
+request thread and no database connection waits for a run. The route waits only
+until the agent has taken the request or refused it.
+
+- Refused (unreachable, 5xx, 503 without Claude CLI): the task goes back to the queue
+  without spending an attempt, and the worker leaves the rotation (liveness.py).
+- Taken: the agent heartbeats and completes through the API itself. If its answer
+  reports an outcome and its completion never arrived, the task is completed from the
+  answer, fenced by the lease (once: a second completion is refused by complete_task).
+- No answer (the connection broke mid-run): the worker is probed at once; a dead one
+  leaves the rotation and its tasks are requeued.
+
+Automatic dispatch runs in one process of the deployment at a time (a PostgreSQL
+advisory lock held by its session), woken by the queue's NOTIFY and by its own runs
+ending; each task is delivered once however many processes and hosts there are,
+because a task can be leased only once.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError
+
+from .agents import ACCEPT_WINDOW_S, ANSWER_GRACE_S, CONNECT_TIMEOUT_S, AgentAnswer, AgentClient, AgentUnreachable
+from .db import Database, Queries
+from .errors import ApiError, Conflict, NotFound, Unavailable
+from .liveness import take_workers_out
+from .queue_events import QueueEvents
+from .service import RuntimeService
+
+log = logging.getLogger(__name__)
+
+DISPATCH_ACTOR = "dispatcher"
+LEADER_LOCK = "bloom-runtime:dispatcher"
+LEADER_RETRY_S = 2.0
+LEADER_CHECK_S = 10.0
+CANDIDATES_PER_ROUND = 32
+# Deliveries (each a thread waiting for its agent's answer) in flight in this process.
+MAX_IN_FLIGHT = 256
+
+
+@dataclass(frozen=True)
+class DispatchOutcome:
+    dispatched: bool
+    task_id: str
+    worker_id: str
+    lease_id: str
+    error: str | None = None
+
+    def json(self) -> dict[str, Any]:
+        body = {"dispatched": self.dispatched, "task_id": self.task_id, "worker_id": self.worker_id}
+        if self.dispatched:
+            body["lease_id"] = self.lease_id
+        else:
+            body["error"] = self.error
+        return body
+
+
+class _Delivery:
+    """One task on its way to an agent; the route waits on `settled`."""
+
+    def __init__(self, granted: dict[str, Any]) -> None:
+        self.task = granted["task"]
+        self.lease = granted["lease"]
+        self.worker = granted["worker"]
+        self.settled = threading.Event()
+        self.outcome: DispatchOutcome | None = None
+
+    def settle(self, error: str | None = None) -> None:
+        self.outcome = DispatchOutcome(
+            error is None, self.task["id"], self.worker["id"], self.lease["id"], error
+        )
+        self.settled.set()
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        service: RuntimeService,
+        database: Database,
+        agents: AgentClient,
+        events: QueueEvents,
+        *,
+        public_url: str | None,
+    ) -> None:
+        self._service = service
+        self._db = database
+        self._agents = agents
+        self._events = events
+        self._public_url = public_url
+        self._in_flight = threading.BoundedSemaphore(MAX_IN_FLIGHT)
+        self._thread: threading.Thread | None = None
+
+    # The route --------------------------------------------------------------------
+
+    def dispatch(self, task_id: str, *, worker_id: str | None, ttl_seconds: int | None) -> DispatchOutcome:
+        """Lease the task to a push worker and deliver it; returns once the agent has
+        taken the request or refused it."""
+        if not self._public_url:
+            raise Conflict("Dispatch is not configured: set BLOOM_PUBLIC_URL to the address agents call back")
+        if not self._in_flight.acquire(blocking=False):
+            raise Unavailable("Too many dispatches in flight; try again later")
+        try:
+            granted = self._service.grant_lease(task_id, worker_id=worker_id, ttl_seconds=ttl_seconds, push_only=True)
+        except BaseException:
+            self._in_flight.release()
+            raise
+        delivery = self._start(granted)
+        delivery.settled.wait(CONNECT_TIMEOUT_S * 2 + ACCEPT_WINDOW_S + 1.0)
+        if delivery.outcome is None:  # still connecting: it is on its way, the thread settles it
+            return DispatchOutcome(True, granted["task"]["id"], granted["worker"]["id"], granted["lease"]["id"])
+        return delivery.outcome
+
+    # Automatic dispatch -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run automatic dispatch in this process (when it holds the leadership)."""
+        if self._thread is None and self._public_url:
+            self._thread = threading.Thread(target=self._run_forever, name="bloom-dispatcher", daemon=True)
+            self._thread.start()
+
+    def _run_forever(self) -> None:
+        while True:
+            try:
+                self._lead_while_possible()
+            except Exception as error:  # the database went away: try again
+                log.warning("dispatcher: %s; retrying", type(error).__name__)
+            time.sleep(LEADER_RETRY_S)
+
+    def _lead_while_possible(self) -> None:
+        with self._db.engine.connect() as lock_connection:
+            locked = Queries(lock_connection).one("try_job_lock", lock_name=LEADER_LOCK)["locked"]
+            if not locked:
+                return
+            log.info("dispatcher: this process dispatches queued tasks to push workers")
+            try:
+                checked_at = time.monotonic()
+                while True:
+                    seen = self._events.generation
+                    self.dispatch_queued()
+                    self._events.wait_for_change(seen, LEADER_RETRY_S)
+                    if time.monotonic() - checked_at > LEADER_CHECK_S:
+                        Queries(lock_connection).one("ping")  # still holding the lock's session?
+                        checked_at = time.monotonic()
+            finally:
+                Queries(lock_connection).one("release_job_lock", lock_name=LEADER_LOCK)
+
+    def dispatch_queued(self) -> int:
+        """Push queued tasks (priority, then age) to push workers with room; returns how many."""
+        with self._db.autocommit() as tx:
+            candidates = [row["id"] for row in tx.all("dispatch_candidates", limit=CANDIDATES_PER_ROUND)]
+        started = 0
+        for task_id in candidates:
+            if not self._in_flight.acquire(blocking=False):
+                break
+            try:
+                granted = self._service.grant_lease(task_id, worker_id=None, ttl_seconds=None, push_only=True)
+            except (Conflict, NotFound):  # taken by a pull worker or another dispatcher meanwhile
+                self._in_flight.release()
+                continue
+            except Unavailable:  # no push worker has room
+                self._in_flight.release()
+                break
+            except BaseException:
+                self._in_flight.release()
+                raise
+            self._start(granted)
+            started += 1
+        return started
+
+    # One delivery -------------------------------------------------------------------
+
+    def _start(self, granted: dict[str, Any]) -> _Delivery:
+        delivery = _Delivery(granted)
+        threading.Thread(
+            target=self._deliver, args=(delivery,), name=f"bloom-deliver-{delivery.task['id'][:8]}", daemon=True
+        ).start()
+        return delivery
+
+    def _deliver(self, delivery: _Delivery) -> None:
+        try:
+            self._deliver_and_follow(delivery)
+        except Exception:
+            log.exception("dispatch of task %s failed unexpectedly", delivery.task["id"])
+            if not delivery.settled.is_set():
+                delivery.settle("internal error")
+        finally:
+            self._in_flight.release()
+            self._events.poke()  # capacity may have freed up
+
+    def _deliver_and_follow(self, delivery: _Delivery) -> None:
+        task, worker = delivery.task, delivery.worker
+        timeout_sec = int((task.get("policy") or {}).get("timeout_sec") or 120)
+        try:
+            run = self._agents.send_task(
+                worker["url"], self._agent_body(task), answer_timeout_s=timeout_sec + 10 + ANSWER_GRACE_S
+            )
+        except AgentUnreachable as error:
+            return self._refused(delivery, AgentAnswer(None, None, str(error)))
+        if run.answered_within(ACCEPT_WINDOW_S):
+            answer = run.answer()
+            if not answer.ok:
+                return self._refused(delivery, answer)
+        else:
+            answer = None
+        delivery.settle()
+        log.info("task %s dispatched to worker %s", task["id"], worker["id"])
+        self._follow_up(delivery, answer or run.answer())
+
+    def _agent_body(self, task: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "task_id": task["id"],
+            "prompt": task["prompt"],
+            "context_id": task["context_id"],
+            "agent_slug": task["agent_slug"],
+            "desired_format": task["desired_format"],
+            "context_hints": task["context_hints"],
+            "policy": task["policy"],
+            "runtime_url": self._public_url,
+        }
+
+    def _refused(self, delivery: _Delivery, answer: AgentAnswer) -> None:
+        """The agent did not take the task: queue it again (no attempt spent), worker out."""
+        reason = answer.describe() if answer.status is not None else f"agent unreachable: {answer.problem}"
+        worker_id = delivery.worker["id"]
+        take_workers_out(self._db, [worker_id], reason=f"dispatch refused: {reason}",
+                         claude_cli_missing=answer.says_no_cli)
+        self._service.record_audit(
+            "dispatch_failed", "task", delivery.task["id"],
+            {"worker_id": worker_id, "lease_id": delivery.lease["id"], "error": reason}, actor=DISPATCH_ACTOR,
+        )
+        log.warning("dispatch of task %s to worker %s refused: %s", delivery.task["id"], worker_id, reason)
+        delivery.settle(reason)
+
+    def _follow_up(self, delivery: _Delivery, answer: AgentAnswer) -> None:
+        """After the run: complete from the answer if the agent's own completion never came."""
+        task_id, worker = delivery.task["id"], delivery.worker
+        if answer.status is None:
+            # The connection broke mid-run: the agent may have died. Ask it now.
+            if not self._agents.probe(worker["url"]):
+                take_workers_out(self._db, [worker["id"]], reason=f"lost during a run: {answer.problem}")
+            return
+        body = answer.body if isinstance(answer.body, dict) else {}
+        succeeded = answer.ok and body.get("ok") is True and isinstance(body.get("output"), str)
+        if succeeded:
+            error_message = None
+        elif answer.ok:
+            error_message = _agent_error(body)
+        else:
+            error_message = answer.describe()
+        completion = {
+            "status": "success" if succeeded else "error",
+            "output": body.get("output") if succeeded else None,
+            "error_message": error_message,
+            "metrics": {"duration_ms": _duration(body), "tokens_used": None},
+            "artifact_type": "LLM_RESULT",
+            "artifact_tags": [],
+            "lease_id": delivery.lease["id"],
+            "worker_id": worker["id"],
+        }
+        try:
+            self._service.complete_task(task_id, completion, actor=DISPATCH_ACTOR)
+        except (Conflict, NotFound):
+            return  # the agent's own completion came first (the usual case), or the task moved on
+        except (ApiError, DBAPIError) as error:
+            log.warning("task %s: could not complete from the agent's answer: %s", task_id, error)
+            return
+        log.info("task %s completed from its agent's answer (no completion callback arrived)", task_id)
+
+
+def _agent_error(body: dict[str, Any]) -> str:
+    for key in ("error", "error_message", "detail", "output"):
+        value = body.get(key)
+        if isinstance(value, str) and value:
+            return value[-8000:]
+    return "the agent reported a failed run"
+
+
+def _duration(body: dict[str, Any]) -> int:
+    value = body.get("duration_ms")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+

@@ -1,0 +1,158 @@
+"""A small real HTTP server that behaves as a Membridge agent does (SPEC §7), quirks included.
+
+- It registers once, at its start (`register`), and never again.
+- `POST /execute-task` (header X-MEMBRIDGE-AGENT) answers only when the run has ended:
+  one task heartbeat with no body before the run, the run (`run_seconds`), then a
+  completion callback with `"tokens_used": null` and no lease or worker id, then the
+  answer `{"ok": true, "task_id", "output", "duration_ms"}`. A failed callback is only
+  recorded, never retried.
+- Modes: `no_cli` answers 503 "Claude CLI is not installed on this node" at once;
+  `drop_callback` runs but never calls back; `die_mid_run` dies after its heartbeat
+  (the process is gone: its port refuses connections, its open requests are cut).
+- `GET /health` answers 200 while it lives.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+from urllib.parse import quote
+
+import requests
+
+from .fake_membridge import _Server
+from .support import free_port
+
+AGENT_KEY = "membridge-agent-secret-key"
+
+
+@dataclass
+class AgentState:
+    agent_key: str
+    runtime_api_key: str | None
+    mode: str = "normal"
+    run_seconds: float = 0.05
+    executed: list[str] = field(default_factory=list)
+    deliveries: list[dict[str, Any]] = field(default_factory=list)
+    callbacks: list[tuple[str, str, int]] = field(default_factory=list)  # (kind, task_id, status)
+    running: int = 0
+    most_running: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class FakeAgent:
+    def __init__(self, name: str, *, runtime_api_key: str | None = None, agent_key: str = AGENT_KEY,
+                 mode: str = "normal", run_seconds: float = 0.05, max_concurrency: int = 2) -> None:
+        self.name = name
+        self.max_concurrency = max_concurrency
+        self.state = AgentState(agent_key, runtime_api_key, mode=mode, run_seconds=run_seconds)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._http = requests.Session()
+        self._server = _Server(("127.0.0.1", self.port), _handler(self))
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.alive = True
+
+    # What the real agent does once, at its start.
+    def register(self, runtime_url: str) -> requests.Response:
+        body = {
+            "name": self.name, "url": self.url, "status": "online",
+            "capabilities": {"claude_cli": True, "max_concurrency": self.max_concurrency, "labels": []},
+            "ip_addrs": ["127.0.0.1"], "agent_version": "0.4.2",
+            "os_info": "Linux 6.1 x86_64", "install_method": "pipx",
+        }
+        return self._http.post(f"{runtime_url}/api/runtime/workers", json=body, headers=self._headers(), timeout=10)
+
+    def kill(self) -> None:
+        """Gone: its port refuses connections and its open requests are cut."""
+        if self.alive:
+            self.alive = False
+            self._server.shutdown()
+            self._server.server_close()
+            self._server.close_connections()
+
+    def outputs(self) -> list[str]:
+        with self.state.lock:
+            return list(self.state.executed)
+
+    def _headers(self) -> dict[str, str]:
+        key = self.state.runtime_api_key
+        return {"X-Runtime-API-Key": key} if key else {}
+
+    def callback(self, runtime_url: str, task_id: str, kind: str, body: Any = None) -> None:
+        url = f"{runtime_url}/api/runtime/llm-tasks/{quote(task_id, safe='')}/{kind}"
+        try:
+            status = self._http.post(url, json=body, headers=self._headers(), timeout=10).status_code
+        except requests.RequestException:
+            status = 0  # only logged by the real agent, never retried
+        with self.state.lock:
+            self.state.callbacks.append((kind, task_id, status))
+
+
+def _handler(agent: FakeAgent):
+    state = agent.state
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            return
+
+        def _send(self, status: int, body: Any) -> None:
+            payload = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def do_GET(self):
+            if self.path == "/health":
+                return self._send(200, {"status": "ok", "node": agent.name})
+            self._send(404, {"detail": "Not Found"})
+
+        def do_POST(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            task = json.loads(self.rfile.read(length) or b"{}")
+            if self.path != "/execute-task":
+                return self._send(404, {"detail": "Not Found"})
+            if self.headers.get("X-MEMBRIDGE-AGENT") != state.agent_key:
+                return self._send(401, {"detail": "invalid agent key"})
+            with state.lock:
+                state.deliveries.append(task)
+                mode = state.mode
+            if mode == "no_cli":
+                return self._send(503, {"detail": "Claude CLI is not installed on this node"})
+            self._run(task, mode)
+
+        def _run(self, task: dict[str, Any], mode: str) -> None:
+            runtime_url, task_id = task["runtime_url"], task["task_id"]
+            started = time.monotonic()
+            with state.lock:
+                state.running += 1
+                state.most_running = max(state.most_running, state.running)
+            try:
+                agent.callback(runtime_url, task_id, "heartbeat")
+                if mode == "die_mid_run":
+                    threading.Thread(target=agent.kill, daemon=True).start()
+                    time.sleep(1.0)
+                    return
+                time.sleep(state.run_seconds)
+                output = f"{agent.name} ran {task_id}"
+                duration_ms = int((time.monotonic() - started) * 1000)
+                with state.lock:
+                    state.executed.append(task_id)
+                if mode != "drop_callback":
+                    agent.callback(runtime_url, task_id, "complete", {
+                        "status": "success", "output": output, "error_message": None,
+                        "metrics": {"duration_ms": duration_ms, "tokens_used": None},
+                    })
+                self._send(200, {"ok": True, "task_id": task_id, "output": output, "duration_ms": duration_ms})
+            finally:
+                with state.lock:
+                    state.running -= 1
+
+    return Handler
