@@ -43,6 +43,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     _configure_logging()
     app = Flask(__name__)
     app.url_map.converters["worker_id"] = WorkerIdConverter
+    app.url_map.merge_slashes = False  # a worker id may hold "//"; never a redirect
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     if settings.trusted_proxies > 0:

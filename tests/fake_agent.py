@@ -131,28 +131,25 @@ def _handler(agent: FakeAgent):
         def _run(self, task: dict[str, Any], mode: str) -> None:
             runtime_url, task_id = task["runtime_url"], task["task_id"]
             started = time.monotonic()
-            with state.lock:
+            agent.callback(runtime_url, task_id, "heartbeat")
+            if mode == "die_mid_run":
+                threading.Thread(target=agent.kill, daemon=True).start()
+                time.sleep(1.0)
+                return
+            with state.lock:  # runs in progress (the CLI processes), what max_concurrency bounds
                 state.running += 1
                 state.most_running = max(state.most_running, state.running)
-            try:
-                agent.callback(runtime_url, task_id, "heartbeat")
-                if mode == "die_mid_run":
-                    threading.Thread(target=agent.kill, daemon=True).start()
-                    time.sleep(1.0)
-                    return
-                time.sleep(state.run_seconds)
-                output = f"{agent.name} ran {task_id}"
-                duration_ms = int((time.monotonic() - started) * 1000)
-                with state.lock:
-                    state.executed.append(task_id)
-                if mode != "drop_callback":
-                    agent.callback(runtime_url, task_id, "complete", {
-                        "status": "success", "output": output, "error_message": None,
-                        "metrics": {"duration_ms": duration_ms, "tokens_used": None},
-                    })
-                self._send(200, {"ok": True, "task_id": task_id, "output": output, "duration_ms": duration_ms})
-            finally:
-                with state.lock:
-                    state.running -= 1
+            time.sleep(state.run_seconds)
+            output = f"{agent.name} ran {task_id}"
+            duration_ms = int((time.monotonic() - started) * 1000)
+            with state.lock:
+                state.running -= 1
+                state.executed.append(task_id)
+            if mode != "drop_callback":
+                agent.callback(runtime_url, task_id, "complete", {
+                    "status": "success", "output": output, "error_message": None,
+                    "metrics": {"duration_ms": duration_ms, "tokens_used": None},
+                })
+            self._send(200, {"ok": True, "task_id": task_id, "output": output, "duration_ms": duration_ms})
 
     return Handler
