@@ -17,7 +17,7 @@ from marshmallow import Schema, fields
 
 from . import schemas
 
-_CONVERTER = re.compile(r"<(?:[a-z]+:)?(\w+)>")
+_CONVERTER = re.compile(r"<(?:\w+:)?(\w+)>")
 
 
 def documented(
