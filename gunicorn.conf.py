@@ -10,16 +10,24 @@ import os
 
 bind = f"0.0.0.0:{os.environ.get('BLOOM_RUNTIME_PORT', '3002')}"
 workers = int(os.environ.get("WEB_CONCURRENCY") or min(2 * multiprocessing.cpu_count() + 1, 12))
-# Threads let a worker serve while other requests wait on PostgreSQL, Membridge or a long poll.
+# Threads let a worker serve while other requests wait on PostgreSQL, Membridge or a long
+# poll. A waiting long poll holds a thread but no database connection, and at most
+# threads - 8 of them wait at once (bloom/api/workers.py): 8 always serve short requests.
 worker_class = "gthread"
-threads = int(os.environ.get("GUNICORN_THREADS", "8"))
+threads = int(os.environ.get("GUNICORN_THREADS", "32"))
 preload_app = False
 # Longest legitimate request: a 30 s long-poll claim, or a Membridge call with its retries.
 timeout = 75
 graceful_timeout = 30  # SIGTERM: finish in-flight requests, then exit
 keepalive = 5
-# Behind the reverse proxy; ProxyFix in the app decides which X-Forwarded-* to trust.
-forwarded_allow_ips = "127.0.0.1,::1"
+# Behind the reverse proxy: the same peers the app trusts (bloom/proxies.py).
+_trusted = os.environ.get("BLOOM_TRUSTED_PROXIES", "").strip()
+forwarded_allow_ips = _trusted if _trusted and not _trusted.isdigit() else "127.0.0.1,::1"
+# One control socket per instance (two instances on a host must not share one).
+control_socket = os.path.join(
+    os.path.abspath(os.environ.get("BLOOM_DATA_DIR") or "./.bloom"),
+    f"gunicorn-{os.environ.get('BLOOM_RUNTIME_PORT', '3002')}.ctl",
+)
 # The app logs one line per API request (bloom/request_log.py: method, path, status,
 # duration, request id, client): gunicorn's access log would repeat it at a cost per
 # request. `--access-logfile -` turns it on, one JSON object a line.
@@ -33,14 +41,26 @@ loglevel = os.environ.get("BLOOM_LOG_LEVEL", "info").lower()
 
 
 def on_starting(server):
-    """Without DATABASE_URL, start the embedded PostgreSQL once, in the master.
+    """Set up the host's rate-limit counters, and without DATABASE_URL start the
+    embedded PostgreSQL once, in the master.
 
     The workers inherit its URL; the master stops the server when it exits.
     """
+    from bloom.rate_limit_store import share_counters_across_workers
+
+    # Before any fork: every worker inherits one table, so `memory://` limits hold per
+    # client across all workers of this host.
+    share_counters_across_workers()
     if not os.environ.get("DATABASE_URL", "").strip():
         from bloom.embedded_postgres import start_embedded_postgres
 
         os.environ["DATABASE_URL"] = start_embedded_postgres(os.environ.get("BLOOM_DATA_DIR") or "./.bloom")
+
+
+def post_fork(server, worker):
+    from bloom import server_errors
+
+    server_errors.install()
 
 
 def post_worker_init(worker):

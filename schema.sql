@@ -90,6 +90,8 @@ CREATE TABLE IF NOT EXISTS runtime_settings (
 -- (higher first) and the Idempotency-Key of the request that created the task.
 ALTER TABLE llm_tasks ADD COLUMN IF NOT EXISTS priority integer NOT NULL DEFAULT 0;
 ALTER TABLE llm_tasks ADD COLUMN IF NOT EXISTS idempotency_key text;
+-- A digest of the request that used the Idempotency-Key: a reuse with another body is refused.
+ALTER TABLE llm_tasks ADD COLUMN IF NOT EXISTS idempotency_fingerprint text;
 -- What a Membridge agent tells about itself when it registers (null when unknown), and
 -- the time of the runtime's own latest evidence of a worker's state: its own calls
 -- (registration, claim, task heartbeat, completion), probes of its url and dispatch

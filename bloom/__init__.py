@@ -7,7 +7,6 @@ import os
 import click
 from flask import Flask
 from sqlalchemy.exc import DBAPIError
-from werkzeug.middleware.proxy_fix import ProxyFix
 
 from .agents import AgentClient
 from .artifacts import MinioArtifactStore
@@ -15,11 +14,12 @@ from .config import Settings
 from .db import Database, apply_schema
 from .dispatch import Dispatcher
 from .errors import register_error_handlers
-from .http import init_limiter, install_request_guards
+from .http import init_limiter, install_api_key_check, install_request_guards
 from .liveness import probe_push_workers
 from .scheduler import Job, start_scheduler
 from .membridge import MembridgeClient, UpstreamHealth
-from .queue_events import QueueEvents
+from .proxies import TrustedProxies
+from .queue_events import QueueEvents, WaitingRoom
 from .request_log import install_request_log
 from .runtime_config import RuntimeConfigStore
 from .service import RuntimeService
@@ -46,17 +46,22 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.url_map.merge_slashes = False  # a worker id may hold "//"; never a redirect
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
-    if settings.trusted_proxies > 0:
-        hops = settings.trusted_proxies
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops)
+    app.wsgi_app = TrustedProxies(app.wsgi_app, settings.trusted_proxy_networks, settings.proxy_hops)
 
-    database = Database(resolve_database_url(settings), pool_size=settings.db_pool_size)
+    database = Database(
+        resolve_database_url(settings),
+        pool_size=settings.db_pool_size,
+        connect_timeout_s=settings.db_connect_timeout_s,
+        statement_timeout_ms=settings.db_statement_timeout_ms,
+        lock_timeout_ms=settings.db_lock_timeout_ms,
+    )
     artifact_store = MinioArtifactStore(settings.minio) if settings.minio else None
     runtime = RuntimeService(database, artifact_store)
     app.extensions["bloom.settings"] = settings
     app.extensions["bloom.database"] = database
     app.extensions["bloom.service"] = runtime
     queue_events = app.extensions["bloom.queue_events"] = QueueEvents(database.engine)
+    app.extensions["bloom.waiting_room"] = WaitingRoom(settings.max_waiting_claims)
     agents = app.extensions["bloom.agents"] = AgentClient(settings.agent_key)
     app.extensions["bloom.dispatcher"] = Dispatcher(
         runtime, database, agents, queue_events, public_url=settings.public_url
@@ -79,6 +84,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     install_request_log(app)  # first, so that even a refused request gets an id and a log line
     install_request_guards(app, settings)
     app.extensions["bloom.limiter"] = init_limiter(app, settings)
+    install_api_key_check(app, settings)
     _register_cli(app, database)
 
     if not settings.runtime_api_key:
@@ -118,6 +124,7 @@ def start_background_jobs(app: Flask) -> None:
         Job("worker-sync", settings.worker_sync_interval_s, sync_and_probe_workers),
     ]
     app.extensions["bloom.scheduler"] = start_scheduler(database, jobs)
+    app.extensions["bloom.runtime_config"].refresh_in_background()
     if settings.dispatch_enabled:
         app.extensions["bloom.dispatcher"].start()
 

@@ -1,6 +1,7 @@
 """Settings read once from the environment into a typed, immutable object (SPEC §1)."""
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
 from typing import Mapping
@@ -35,6 +36,24 @@ def _switch(env: Mapping[str, str], name: str) -> bool:
     return env.get(name, "on").strip().lower() not in ("off", "0", "false")
 
 
+LOOPBACK_PROXIES = ("127.0.0.1", "::1")
+
+
+def _trusted_proxies(env: Mapping[str, str]) -> dict[str, object]:
+    """BLOOM_TRUSTED_PROXIES: a hop count (the proxy on this host: 127.0.0.1 and ::1), or
+    a comma list of proxy addresses/CIDRs (hops then from BLOOM_PROXY_HOPS, default 1)."""
+    raw = env.get("BLOOM_TRUSTED_PROXIES", "").strip() or "1"
+    if raw.isdigit():
+        return {"trusted_proxy_networks": LOOPBACK_PROXIES, "proxy_hops": int(raw)}
+    networks = tuple(part.strip() for part in raw.split(",") if part.strip())
+    for network in networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(f"BLOOM_TRUSTED_PROXIES: {network!r} is not an address or CIDR") from None
+    return {"trusted_proxy_networks": networks, "proxy_hops": _int(env, "BLOOM_PROXY_HOPS", 1)}
+
+
 def normalize_database_url(url: str) -> str:
     """Accept the `postgres://` spelling other services use, and pin the psycopg2 driver."""
     for prefix in ("postgres://", "postgresql://"):
@@ -65,13 +84,21 @@ class Settings:
     ratelimit_storage_uri: str
     rate_limit: str
     test_connection_rate_limit: str
-    trusted_proxies: int
+    # Peers whose X-Forwarded-* are believed, and how many proxy hops they add.
+    trusted_proxy_networks: tuple[str, ...]
+    proxy_hops: int
     production: bool
     max_body_bytes: int
     worker_sync_interval_s: float
     lease_sweep_interval_s: float
     run_scheduler: bool
     db_pool_size: int
+    # Long polls that may wait at once in one process: gunicorn's threads less 8 kept for
+    # short requests.
+    max_waiting_claims: int
+    db_connect_timeout_s: int
+    db_statement_timeout_ms: int
+    db_lock_timeout_ms: int
     # The address agents call back (runtime_url of a dispatched task): configuration
     # only, never a request's Host or X-Forwarded-Host. Unset: no dispatch.
     public_url: str | None
@@ -106,15 +133,20 @@ class Settings:
             ratelimit_storage_uri=env.get("RATELIMIT_STORAGE_URI", "").strip() or "memory://",
             rate_limit=env.get("BLOOM_RATE_LIMIT", "").strip() or "100 per minute",
             test_connection_rate_limit=env.get("BLOOM_TEST_CONNECTION_RATE_LIMIT", "").strip() or "20 per minute",
-            trusted_proxies=_int(env, "BLOOM_TRUSTED_PROXIES", 1),
+            **_trusted_proxies(env),
             production=deployment == "production",
             max_body_bytes=_int(env, "BLOOM_MAX_BODY_BYTES", 16 * 1024 * 1024),
             worker_sync_interval_s=_float(env, "WORKER_SYNC_INTERVAL_S", 10.0),
             lease_sweep_interval_s=_float(env, "LEASE_SWEEP_INTERVAL_S", 30.0),
             run_scheduler=_switch(env, "BLOOM_SCHEDULER"),
-            # One connection per gunicorn thread, plus the scheduler's lock, the queue
-            # listener and the dispatcher's leadership lock.
-            db_pool_size=_int(env, "BLOOM_DB_POOL_SIZE", _int(env, "GUNICORN_THREADS", 8) + 3),
+            # Short requests hold a connection for a few ms, long-polling claims none while
+            # they wait, so the pool is not sized by threads: 8, plus the scheduler's lock,
+            # the queue listener and the dispatcher's leadership (and up to 8 overflow).
+            db_pool_size=_int(env, "BLOOM_DB_POOL_SIZE", 11),
+            max_waiting_claims=_int(env, "BLOOM_MAX_WAITING_CLAIMS", max(1, _int(env, "GUNICORN_THREADS", 32) - 8)),
+            db_connect_timeout_s=_int(env, "BLOOM_DB_CONNECT_TIMEOUT_S", 2),
+            db_statement_timeout_ms=_int(env, "BLOOM_DB_STATEMENT_TIMEOUT_MS", 15000),
+            db_lock_timeout_ms=_int(env, "BLOOM_DB_LOCK_TIMEOUT_MS", 5000),
             public_url=(env.get("BLOOM_PUBLIC_URL", "").strip().rstrip("/") or None),
             agent_key=env.get("MEMBRIDGE_AGENT_KEY", ""),
             dispatch_enabled=_switch(env, "BLOOM_DISPATCH"),

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import select
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,7 +32,16 @@ class Database:
     pays for switching its isolation mode back and forth on each checkout.
     """
 
-    def __init__(self, url: str, *, pool_size: int = 5, max_overflow: int = 5) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 5,
+        max_overflow: int = 8,
+        connect_timeout_s: int = 2,
+        statement_timeout_ms: int = 15000,
+        lock_timeout_ms: int = 5000,
+    ) -> None:
         # No pre-ping (a round trip per request): a checkout looks at the socket instead
         # (see _discard_if_closed_by_server). A connection that died silently (no FIN
         # from a lost host) still fails its next statement (503); SQLAlchemy then
@@ -42,9 +53,22 @@ class Database:
             max_overflow=max_overflow,
             pool_recycle=1800,
             pool_timeout=5,
-            connect_args={"connect_timeout": 5, "application_name": "bloom-runtime"},
+            # Bounded everywhere: a connection attempt, a statement, a wait for a row lock,
+            # and a transaction left open by a client that vanished. A long poll waits
+            # outside any statement (queue_events.py), so none of these cut it short.
+            connect_args={
+                "connect_timeout": connect_timeout_s,
+                "application_name": "bloom-runtime",
+                "options": (
+                    f"-c statement_timeout={statement_timeout_ms} -c lock_timeout={lock_timeout_ms}"
+                    " -c idle_in_transaction_session_timeout=60000"
+                ),
+            },
         )
         event.listen(self.engine, "checkout", _discard_if_closed_by_server)
+        self._ping_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bloom-ping")
+        self._ping: Future | None = None
+        self._ping_lock = threading.Lock()
 
     @contextmanager
     def autocommit(self) -> Iterator["Queries"]:
@@ -70,6 +94,25 @@ class Database:
         of it commits once the last is done, or an error rolls all of it back."""
         with self.autocommit() as queries:
             return queries.one(query, **params)
+
+    def answers_within(self, seconds: float) -> bool:
+        """Does PostgreSQL answer `SELECT 1` within `seconds`? For /ready: a server that is
+        frozen (not down) accepts connections and never answers, and no driver timeout
+        fires on a connection already open. The ping runs on a thread of its own; while a
+        ping is still stuck, the answer is no, without starting another."""
+        with self._ping_lock:
+            if self._ping is None or self._ping.done():
+                self._ping = self._ping_executor.submit(self._select_one)
+            ping = self._ping
+        try:
+            ping.result(timeout=seconds)
+            return True
+        except Exception:  # timed out, or the database refused
+            return False
+
+    def _select_one(self) -> None:
+        with self.autocommit() as queries:
+            queries.one("ping")
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -147,6 +190,7 @@ def apply_schema(database: Database) -> None:
     """Apply schema.sql; an advisory lock keeps concurrently starting processes in line."""
     ddl = SCHEMA_PATH.read_text(encoding="utf-8")
     with database.transaction() as tx:
+        tx.connection.exec_driver_sql("SET LOCAL statement_timeout = 0")  # an upgrade may build indexes
         tx.one("apply_schema_lock")
         tx.connection.exec_driver_sql(ddl)
     log.info("schema applied")

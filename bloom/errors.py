@@ -31,6 +31,10 @@ class Conflict(ApiError):
     status = 409
 
 
+class Unprocessable(ApiError):
+    status = 422
+
+
 class Unavailable(ApiError):
     status = 503
 
@@ -86,13 +90,16 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(DBAPIError)
     def _database(error: DBAPIError):
-        if error.connection_invalidated or _is_connection_failure(error):
-            log.warning("database unavailable: %s", type(error.orig).__name__)
-            return jsonify(error_body("Database unavailable")), 503
-        if _is_data_error(error):
+        if is_data_error(error):
             # Input PostgreSQL cannot hold (out-of-range number, bad text) that got past validation.
             log.warning("input rejected by the database: %s", getattr(error.orig, "pgcode", None))
             return jsonify(error_body("Invalid input")), 400
+        if _is_timeout(error):
+            log.warning("database statement timed out: %s", type(error.orig).__name__)
+            return jsonify(error_body("Database busy, try again")), 503
+        if error.connection_invalidated or _is_connection_failure(error):
+            log.warning("database unavailable: %s", type(error.orig).__name__)
+            return jsonify(error_body("Database unavailable")), 503
         log.exception("database error")
         return jsonify(error_body("Internal Server Error")), 500
 
@@ -117,7 +124,14 @@ def _is_connection_failure(error: DBAPIError) -> bool:
     return getattr(orig, "pgcode", None) in {"57P01", "57P02", "57P03"}
 
 
-def _is_data_error(error: DBAPIError) -> bool:
-    import psycopg2
+def is_data_error(error: DBAPIError) -> bool:
+    """A value PostgreSQL refuses to hold (class 22, data exception) or cannot index
+    (class 54, program limit exceeded: an index row too large). psycopg2 files the
+    latter under OperationalError, yet the database is fine: it is the data."""
+    code = getattr(error.orig, "pgcode", None) or ""
+    return code.startswith(("22", "54"))
 
-    return isinstance(error.orig, psycopg2.DataError)
+
+def _is_timeout(error: DBAPIError) -> bool:
+    # query_canceled (statement_timeout), lock_not_available (lock_timeout)
+    return getattr(error.orig, "pgcode", None) in {"57014", "55P03"}

@@ -6,13 +6,14 @@ import json
 import logging
 from typing import Any
 
-from flask import Flask, jsonify, redirect, request
+from flask import Flask, current_app, g, jsonify, redirect, request
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from .config import Settings
 from .errors import BadRequest, error_body
-from .rate_limit_store import SCHEME as PROCESS_MEMORY_SCHEME
+from .rate_limit_store import memory_scheme
 from .schemas import unstorable_reason
 
 log = logging.getLogger(__name__)
@@ -31,15 +32,49 @@ UNLIMITED_PATHS = frozenset({"/api/runtime/health", "/api/runtime/ready", "/api/
 TEST_CONNECTION_ENDPOINT = "config.test_connection"
 
 
+MAX_JSON_DEPTH = 32
+
+
 def json_body() -> Any:
-    """The request body as JSON; an empty body is {}; anything unparsable is a 400."""
-    raw = request.get_data(cache=True)
+    """The request body as JSON; an empty body is {}; anything unparsable is a 400, a
+    body over BLOOM_MAX_BODY_BYTES a 413 (chunked ones too), nesting past MAX_JSON_DEPTH a 400."""
+    raw = _body_bytes()
     if not raw.strip():
         return {}
     try:
-        return json.loads(raw)
+        value = json.loads(raw)
+    except RecursionError:
+        raise BadRequest(f"JSON body nested deeper than {MAX_JSON_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("Malformed JSON body") from None
+    if _nesting_exceeds(value, MAX_JSON_DEPTH):
+        raise BadRequest(f"JSON body nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _body_bytes() -> bytes:
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if request.content_length is not None or not limit:
+        return request.get_data(cache=True)  # werkzeug answers 413 past the limit itself
+    # Chunked: werkzeug would stop reading at the limit and hand over a truncated body.
+    raw = request.environ["wsgi.input"].read(limit + 1)
+    if len(raw) > limit:
+        raise RequestEntityTooLarge()
+    return raw
+
+
+def _nesting_exceeds(value: Any, limit: int) -> bool:
+    """Deeper than `limit` levels of lists/objects? Iterative: no recursion to exhaust."""
+    pending = [(value, 1)]
+    while pending:
+        current, depth = pending.pop()
+        children = current.values() if isinstance(current, dict) else current if isinstance(current, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                pending.append((child, depth + 1))
+    return False
 
 
 def _exempt_from_shared_limit() -> bool:
@@ -47,9 +82,10 @@ def _exempt_from_shared_limit() -> bool:
 
 
 def _limit_storage_uri(configured: str) -> str:
-    """memory:// is this process's memory, kept by bloom/rate_limit_store.py (no timer
-    threads); any other URI (redis://...) goes to the `limits` library as it is."""
-    return f"{PROCESS_MEMORY_SCHEME}://" if configured == "memory://" else configured
+    """memory:// is this host's shared memory under gunicorn, else this process's memory
+    (bloom/rate_limit_store.py, no timer threads); any other URI (redis://...) goes to
+    the `limits` library as it is."""
+    return f"{memory_scheme()}://" if configured == "memory://" else configured
 
 
 def init_limiter(app: Flask, config: Settings) -> Limiter:
@@ -92,6 +128,24 @@ def install_request_guards(app: Flask, config: Settings) -> None:
                 raise BadRequest(reason)
         return None
 
+    @app.after_request
+    def _headers_that_mean_what_they_say(response):
+        # Flask-Limiter sends Retry-After on every answer; it means something only on a
+        # 429, a 503, or a long poll told to come back later.
+        if g.get("retry_after") is not None:
+            response.headers["Retry-After"] = g.retry_after
+        elif response.status_code not in (429, 503):
+            response.headers.pop("Retry-After", None)
+        # No body, no type (Flask gives 204s and automatic OPTIONS answers text/html).
+        if response.status_code == 204 or (request.method == "OPTIONS" and not response.get_data()):
+            response.headers.pop("Content-Type", None)
+        return response
+
+
+def install_api_key_check(app: Flask, config: Settings) -> None:
+    """Call after init_limiter: a request with a wrong key still counts against its
+    client's limit, so a key cannot be guessed at line speed."""
+
     @app.before_request
     def _api_key():
         expected = config.runtime_api_key
@@ -99,5 +153,14 @@ def install_request_guards(app: Flask, config: Settings) -> None:
             return None
         given = request.headers.get("X-Runtime-API-Key", "")
         if not hmac.compare_digest(given.encode(), expected.encode()):
+            log.warning("unauthorized request from %s: %s %s (%s)", request.remote_addr, request.method,
+                        printable(request.path), "no key" if not given else "wrong key")
             return jsonify(error_body("Unauthorized")), 401
         return None
+
+
+def printable(text: str, limit: int = 300) -> str:
+    """Text for a log line: control and other unprintable characters escaped (a %0A in a
+    path cannot forge a second line), and bounded."""
+    escaped = text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+    return escaped if len(escaped) <= limit else escaped[:limit] + "..."

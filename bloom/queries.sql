@@ -85,10 +85,10 @@ SELECT id FROM removed;
 WITH created AS (
     INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, context_hints, policy, desired_format,
                            status, created_at, updated_at, lease_id, worker_id, attempts, max_attempts,
-                           priority, idempotency_key)
+                           priority, idempotency_key, idempotency_fingerprint)
     VALUES (:task_id, :context_id, :agent_slug, :prompt, CAST(:context_hints AS jsonb),
             CAST(:policy AS jsonb), :desired_format, 'queued', :now, :now, NULL, NULL, 0, :max_attempts,
-            :priority, :idempotency_key)
+            :priority, :idempotency_key, :idempotency_fingerprint)
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING *
 ), audit AS (
@@ -265,6 +265,35 @@ SELECT (SELECT row_to_json(task) FROM task) AS task,
        (SELECT row_to_json(lease) FROM lease) AS lease,
        (SELECT row_to_json(worker) FROM worker) AS worker,
        (SELECT active_leases FROM capacity) + (SELECT count(*) FROM lease) AS active_leases;
+
+-- name: claim_candidates
+-- The tasks a claim would take next, in its order: after a claim failed for a data
+-- reason, each is tried on its own to find the one that cannot be granted.
+SELECT id FROM llm_tasks
+ WHERE status = 'queued'
+   AND (CAST(:agent_slugs AS text[]) IS NULL OR agent_slug = ANY(CAST(:agent_slugs AS text[])))
+ ORDER BY priority DESC, created_at, id
+ LIMIT :limit;
+
+-- name: set_task_aside
+-- A queued task that cannot be granted for a data reason (a value PostgreSQL cannot
+-- index, written before lengths were checked or by another service) would stop every
+-- claim that reaches it: it goes to 'dead', with the reason in its result and the audit
+-- log, and the queue moves on.
+WITH dead AS (
+    UPDATE llm_tasks SET status = 'dead', lease_id = NULL, worker_id = NULL, updated_at = :now
+     WHERE id = :task_id AND status = 'queued'
+    RETURNING id
+), result AS (
+    INSERT INTO llm_results (id, task_id, worker_id, artifact_id, status, output, error_message,
+                             metrics, completed_at)
+    SELECT :result_id, id, NULL, NULL, 'error', NULL, :reason, '{}'::jsonb, :now FROM dead
+), audit AS (
+    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+    SELECT :audit_id, :now, 'task_set_aside', 'task', id, :actor, jsonb_build_object('reason', :reason)
+      FROM dead
+)
+SELECT count(*) AS set_aside FROM dead;
 
 -- name: heartbeat_lease (prepared)
 -- Renews the task's current lease if it is active and not past expires_at, and marks

@@ -89,3 +89,30 @@ class QueueEvents:
                         cursor.execute("SELECT 1")
         finally:
             raw.invalidate()
+
+
+class WaitingRoom:
+    """At most `capacity` long polls of this process wait at once. Each holds a gunicorn
+    thread while it waits; the rest of the threads must stay free for short requests
+    (health, ready, heartbeats, completions), whatever the number of idle pollers."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = max(1, capacity)
+        self._lock = threading.Lock()
+        self._waiting = 0
+
+    def enter(self) -> bool:
+        with self._lock:
+            if self._waiting >= self._capacity:
+                return False
+            self._waiting += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self._waiting -= 1
+
+    @property
+    def waiting(self) -> int:
+        with self._lock:
+            return self._waiting

@@ -9,11 +9,17 @@ to get the GIL. That cost 20-30 % of task-creation throughput in bench/run.py
 expired key at most once a second, inline: no threads, and memory bounded by the client
 addresses seen in the last window.
 
-Counters are per process, as with any `memory://` store: set RATELIMIT_STORAGE_URI to a
-Redis URI for limits that hold across processes and hosts.
+Under gunicorn, `memory://` means this host instead (HostSharedStorage below): the
+master sets up a small shared-memory table before it forks the workers, so a client's
+limit holds whichever worker serves it, without a network round trip. Set
+RATELIMIT_STORAGE_URI to a Redis URI for limits that hold across hosts.
 """
 from __future__ import annotations
 
+import hashlib
+import mmap
+import multiprocessing
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +28,7 @@ from typing import ClassVar
 from limits.storage import Storage
 
 SCHEME = "bloom-memory"
+HOST_SCHEME = "bloom-host"
 SWEEP_INTERVAL_S = 1.0
 
 
@@ -93,3 +100,150 @@ class ProcessMemoryStorage(Storage):
             del self._counts[key]
             del self._expires_at[key]
         self._next_sweep_at = now + SWEEP_INTERVAL_S
+
+
+class SharedCountersBusy(Exception):
+    """A stripe lock of the host table could not be taken in time (its holder died?)."""
+
+
+class HostCounters:
+    """Fixed-window counters in anonymous shared memory, inherited by forked workers.
+
+    A hash table of SLOTS slots (key digest, window end, count), in groups of GROUP
+    slots: a key lives in the group its digest names, and a group is changed under one
+    of LOCKS process-shared locks. A full group gives up the slot whose window ends
+    first. 16,384 slots are 384 KiB, room for thousands of clients' windows at once.
+    """
+
+    SLOT = struct.Struct("<Qdq")  # key digest (0 = empty), window end (epoch s), count
+    SLOTS = 16384
+    GROUP = 16
+    LOCKS = 64
+    LOCK_TIMEOUT_S = 0.05
+
+    def __init__(self) -> None:
+        self._memory = mmap.mmap(-1, self.SLOTS * self.SLOT.size)  # MAP_SHARED: survives fork()
+        self._locks = [multiprocessing.Lock() for _ in range(self.LOCKS)]
+
+    def _group(self, key: str) -> tuple[int, int]:
+        digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") or 1
+        return digest, digest % (self.SLOTS // self.GROUP)
+
+    def _locked(self, group: int):
+        lock = self._locks[group % self.LOCKS]
+        if not lock.acquire(timeout=self.LOCK_TIMEOUT_S):
+            raise SharedCountersBusy("rate-limit table busy")
+        return lock
+
+    def _find(self, digest: int, group: int, now: float) -> tuple[int | None, int | None, int]:
+        """(offset of the key's slot, offset of a reusable slot, offset of the slot ending first)."""
+        own = reusable = None
+        soonest, soonest_end = group * self.GROUP * self.SLOT.size, float("inf")
+        for index in range(group * self.GROUP, (group + 1) * self.GROUP):
+            offset = index * self.SLOT.size
+            slot_digest, window_end, _ = self.SLOT.unpack_from(self._memory, offset)
+            if slot_digest == digest:
+                own = offset
+            elif reusable is None and (slot_digest == 0 or window_end <= now):
+                reusable = offset
+            if window_end < soonest_end:
+                soonest, soonest_end = offset, window_end
+        return own, reusable, soonest
+
+    def incr(self, key: str, expiry: float, amount: int, now: float) -> int:
+        digest, group = self._group(key)
+        lock = self._locked(group)
+        try:
+            own, reusable, soonest = self._find(digest, group, now)
+            if own is not None:
+                _, window_end, count = self.SLOT.unpack_from(self._memory, own)
+                if window_end <= now:
+                    window_end, count = now + expiry, 0
+                self.SLOT.pack_into(self._memory, own, digest, window_end, count + amount)
+                return count + amount
+            target = reusable if reusable is not None else soonest
+            self.SLOT.pack_into(self._memory, target, digest, now + expiry, amount)
+            return amount
+        finally:
+            lock.release()
+
+    def read(self, key: str, now: float) -> tuple[int, float]:
+        """(count, window end) of a key; (0, now) when it has no live window."""
+        digest, group = self._group(key)
+        lock = self._locked(group)
+        try:
+            own, _, _ = self._find(digest, group, now)
+            if own is None:
+                return 0, now
+            _, window_end, count = self.SLOT.unpack_from(self._memory, own)
+            return (count, window_end) if window_end > now else (0, now)
+        finally:
+            lock.release()
+
+    def clear(self, key: str, now: float) -> None:
+        digest, group = self._group(key)
+        lock = self._locked(group)
+        try:
+            own, _, _ = self._find(digest, group, now)
+            if own is not None:
+                self.SLOT.pack_into(self._memory, own, 0, 0.0, 0)
+        finally:
+            lock.release()
+
+    def reset(self) -> None:
+        self._memory[:] = bytes(len(self._memory))
+
+
+_host_counters: HostCounters | None = None
+
+
+def share_counters_across_workers() -> None:
+    """Called by the gunicorn master before it forks: `memory://` then means this host."""
+    global _host_counters
+    if _host_counters is None:
+        _host_counters = HostCounters()
+
+
+def memory_scheme() -> str:
+    """The storage scheme `memory://` stands for in this process."""
+    return HOST_SCHEME if _host_counters is not None else SCHEME
+
+
+class HostSharedStorage(Storage):
+    STORAGE_SCHEME: ClassVar[list[str]] = [HOST_SCHEME]
+
+    def __init__(
+        self,
+        uri: str | None = None,
+        wrap_exceptions: bool = False,
+        clock: Callable[[], float] = time.time,
+        **options: str,
+    ) -> None:
+        super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
+        if _host_counters is None:
+            raise RuntimeError("no host counters: share_counters_across_workers() was not called before the fork")
+        self._counters = _host_counters
+        self._clock = clock
+
+    @property
+    def base_exceptions(self) -> type[Exception]:
+        return SharedCountersBusy
+
+    def incr(self, key: str, expiry: float, amount: int = 1) -> int:
+        return self._counters.incr(key, expiry, amount, self._clock())
+
+    def get(self, key: str) -> int:
+        return self._counters.read(key, self._clock())[0]
+
+    def get_expiry(self, key: str) -> float:
+        return self._counters.read(key, self._clock())[1]
+
+    def clear(self, key: str) -> None:
+        self._counters.clear(key, self._clock())
+
+    def reset(self) -> int:
+        self._counters.reset()
+        return 0
+
+    def check(self) -> bool:
+        return True

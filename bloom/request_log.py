@@ -9,6 +9,8 @@ import uuid
 
 from flask import Flask, g, request
 
+from .http import printable
+
 log = logging.getLogger("bloom.requests")
 
 # A caller's id is echoed only if it is plain enough to be safe in logs and headers.
@@ -31,6 +33,7 @@ def install_request_log(app: Flask) -> None:
             duration_ms = (time.perf_counter() - started) * 1000 if started is not None else 0.0
             log.info(
                 "%s %s %s %.1fms rid=%s client=%s",
-                request.method, request.path, response.status_code, duration_ms, request_id, request.remote_addr,
+                printable(request.method, 16), printable(request.path), response.status_code, duration_ms,
+                request_id, request.remote_addr,
             )
         return response

@@ -81,6 +81,22 @@ class RuntimeConfigStore:
             self._cached, self._cached_at = config, time.monotonic()
         return config
 
+    def cached(self) -> MembridgeConfig:
+        """What this process knew last, without any I/O (for /health). Kept fresh by
+        `refresh_in_background` in serving processes."""
+        with self._lock:
+            return self._cached
+
+    def refresh_in_background(self) -> None:
+        """Re-read the settings every CACHE_SECONDS on a daemon thread of this process."""
+
+        def refresh_forever() -> None:
+            while True:
+                self.current()
+                time.sleep(CACHE_SECONDS)
+
+        threading.Thread(target=refresh_forever, name="bloom-settings-refresh", daemon=True).start()
+
     def target(self) -> tuple[str, str]:
         config = self.current()
         return config.server_url, config.admin_key

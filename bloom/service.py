@@ -6,15 +6,18 @@ several processes cannot leave a task, lease or worker half updated.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
 import uuid
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
+
 from .artifacts import MinioArtifactStore
 from .db import Database
-from .errors import Conflict, NotFound, Unavailable
+from .errors import Conflict, NotFound, Unavailable, Unprocessable, is_data_error
 from .schemas import TASK_STATUSES
 from .serialize import (
     DEFAULT_CAPABILITIES,
@@ -33,6 +36,17 @@ API_ACTOR = "api"
 SWEEP_ACTOR = "lease-sweeper"
 # A picked worker can fill up between the pick and its lock; picking again is cheap.
 LEASE_PICK_ATTEMPTS = 5
+# Tasks a claim may set aside (see set_task_aside) before it gives up for this call.
+POISONED_SKIPS_PER_CLAIM = 5
+
+
+def _fingerprint(body: dict[str, Any]) -> str:
+    """The validated request (defaults filled in), canonically encoded and hashed."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class _TrialGrant(Exception):
+    """Rolls back a grant made only to see whether it would fail."""
 
 
 def now_ms() -> int:
@@ -98,7 +112,9 @@ class RuntimeService:
 
     def create_task(self, body: dict[str, Any], *, idempotency_key: str | None = None) -> tuple[dict[str, Any], bool]:
         """Create a task; returns (task, created). A reused Idempotency-Key returns the
-        task created with it earlier, also when two such requests race."""
+        task created with it earlier, also when two such requests race; reused with
+        another request, it is refused (422), as payment APIs do."""
+        fingerprint = _fingerprint(body) if idempotency_key is not None else None
         with self.db.autocommit() as tx:
             row = tx.one_or_none(
                 "create_task",
@@ -112,6 +128,7 @@ class RuntimeService:
                 max_attempts=body["max_attempts"],
                 priority=body["priority"],
                 idempotency_key=idempotency_key,
+                idempotency_fingerprint=fingerprint,
                 now=now_ms(),
                 audit_id=new_id(),
                 actor=API_ACTOR,
@@ -119,6 +136,8 @@ class RuntimeService:
             if row is not None:
                 return task_json(row["task"]), True
             earlier = tx.one("get_task_by_idempotency_key", idempotency_key=idempotency_key)
+        if earlier["idempotency_fingerprint"] not in (None, fingerprint):
+            raise Unprocessable("Idempotency-Key reused with a different request")
         return task_json(earlier), False
 
     def list_tasks(self, *, status: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
@@ -158,9 +177,15 @@ class RuntimeService:
         returns {lease, worker, task}. With push_only (a dispatch) only workers with a url
         qualify, and without ttl_seconds the lease lasts policy.timeout_sec + 60 s."""
         for _ in range(LEASE_PICK_ATTEMPTS):
-            outcome = self._grant(
-                "lease_task", ttl_seconds, task_id=task_id, worker_id=worker_id, push_only=push_only
-            )
+            try:
+                outcome = self._grant(
+                    "lease_task", ttl_seconds, task_id=task_id, worker_id=worker_id, push_only=push_only
+                )
+            except DBAPIError as error:
+                if not is_data_error(error):
+                    raise
+                self._set_aside(task_id, error)
+                raise Conflict("Task cannot be leased (a stored value is unusable); it was set aside as 'dead'") from None
             if outcome["lease"] is not None:
                 worker = {**outcome["worker"], "active_leases": outcome["active_leases"]}
                 return {
@@ -207,14 +232,49 @@ class RuntimeService:
     def claim_task(
         self, worker_id: str, *, ttl_seconds: int, agent_slugs: list[str] | None
     ) -> dict[str, Any] | None:
-        """Lease the next queued task (priority, then age) to this worker; None if none."""
-        claimed = self._grant("claim_task", ttl_seconds, worker_id=worker_id, agent_slugs=agent_slugs)
-        if claimed["lease"] is not None:
-            return {"task": task_json(claimed["task"]), "lease": lease_json(claimed["lease"])}
-        capabilities = self._check_worker_fit(worker_id, claimed["worker"])
-        if claimed["active_leases"] >= capabilities["max_concurrency"]:
-            raise Conflict(f"Worker '{worker_id}' has no free capacity")
-        return None
+        """Lease the next queued task (priority, then age) to this worker; None if none.
+        A task that cannot be granted for a data reason is set aside, and the claim goes on."""
+        for _ in range(POISONED_SKIPS_PER_CLAIM + 1):
+            try:
+                claimed = self._grant("claim_task", ttl_seconds, worker_id=worker_id, agent_slugs=agent_slugs)
+            except DBAPIError as error:
+                if not is_data_error(error) or not self._set_aside_unclaimable(worker_id, agent_slugs, ttl_seconds):
+                    raise
+                continue
+            if claimed["lease"] is not None:
+                return {"task": task_json(claimed["task"]), "lease": lease_json(claimed["lease"])}
+            capabilities = self._check_worker_fit(worker_id, claimed["worker"])
+            if claimed["active_leases"] >= capabilities["max_concurrency"]:
+                raise Conflict(f"Worker '{worker_id}' has no free capacity")
+            return None
+        raise Unavailable("The queue holds several tasks that cannot be granted; they are being set aside")
+
+    def _set_aside_unclaimable(self, worker_id: str, agent_slugs: list[str] | None, ttl_seconds: int) -> bool:
+        """Find, among the next tasks a claim would take, the one whose grant fails for a
+        data reason (each tried in a transaction that is rolled back), and set it aside."""
+        with self.db.autocommit() as tx:
+            candidates = [row["id"] for row in tx.all("claim_candidates", agent_slugs=agent_slugs, limit=10)]
+        for task_id in candidates:
+            try:
+                with self.db.transaction() as tx:
+                    tx.one("lease_task", lease_id=new_id(), ttl_seconds=ttl_seconds, now=now_ms(),
+                           audit_id=new_id(), actor=API_ACTOR, task_id=task_id, worker_id=worker_id, push_only=False)
+                    raise _TrialGrant()
+            except _TrialGrant:
+                continue
+            except DBAPIError as error:
+                if is_data_error(error):
+                    self._set_aside(task_id, error)
+                    return True
+                raise
+        return False
+
+    def _set_aside(self, task_id: str, error: DBAPIError) -> None:
+        reason = f"cannot be leased: PostgreSQL refused a stored value ({type(error.orig).__name__})"
+        with self.db.autocommit() as tx:
+            tx.one("set_task_aside", task_id=task_id, reason=reason, result_id=new_id(), now=now_ms(),
+                   audit_id=new_id(), actor=API_ACTOR)
+        log.error("task %s set aside as dead: %s", task_id, reason)
 
     def heartbeat(self, task_id: str, *, lease_id: str | None, worker_id: str | None) -> dict[str, Any]:
         now = now_ms()
@@ -360,7 +420,3 @@ class RuntimeService:
             "leases": {"total": int(row["leases_total"]), "active": int(row["leases_active"])},
             "workers": {"total": int(row["workers_total"]), "online": int(row["workers_online"])},
         }
-
-    def ping(self) -> None:
-        with self.db.autocommit() as tx:
-            tx.one("ping")

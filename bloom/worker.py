@@ -129,6 +129,10 @@ class Worker:
         if response.status_code == 201:
             return response.json()
         if response.status_code == 204:
+            # The server had no room for another waiting poll: come back when it says.
+            retry_after = response.headers.get("Retry-After", "")
+            if retry_after.isdigit():
+                self.stopping.wait(min(int(retry_after), MAX_BACKOFF_S))
             return None
         if response.status_code in (404, 409):  # forgotten by the server, or marked offline: register again
             log.warning("claim refused (%s: %s); registering again", response.status_code, response.text.strip())

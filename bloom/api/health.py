@@ -6,7 +6,6 @@ import time
 from flask import Blueprint, current_app, jsonify
 
 from ..openapi import build_openapi, documented
-from . import service
 
 bp = Blueprint("health", __name__, url_prefix="/api/runtime")
 
@@ -14,7 +13,7 @@ _STARTED_AT = time.monotonic()
 
 
 @bp.get("/health")
-@documented("Liveness: no I/O beyond a cached settings read", responses={200: "Health"})
+@documented("Liveness: no I/O (the Membridge status shown is refreshed in the background)", responses={200: "Health"})
 def health():
     membridge = _membridge_status()
     return jsonify({
@@ -29,15 +28,16 @@ def health():
 def _membridge_status() -> dict:
     """The freshest of this process's own upstream calls and the deployment's last one."""
     mine = current_app.extensions["bloom.membridge"].health.snapshot()
-    return current_app.extensions["bloom.runtime_config"].current().freshest_status(mine)
+    return current_app.extensions["bloom.runtime_config"].cached().freshest_status(mine)
+
+
+READY_TIMEOUT_S = 1.5
 
 
 @bp.get("/ready")
-@documented("Readiness: 200 when PostgreSQL answers, else 503", responses={200: "Ready", 503: "Ready"})
+@documented("Readiness: 200 when PostgreSQL answers within 1.5 s, else 503", responses={200: "Ready", 503: "Ready"})
 def ready():
-    try:
-        service().ping()
-    except Exception:
+    if not current_app.extensions["bloom.database"].answers_within(READY_TIMEOUT_S):
         return jsonify({"status": "unavailable", "error": "database unreachable"}), 503
     return jsonify({"status": "ready"})
 

@@ -29,7 +29,7 @@ IDEMPOTENCY_KEY_MAX = 255
 @documented(
     "Create a task (an Idempotency-Key header returns the earlier task, 200)",
     body=CreateTaskSchema,
-    responses={200: "LLMTask", 201: "LLMTask"},
+    responses={200: "LLMTask", 201: "LLMTask", 422: "Error"},
 )
 def create_task():
     body = load(CreateTaskSchema, json_body())

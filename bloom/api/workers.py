@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, current_app, g, jsonify
 
 from ..http import json_body
 from ..schemas import ClaimSchema, PageQuery, RegisterWorkerSchema, load
@@ -47,16 +47,33 @@ def remove_worker(worker_id: str):
     responses={201: "Claimed", 204: None, 404: "Error", 409: "Error"},
 )
 def claim(worker_id: str):
-    """Lease the next task to this worker; with wait_seconds, long-poll until one comes."""
+    """Lease the next task to this worker; with wait_seconds, long-poll until one comes.
+
+    A poll that finds nothing waits only if this process has room for another waiting
+    poll (WaitingRoom); otherwise it answers 204 at once with Retry-After: 1, so short
+    requests always find a free thread."""
     body = load(ClaimSchema, json_body())
     events = current_app.extensions["bloom.queue_events"]
     deadline = time.monotonic() + body["wait_seconds"]
-    while True:
-        seen = events.generation
-        claimed = service().claim_task(worker_id, ttl_seconds=body["ttl_seconds"], agent_slugs=body["agent_slugs"])
-        if claimed is not None:
-            return jsonify(claimed), 201
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return Response(status=204)
-        events.wait_for_change(seen, remaining)
+    seen = events.generation
+    claimed = service().claim_task(worker_id, ttl_seconds=body["ttl_seconds"], agent_slugs=body["agent_slugs"])
+    if claimed is not None:
+        return jsonify(claimed), 201
+    if body["wait_seconds"] <= 0:
+        return Response(status=204)
+    room = current_app.extensions["bloom.waiting_room"]
+    if not room.enter():
+        g.retry_after = "1"
+        return Response(status=204)
+    try:
+        while (remaining := deadline - time.monotonic()) > 0:
+            events.wait_for_change(seen, remaining)
+            seen = events.generation
+            claimed = service().claim_task(
+                worker_id, ttl_seconds=body["ttl_seconds"], agent_slugs=body["agent_slugs"]
+            )
+            if claimed is not None:
+                return jsonify(claimed), 201
+        return Response(status=204)
+    finally:
+        room.leave()
