@@ -284,6 +284,73 @@ def bench_lifecycle(service: Service, clients: int, tasks: int) -> dict:
             "latency": report_latencies(latencies), "cpu_ms_per_request": cpu_ms}
 
 
+def bench_long_polls(service: Service, polls: int, seconds: float, wait_seconds: float = 30.0) -> dict:
+    """`polls` clients long-poll a claim that never finds work (their agent slug has no
+    tasks), re-polling at once, or after Retry-After when told to come back later; meanwhile
+    4 clients call /health, /ready and the lease -> heartbeat -> complete cycle for
+    `seconds`. Reports those calls' latency and how long each long poll lasted."""
+    stop = threading.Event()
+    poll_seconds: list[float] = []
+    early: list[int] = [0]
+    lock = threading.Lock()
+    register_workers(service.port, count=1, capacity=32)  # bench-worker-0 polls; capacity is never used
+
+    def poller() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", service.port, timeout=wait_seconds + 30)
+        body = json.dumps({"wait_seconds": wait_seconds, "agent_slugs": ["idle"]}).encode()
+        while not stop.is_set():
+            started = time.perf_counter()
+            try:
+                connection.request("POST", "/api/runtime/workers/bench-worker-0/claim", body=body,
+                                   headers={"Content-Type": "application/json"})
+                response = connection.getresponse()
+                response.read()
+            except (OSError, http.client.HTTPException):
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", service.port, timeout=wait_seconds + 30)
+                continue
+            with lock:
+                poll_seconds.append(time.perf_counter() - started)
+            retry_after = response.getheader("Retry-After")
+            if retry_after:
+                with lock:
+                    early[0] += 1
+                stop.wait(float(retry_after))
+        connection.close()
+
+    pollers = [threading.Thread(target=poller, daemon=True) for _ in range(polls)]
+    for thread in pollers:
+        thread.start()
+    time.sleep(3.0)  # let them all connect and settle into waiting
+    deadline = time.monotonic() + seconds
+
+    def work(client: Client, index: int) -> None:
+        while time.monotonic() < deadline:
+            client.call("health", "GET", "/api/runtime/health")
+            client.call("ready", "GET", "/api/runtime/ready")
+            task_id = client.call("create", "POST", "/api/runtime/llm-tasks", TASK)["id"]
+            lease = client.call("lease", "POST", f"/api/runtime/llm-tasks/{task_id}/lease",
+                                {"ttl_seconds": 300, "worker_id": "bench-worker-1"})
+            fence = {"lease_id": lease["lease"]["id"], "worker_id": lease["worker"]["id"]}
+            client.call("heartbeat", "POST", f"/api/runtime/llm-tasks/{task_id}/heartbeat", fence)
+            client.call("complete", "POST", f"/api/runtime/llm-tasks/{task_id}/complete", {**DONE, **fence})
+
+    Client(service.port, defaultdict(list), threading.Lock()).call(
+        "register", "POST", "/api/runtime/workers", {"name": "bench-worker-1", "capabilities": {"max_concurrency": 32}})
+    _, requests, latencies, cpu_ms = run_clients(service, 4, work)
+    stop.set()
+    for thread in pollers:
+        thread.join(timeout=wait_seconds + 35)
+    print(f"  {polls} long polls held (wait_seconds={wait_seconds:g}) while 4 clients ran for {seconds:g} s:")
+    table = report_latencies(latencies)
+    longest = max(poll_seconds) if poll_seconds else 0.0
+    print(f"    long polls: {len(poll_seconds)} answered, longest {longest:.1f} s, "
+          f"{early[0]} told to come back later (Retry-After)")
+    report_cpu(cpu_ms)
+    return {"polls": polls, "wait_seconds": wait_seconds, "latency": table, "longest_poll_s": longest,
+            "polls_answered": len(poll_seconds), "told_to_come_back": early[0], "cpu_ms_per_request": cpu_ms}
+
+
 def timed(client: Client, name: str, method: str, path: str, repeat: int, body=None) -> float:
     for _ in range(repeat):
         client.call(name, method, path, body)
@@ -404,6 +471,9 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=0, help="then fill tables to this many rows and measure")
     parser.add_argument("--only-scale", action="store_true", help="skip the load runs; with --rows")
     parser.add_argument("--smoke", action="store_true", help="a few seconds; proves the benchmark works")
+    parser.add_argument("--long-polls", type=int, default=0,
+                        help="only this: hold N idle long polls; measure health, ready and the lifecycle meanwhile")
+    parser.add_argument("--seconds", type=float, default=20.0, help="how long the --long-polls run measures")
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     args = parser.parse_args()
     if args.smoke:
@@ -428,6 +498,9 @@ def main() -> int:
         register_workers(service.port, count=4, capacity=32)
         print(f"BLOOM Runtime benchmark: gunicorn {args.workers} workers x {args.threads} threads, "
               f"{os.cpu_count()} CPUs shared with PostgreSQL and this load generator")
+        if args.long_polls:
+            results["long_polls"] = bench_long_polls(service, args.long_polls, args.seconds)
+            args.only_scale, args.rows = True, 0
         if not args.only_scale:
             warm_up(service, args.warm_up)
         for clients in [] if args.only_scale else args.clients:
