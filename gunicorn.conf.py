@@ -14,7 +14,7 @@ workers = int(os.environ.get("WEB_CONCURRENCY") or min(2 * multiprocessing.cpu_c
 # poll. A waiting long poll holds a thread but no database connection, and at most
 # threads - 8 of them wait at once (bloom/api/workers.py): 8 always serve short requests.
 worker_class = "gthread"
-threads = int(os.environ.get("GUNICORN_THREADS", "32"))
+threads = int(os.environ.get("GUNICORN_THREADS", "128"))
 preload_app = False
 # Longest legitimate request: a 30 s long-poll claim, or a Membridge call with its retries.
 timeout = 75

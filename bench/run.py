@@ -344,10 +344,11 @@ def bench_long_polls(service: Service, polls: int, seconds: float, wait_seconds:
     print(f"  {polls} long polls held (wait_seconds={wait_seconds:g}) while 4 clients ran for {seconds:g} s:")
     table = report_latencies(latencies)
     longest = max(poll_seconds) if poll_seconds else 0.0
-    print(f"    long polls: {len(poll_seconds)} answered, longest {longest:.1f} s, "
+    late = sum(1 for value in poll_seconds if value > wait_seconds + 2)
+    print(f"    long polls: {len(poll_seconds)} answered, longest {longest:.1f} s, {late} over wait_seconds + 2 s, "
           f"{early[0]} told to come back later (Retry-After)")
     report_cpu(cpu_ms)
-    return {"polls": polls, "wait_seconds": wait_seconds, "latency": table, "longest_poll_s": longest,
+    return {"polls": polls, "wait_seconds": wait_seconds, "latency": table, "longest_poll_s": longest, "late": late,
             "polls_answered": len(poll_seconds), "told_to_come_back": early[0], "cpu_ms_per_request": cpu_ms}
 
 

@@ -143,7 +143,7 @@ class Settings:
             # they wait, so the pool is not sized by threads: 8, plus the scheduler's lock,
             # the queue listener and the dispatcher's leadership (and up to 8 overflow).
             db_pool_size=_int(env, "BLOOM_DB_POOL_SIZE", 11),
-            max_waiting_claims=_int(env, "BLOOM_MAX_WAITING_CLAIMS", max(1, _int(env, "GUNICORN_THREADS", 32) - 8)),
+            max_waiting_claims=_int(env, "BLOOM_MAX_WAITING_CLAIMS", max(1, _int(env, "GUNICORN_THREADS", 128) - 8)),
             db_connect_timeout_s=_int(env, "BLOOM_DB_CONNECT_TIMEOUT_S", 2),
             db_statement_timeout_ms=_int(env, "BLOOM_DB_STATEMENT_TIMEOUT_MS", 15000),
             db_lock_timeout_ms=_int(env, "BLOOM_DB_LOCK_TIMEOUT_MS", 5000),

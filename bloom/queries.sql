@@ -97,7 +97,8 @@ WITH created AS (
            jsonb_build_object('context_id', context_id, 'agent_slug', agent_slug)
       FROM created
 )
-SELECT row_to_json(created) AS task, pg_notify('bloom_task_queued', '') IS NULL AS notified FROM created;
+-- The payload is the task's agent_slug: each process wakes one waiting claim that would take it.
+SELECT row_to_json(created) AS task, pg_notify('bloom_task_queued', agent_slug) IS NULL AS notified FROM created;
 
 -- name: get_task_by_idempotency_key
 SELECT * FROM llm_tasks WHERE idempotency_key = :idempotency_key;
@@ -121,7 +122,7 @@ WITH requeued AS (
     INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
     SELECT :audit_id, :now, 'task_requeued', 'task', id, :actor, '{}'::jsonb FROM requeued
 )
-SELECT requeued.*, pg_notify('bloom_task_queued', '') IS NULL AS notified FROM requeued;
+SELECT requeued.*, pg_notify('bloom_task_queued', left(agent_slug, 1000)) IS NULL AS notified FROM requeued;
 
 -- Leases --------------------------------------------------------------------
 

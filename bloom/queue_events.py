@@ -1,9 +1,14 @@
-"""Wake-ups for long-polling claims: PostgreSQL LISTEN/NOTIFY, one listener per process.
+"""Wake-ups for long-polling claims and the dispatcher: PostgreSQL LISTEN/NOTIFY, one
+listener per process.
 
-Statements that queue a task (create, requeue, sweep) call pg_notify('bloom_task_queued').
-A daemon thread holds the only LISTEN connection of the process and bumps a generation
-counter on every notification; waiting requests sleep on a condition (no database
-connection held, no busy loop) until the generation moves or their time is up.
+Statements that queue a task call pg_notify('bloom_task_queued', <its agent_slug>), or
+with an empty payload when they queue several at once (sweep, a worker taken out). A
+daemon thread holds the only LISTEN connection of the process. For each notification
+it wakes *one* waiting claim whose agent filter takes that slug (the one waiting
+longest), and every waiting claim for an empty payload: hundreds of idle long polls
+cost nothing when a task arrives, instead of one claim query each. A generation counter
+moves on every notification, for the dispatcher, which wants to hear of any task.
+Nobody holds a database connection while waiting.
 """
 from __future__ import annotations
 
@@ -18,8 +23,22 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "bloom_task_queued"
 # Tasks written by something that does not notify (say the Express service sharing
-# the database) are still found: a waiter looks again at least this often.
-RECHECK_SECONDS = 2.0
+# the database) are still found: a waiting claim looks again at least this often, the
+# dispatcher more often.
+RECHECK_SECONDS = 10.0
+DISPATCHER_RECHECK_SECONDS = 2.0
+
+
+class ClaimTicket:
+    """A waiting claim's place in line; woken by a notification its filter takes."""
+
+    def __init__(self, agent_slugs: list[str] | None) -> None:
+        self.agent_slugs = frozenset(agent_slugs) if agent_slugs else None
+        self.woken = threading.Event()
+        self.woken_for: str | None = None  # the payload of the wake not yet acted on
+
+    def takes(self, agent_slug: str) -> bool:
+        return self.agent_slugs is None or agent_slug in self.agent_slugs
 
 
 class QueueEvents:
@@ -27,6 +46,7 @@ class QueueEvents:
         self._engine = engine
         self._condition = threading.Condition()
         self._generation = 0
+        self._tickets: list[ClaimTicket] = []  # oldest first
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
@@ -35,10 +55,37 @@ class QueueEvents:
         with self._condition:
             return self._generation
 
+    def enter_line(self, agent_slugs: list[str] | None) -> ClaimTicket:
+        """Take a place before looking at the queue, so no notification is missed between
+        the look and the wait. Leave the line with `leave_line`."""
+        self._ensure_listening()
+        ticket = ClaimTicket(agent_slugs)
+        with self._condition:
+            self._tickets.append(ticket)
+        return ticket
+
+    def wait_in_line(self, ticket: ClaimTicket, timeout: float) -> None:
+        """Until a task for this ticket was queued (since it last woke), or `timeout`."""
+        ticket.woken.wait(min(timeout, RECHECK_SECONDS))
+        with self._condition:
+            ticket.woken.clear()
+            ticket.woken_for = None
+            if ticket in self._tickets:  # to the back of the line: others get the next task first
+                self._tickets.remove(ticket)
+            self._tickets.append(ticket)
+
+    def leave_line(self, ticket: ClaimTicket) -> None:
+        """Leave; a wake-up this ticket got and did not act on goes to the next in line."""
+        with self._condition:
+            if ticket in self._tickets:
+                self._tickets.remove(ticket)
+            if ticket.woken.is_set() and ticket.woken_for is not None:
+                self._wake_one(ticket.woken_for)
+
     def wait_for_change(self, seen_generation: int, timeout: float) -> int:
         """Block until a notification after `seen_generation`, or `timeout` seconds."""
         self._ensure_listening()
-        deadline = time.monotonic() + min(timeout, RECHECK_SECONDS)
+        deadline = time.monotonic() + min(timeout, DISPATCHER_RECHECK_SECONDS)
         with self._condition:
             while self._generation == seen_generation:
                 remaining = deadline - time.monotonic()
@@ -48,13 +95,27 @@ class QueueEvents:
             return self._generation
 
     def poke(self) -> None:
-        """Wake this process's waiters (something changed that no NOTIFY announces)."""
+        """Wake the dispatcher (capacity freed up, which no NOTIFY announces)."""
         self._bump()
 
-    def _bump(self) -> None:
+    def _bump(self, payloads: list[str] | None = None) -> None:
+        """A notification for each payload (an agent_slug; '' or None: anything)."""
         with self._condition:
             self._generation += 1
             self._condition.notify_all()
+            for payload in payloads if payloads is not None else [""]:
+                if payload:
+                    self._wake_one(payload)
+                else:
+                    for ticket in self._tickets:
+                        ticket.woken.set()
+
+    def _wake_one(self, agent_slug: str) -> None:
+        """The longest-waiting ticket not yet woken whose filter takes this slug. Caller holds the lock."""
+        chosen = next((t for t in self._tickets if not t.woken.is_set() and t.takes(agent_slug)), None)
+        if chosen is not None:
+            chosen.woken_for = agent_slug
+            chosen.woken.set()
 
     def _ensure_listening(self) -> None:
         with self._start_lock:
@@ -82,8 +143,9 @@ class QueueEvents:
                 readable, _, _ = select.select([connection], [], [], 30.0)
                 connection.poll()
                 if connection.notifies:
+                    payloads = [notice.payload for notice in connection.notifies]
                     connection.notifies.clear()
-                    self._bump()
+                    self._bump(payloads)
                 elif not readable:
                     with connection.cursor() as cursor:  # detect a dead connection while idle
                         cursor.execute("SELECT 1")

@@ -228,7 +228,7 @@ def test_each_gunicorn_instance_has_its_own_control_socket(module_database_url, 
     second = GunicornServer({"DATABASE_URL": module_database_url, "BLOOM_DATA_DIR": str(tmp_path)}, workers=1)
     try:
         sockets = {Path(tmp_path, f"gunicorn-{first.port}.ctl"), Path(tmp_path, f"gunicorn-{second.port}.ctl")}
-        assert all(path.exists() for path in sockets)
+        wait_until(lambda: all(path.exists() for path in sockets), timeout=10, what="both control sockets")
         second.stop()
         assert Path(tmp_path, f"gunicorn-{first.port}.ctl").exists()
     finally:
@@ -267,7 +267,7 @@ def test_idle_long_polls_never_starve_short_requests(database_url):
             thread.join()
         assert all(duration <= 3 + 2 for _, duration, _ in durations)
         waited = [d for d in durations if d[2] is None]
-        told_to_come_back = [d for d in durations if d[2] == "1"]
+        told_to_come_back = [d for d in durations if d[2] in ("1", "2", "3")]
         assert len(waited) + len(told_to_come_back) == 30, durations
         assert 1 <= len(waited) <= 4 + 5  # the waiting room (4), plus polls that got one of the 5 tasks
         assert all(status == 204 for status, _, _ in told_to_come_back)

@@ -1,6 +1,7 @@
 """Worker registry: list, show, register, remove."""
 from __future__ import annotations
 
+import random
 import time
 
 from flask import Blueprint, Response, current_app, g, jsonify
@@ -50,30 +51,34 @@ def claim(worker_id: str):
     """Lease the next task to this worker; with wait_seconds, long-poll until one comes.
 
     A poll that finds nothing waits only if this process has room for another waiting
-    poll (WaitingRoom); otherwise it answers 204 at once with Retry-After: 1, so short
-    requests always find a free thread."""
+    poll (WaitingRoom); otherwise it answers 204 at once with Retry-After (1 to 3 s), so
+    short requests always find a free thread. A waiting poll is woken only by a task its
+    agent filter takes (queue_events.py)."""
     body = load(ClaimSchema, json_body())
     events = current_app.extensions["bloom.queue_events"]
     deadline = time.monotonic() + body["wait_seconds"]
-    seen = events.generation
-    claimed = service().claim_task(worker_id, ttl_seconds=body["ttl_seconds"], agent_slugs=body["agent_slugs"])
-    if claimed is not None:
-        return jsonify(claimed), 201
-    if body["wait_seconds"] <= 0:
-        return Response(status=204)
-    room = current_app.extensions["bloom.waiting_room"]
-    if not room.enter():
-        g.retry_after = "1"
-        return Response(status=204)
+    ticket = events.enter_line(body["agent_slugs"]) if body["wait_seconds"] > 0 else None
     try:
-        while (remaining := deadline - time.monotonic()) > 0:
-            events.wait_for_change(seen, remaining)
-            seen = events.generation
-            claimed = service().claim_task(
-                worker_id, ttl_seconds=body["ttl_seconds"], agent_slugs=body["agent_slugs"]
-            )
-            if claimed is not None:
-                return jsonify(claimed), 201
-        return Response(status=204)
+        claimed = service().claim_task(worker_id, ttl_seconds=body["ttl_seconds"], agent_slugs=body["agent_slugs"])
+        if claimed is not None:
+            return jsonify(claimed), 201
+        if ticket is None:
+            return Response(status=204)
+        room = current_app.extensions["bloom.waiting_room"]
+        if not room.enter():
+            g.retry_after = str(random.randint(1, 3))  # spread the returns
+            return Response(status=204)
+        try:
+            while (remaining := deadline - time.monotonic()) > 0:
+                events.wait_in_line(ticket, remaining)
+                claimed = service().claim_task(
+                    worker_id, ttl_seconds=body["ttl_seconds"], agent_slugs=body["agent_slugs"]
+                )
+                if claimed is not None:
+                    return jsonify(claimed), 201
+            return Response(status=204)
+        finally:
+            room.leave()
     finally:
-        room.leave()
+        if ticket is not None:
+            events.leave_line(ticket)
