@@ -32,8 +32,8 @@ HOST_SCHEME = "bloom-host"
 SWEEP_INTERVAL_S = 1.0
 
 
-class ProcessMemoryStorage(Storage):
-    STORAGE_SCHEME: ClassVar[list[str]] = [SCHEME]
+class _LocalStorage(Storage):
+    """What the stores of this module share: a clock (a fake one in tests), no server."""
 
     def __init__(
         self,
@@ -44,6 +44,16 @@ class ProcessMemoryStorage(Storage):
     ) -> None:
         super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
         self._clock = clock
+
+    def check(self) -> bool:
+        return True
+
+
+class ProcessMemoryStorage(_LocalStorage):
+    STORAGE_SCHEME: ClassVar[list[str]] = [SCHEME]
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
         self._expires_at: dict[str, float] = {}
@@ -85,9 +95,6 @@ class ProcessMemoryStorage(Storage):
             self._counts.clear()
             self._expires_at.clear()
             return cleared
-
-    def check(self) -> bool:
-        return True
 
     def counters_held(self) -> int:
         """How many counters are held (for tests and curiosity)."""
@@ -209,21 +216,14 @@ def memory_scheme() -> str:
     return HOST_SCHEME if _host_counters is not None else SCHEME
 
 
-class HostSharedStorage(Storage):
+class HostSharedStorage(_LocalStorage):
     STORAGE_SCHEME: ClassVar[list[str]] = [HOST_SCHEME]
 
-    def __init__(
-        self,
-        uri: str | None = None,
-        wrap_exceptions: bool = False,
-        clock: Callable[[], float] = time.time,
-        **options: str,
-    ) -> None:
-        super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         if _host_counters is None:
             raise RuntimeError("no host counters: share_counters_across_workers() was not called before the fork")
         self._counters = _host_counters
-        self._clock = clock
 
     @property
     def base_exceptions(self) -> type[Exception]:
@@ -244,6 +244,3 @@ class HostSharedStorage(Storage):
     def reset(self) -> int:
         self._counters.reset()
         return 0
-
-    def check(self) -> bool:
-        return True
