@@ -232,7 +232,7 @@ class Dispatcher:
         reason = answer.describe() if answer.status is not None else f"agent unreachable: {answer.problem}"
         worker_id = delivery.worker["id"]
         take_workers_out(self._db, [worker_id], reason=f"dispatch refused: {reason}",
-                         claude_cli_missing=answer.says_no_cli)
+                         alive=answer.status is not None, claude_cli_missing=answer.says_no_cli)
         self._service.record_audit(
             "dispatch_failed", "task", delivery.task["id"],
             {"worker_id": worker_id, "lease_id": delivery.lease["id"], "error": reason}, actor=DISPATCH_ACTOR,

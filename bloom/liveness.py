@@ -31,15 +31,18 @@ class ProbeOutcome:
 
 
 def take_workers_out(
-    database: Database, worker_ids: list[str], *, reason: str, claude_cli_missing: bool = False
+    database: Database, worker_ids: list[str], *, reason: str, alive: bool = False, claude_cli_missing: bool = False
 ) -> dict[str, int]:
     """Out of the rotation now (offline, or not leasable when its Claude CLI is missing);
-    their tasks back to the queue. One statement: see take_workers_out in queries.sql."""
+    their tasks back to the queue: all of them for a worker found dead, only those that
+    never started for one that is `alive` (it answered). One statement: see
+    take_workers_out in queries.sql."""
     if not worker_ids:
         return {"workers": 0, "requeued": 0, "dead": 0}
     with database.autocommit() as tx:
         row = tx.one(
-            "take_workers_out", worker_ids=worker_ids, reason=reason, claude_cli_missing=claude_cli_missing,
+            "take_workers_out", worker_ids=worker_ids, reason=reason, requeue_started=not alive,
+            claude_cli_missing=claude_cli_missing,
             now=now_ms(), actor=LIVENESS_ACTOR,
         )
     counts = {key: int(row[key]) for key in ("workers", "requeued", "dead")}

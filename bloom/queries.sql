@@ -600,9 +600,11 @@ RETURNING id;
 -- refused dispatch) leave the rotation at once, and their tasks go back to the queue now,
 -- not after the lease TTL. A task whose run never started ('leased': the agent never
 -- took it) gets back the attempt it was charged; a started one keeps it, and is 'dead'
--- once its attempts are spent, as in the sweep. With :claude_cli_missing (the agent
--- answered that it cannot run anything) the worker stays online but is not leasable
--- (claude_cli false), and only its tasks that never started are requeued. Each row is
+-- once its attempts are spent, as in the sweep. Without :requeue_started (the agent
+-- answered, so it lives: it refused one task) only tasks that never started are
+-- requeued, and the runs it has started go on. With :claude_cli_missing (it answered
+-- that it cannot run anything) the worker stays online but is not leasable (claude_cli
+-- false) until it registers again. Each row is
 -- changed under its precondition (lease active, task still on that lease), so a racing
 -- completion or heartbeat either wins or finds the task requeued.
 WITH ended AS (
@@ -611,7 +613,7 @@ WITH ended AS (
       FROM llm_tasks t
      WHERE l.worker_id = ANY(CAST(:worker_ids AS text[])) AND l.status = 'active'
        AND t.id = l.task_id AND t.lease_id = l.id
-       AND (NOT :claude_cli_missing OR t.status = 'leased')
+       AND (:requeue_started OR t.status = 'leased')
     RETURNING l.id, l.task_id, l.worker_id
 ), requeued AS (
     UPDATE llm_tasks t

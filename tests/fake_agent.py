@@ -8,7 +8,8 @@
   recorded, never retried.
 - Modes: `no_cli` answers 503 "Claude CLI is not installed on this node" at once;
   `drop_callback` runs but never calls back; `die_mid_run` dies after its heartbeat
-  (the process is gone: its port refuses connections, its open requests are cut).
+  (the process is gone: its port refuses connections, its open requests are cut);
+  `fail_next` answers the next delivery 500, then runs normally again.
 - `GET /health` answers 200 while it lives.
 """
 from __future__ import annotations
@@ -126,6 +127,10 @@ def _handler(agent: FakeAgent):
                 mode = state.mode
             if mode == "no_cli":
                 return self._send(503, {"detail": "Claude CLI is not installed on this node"})
+            if mode == "fail_next":
+                with state.lock:
+                    state.mode = "normal"
+                return self._send(500, {"detail": "agent error"})
             self._run(task, mode)
 
         def _run(self, task: dict[str, Any], mode: str) -> None:

@@ -211,6 +211,57 @@ def test_a_refused_dispatch_is_502_requeues_without_spending_an_attempt_and_take
     assert again.status_code == 503
 
 
+def test_an_agent_that_refuses_one_task_keeps_the_runs_it_has_started(fleet_server, agents):
+    served = fleet_server(BLOOM_DISPATCH="off", WORKER_SYNC_INTERVAL_S="600")
+    agent = agents("agent-1", run_seconds=1.5)
+    agent.register(served.base_url)
+    running, refused = new_task(served), new_task(served)
+    assert requests.post(api(served, f"/llm-tasks/{running['id']}/dispatch"), json={}, timeout=10).status_code == 202
+    agent.state.mode = "fail_next"
+    response = requests.post(api(served, f"/llm-tasks/{refused['id']}/dispatch"), json={}, timeout=10)
+    assert response.status_code == 502 and "agent error" in response.json()["error"]
+    assert (task_of(served, refused["id"])["status"], task_of(served, refused["id"])["attempts"]) == ("queued", 0)
+    assert task_of(served, running["id"])["status"] == "running"  # not taken from a live agent
+    done = wait_until(lambda: (t := task_of(served, running["id"]))["status"] == "completed" and t, timeout=10,
+                      what="the started run to finish")
+    assert done["worker_id"] == "agent-1" and agent.outputs() == [running["id"]]
+
+
+def test_push_and_pull_workers_serve_one_queue_each_task_once(fleet_server, agents):
+    served = fleet_server()
+    agent = agents("pusher", run_seconds=0.05, max_concurrency=2)
+    agent.register(served.base_url)
+    requests.post(api(served, "/workers"), json={"name": "puller", "capabilities": {"max_concurrency": 1}}, timeout=10)
+    created = [new_task(served)["id"] for _ in range(40)]
+    pulled: list[str] = []
+
+    def pull_worker():
+        session = requests.Session()
+        while len(pulled) + len(agent.outputs()) < 40:
+            response = session.post(api(served, "/workers/puller/claim"), json={"wait_seconds": 1}, timeout=10)
+            if response.status_code != 201:
+                continue
+            task_id = response.json()["task"]["id"]
+            fence = {"lease_id": response.json()["lease"]["id"], "worker_id": "puller"}
+            time.sleep(0.05)
+            done = session.post(api(served, f"/llm-tasks/{task_id}/complete"),
+                                json={"status": "success", "output": "pulled", "metrics": {"duration_ms": 50}, **fence},
+                                timeout=10)
+            assert done.status_code == 200
+            pulled.append(task_id)
+
+    import threading
+
+    puller = threading.Thread(target=pull_worker)
+    puller.start()
+    puller.join(timeout=60)
+    wait_until(lambda: requests.get(api(served, "/stats"), timeout=10).json()["tasks"]["by_status"]["completed"] == 40,
+               timeout=30, what="all tasks to complete")
+    ran = Counter(pulled + agent.outputs())
+    assert sorted(ran) == sorted(created) and set(ran.values()) == {1}
+    assert pulled and agent.outputs()  # both kinds took work
+
+
 def test_a_run_whose_callback_never_came_is_completed_from_the_agents_answer_once(fleet_server, agents):
     served = fleet_server(BLOOM_DISPATCH="off")
     agent = agents("agent-1", mode="drop_callback")
