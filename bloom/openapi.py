@@ -88,6 +88,18 @@ class LLMTask(Schema):
     priority = fields.Integer(required=True)
 
 
+class TaskResult(Schema):
+    status = fields.String(required=True, metadata={"enum": ["success", "error"]})
+    output = fields.String(allow_none=True, required=True)
+    error_message = fields.String(allow_none=True, required=True)
+    metrics = fields.Dict(required=True)
+    completed_at = fields.Integer(required=True)
+
+
+class TaskDetail(LLMTask):
+    result = fields.Nested(TaskResult, allow_none=True, required=True, metadata={"description": "the latest result"})
+
+
 class Lease(Schema):
     id = fields.String(required=True)
     task_id = fields.String(required=True)
@@ -235,7 +247,7 @@ class ConnectionTest(Schema):
 
 # Leaves before the objects that nest them: apispec names a nested schema when it first meets it.
 _OBJECTS = [
-    Lease, WorkerNode, WorkerDetail, LLMTask, RuntimeArtifact, LLMResult, AuditLogEntry, RuntimeConfig, Health,
+    Lease, WorkerNode, WorkerDetail, LLMTask, TaskResult, TaskDetail, RuntimeArtifact, LLMResult, AuditLogEntry, RuntimeConfig, Health,
     Ready, LeaseGrant, HeartbeatReply, Completion, Claimed, Dispatched, Removed, Stats, ConnectionTest,
 ]
 

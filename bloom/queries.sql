@@ -112,6 +112,16 @@ SELECT * FROM llm_tasks
 -- name: get_task
 SELECT * FROM llm_tasks WHERE id = :task_id;
 
+-- name: get_task_with_result
+-- A task and its latest result (null before any), for GET /llm-tasks/<id>.
+SELECT t.*,
+       (SELECT json_build_object('status', r.status, 'output', r.output, 'error_message', r.error_message,
+                                 'metrics', r.metrics, 'completed_at', r.completed_at)
+          FROM llm_results r WHERE r.task_id = t.id
+         ORDER BY r.completed_at DESC, r.id DESC LIMIT 1) AS result
+  FROM llm_tasks t
+ WHERE t.id = :task_id;
+
 -- name: requeue_task
 WITH requeued AS (
     UPDATE llm_tasks
@@ -360,7 +370,10 @@ WITH current AS (
     RETURNING l.id, l.task_id, l.worker_id
 ), task AS (
     UPDATE llm_tasks t
-       SET status = :task_status, updated_at = :now
+       -- A "success" whose output is not JSON, for a task that asked for JSON, is a failure.
+       SET status = CASE WHEN t.desired_format = 'json' AND :result_status = 'success' AND NOT :output_is_json
+                         THEN 'failed' ELSE :task_status END,
+           updated_at = :now
       FROM released r
      WHERE t.id = r.task_id AND t.lease_id = r.id AND t.status IN ('leased', 'running')
     RETURNING t.*
@@ -374,7 +387,12 @@ WITH current AS (
 ), result AS (
     INSERT INTO llm_results (id, task_id, worker_id, artifact_id, status, output, error_message,
                              metrics, completed_at)
-    SELECT :result_id, id, worker_id, :artifact_id, :result_status, :output, :error_message,
+    SELECT :result_id, id, worker_id, :artifact_id,
+           CASE WHEN status = 'failed' AND :result_status = 'success' THEN 'error' ELSE :result_status END,
+           :output,
+           CASE WHEN status = 'failed' AND :result_status = 'success'
+                THEN 'output is not valid JSON, and the task asked for desired_format json'
+                ELSE :error_message END,
            CAST(:metrics AS jsonb), :now
       FROM task
     RETURNING *

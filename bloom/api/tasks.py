@@ -48,7 +48,7 @@ def list_tasks():
 
 
 @bp.get("/llm-tasks/<task_id>")
-@documented("One task", responses={200: "LLMTask", 404: "Error"})
+@documented("One task, with its latest result", responses={200: "TaskDetail", 404: "Error"})
 def get_task(task_id: str):
     return jsonify(service().get_task(task_id))
 
