@@ -40,7 +40,7 @@ class RuntimeApi:
     """HTTP calls to the runtime that ride out restarts: retry with backoff until answered."""
 
     def __init__(self, server: str, api_key: str | None, stopping: threading.Event) -> None:
-        self._server = server.rstrip("/")
+        self.server = server.rstrip("/")
         self._session = requests.Session()
         if api_key:
             self._session.headers["X-Runtime-API-Key"] = api_key
@@ -51,7 +51,7 @@ class RuntimeApi:
         backoff = 0.5
         while True:
             try:
-                response = self._session.request(method, f"{self._server}{path}", json=body, timeout=timeout)
+                response = self._session.request(method, f"{self.server}{path}", json=body, timeout=timeout)
                 if response.status_code not in RETRYABLE_STATUSES:
                     return response
                 problem = f"HTTP {response.status_code}"
@@ -62,7 +62,8 @@ class RuntimeApi:
             if deadline is not None and time.monotonic() + backoff > deadline:
                 raise Stopped()
             log.warning("%s %s failed (%s); retrying in %.1fs", method, path, problem, backoff)
-            time.sleep(backoff)
+            if self._stopping.wait(backoff) and give_up_when_stopping:
+                raise Stopped()  # SIGTERM during a backoff stops at once
             backoff = min(backoff * 2, MAX_BACKOFF_S)
 
 
@@ -99,6 +100,8 @@ class Worker:
                 self._child.kill()
 
     def run(self) -> int:
+        log.info("worker %s serving %s (capacity 1, lease ttl %ss, long poll %ss): %s",
+                 self.name, self.api.server, self.ttl_seconds, self.wait_seconds, " ".join(self.command))
         try:
             self.register()
             last_registered = time.monotonic()
@@ -153,10 +156,16 @@ class Worker:
         )
         started = time.monotonic()
         env = {**os.environ, "BLOOM_TASK": json.dumps(task), "BLOOM_LEASE_ID": lease_id}
-        with self._child_lock:
-            self._child = subprocess.Popen(
-                self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
-            )
+        try:
+            with self._child_lock:
+                self._child = subprocess.Popen(
+                    self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+                )
+        except OSError as error:  # not found, not executable: the task fails, it is not stranded
+            log.error("task %s: the command could not start: %s", task_id, error)
+            reason = f"command could not start: {error.strerror or error} ({self.command[0]})".encode()
+            self._complete(task_id, lease_id, b"", reason, None, False, started)
+            return
         heartbeats.start()
         timeout = task.get("policy", {}).get("timeout_sec") or None
         try:
@@ -190,7 +199,7 @@ class Worker:
         if returncode == 0 and not timed_out:
             body.update(status="success", output=output, error_message=None)
         else:
-            reason = "timed out" if timed_out else f"exit code {returncode}"
+            reason = "timed out" if timed_out else "not started" if returncode is None else f"exit code {returncode}"
             detail = stderr.decode("utf-8", errors="replace")[-8000:]
             body.update(status="error", output=output or None, error_message=f"{reason}: {detail}".strip())
         deadline = self.abort_at + 5 if self.abort_at is not None else None
@@ -229,16 +238,21 @@ class Worker:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bloom.worker", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bloom.worker", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--server", required=True, help="runtime base URL, e.g. http://127.0.0.1:3002")
     parser.add_argument("--name", required=True, help="worker name (its id)")
-    parser.add_argument("--api-key", default=os.environ.get("RUNTIME_API_KEY"), help="X-Runtime-API-Key")
+    parser.add_argument("--api-key", default=argparse.SUPPRESS,
+                        help="X-Runtime-API-Key (default: $RUNTIME_API_KEY; never shown)")
     parser.add_argument("--ttl", type=int, default=300, help="lease TTL in seconds (heartbeat every TTL/3)")
     parser.add_argument("--wait", type=float, default=10.0, help="long-poll seconds per claim (0..30)")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds a running task may take after SIGTERM")
     parser.add_argument("--agent-slug", action="append", help="claim only tasks of this agent (repeatable)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS…")
     args = parser.parse_args(argv)
+    args.api_key = getattr(args, "api_key", None) or os.environ.get("RUNTIME_API_KEY")
     if args.command and args.command[0] == "--":
         args.command = args.command[1:]
     if not args.command:

@@ -125,3 +125,18 @@ def test_a_killed_workers_task_is_swept_and_run_by_another(server):
     final = task(server, task_id)
     assert (final["status"], final["worker_id"], final["attempts"]) == ("completed", f"{slug}-rescuer", 2)
     assert result_of(server, task_id) == [f"HELLO 0 by {slug}"]
+
+
+def test_a_command_that_cannot_start_fails_the_task_instead_of_stranding_it(server):
+    slug = f"missing-{uuid.uuid4().hex[:6]}"
+    [task_id] = new_tasks(server, slug, 1)
+    worker = WorkerProcess(server, f"w-{slug}", ["/nonexistent/cmd"], slug=slug)
+    try:
+        failed = wait_until(lambda: (t := task(server, task_id))["status"] == "failed" and t, timeout=20,
+                            what="the task to fail")
+        assert "command could not start" in failed["result"]["error_message"]
+        assert worker.process.poll() is None  # the worker lives on, ready for the next task
+        assert "Traceback" not in worker.output()
+        assert f"worker w-{slug} serving {server.base_url}" in worker.output()
+    finally:
+        assert worker.terminate() == 0
