@@ -108,7 +108,11 @@ class AgentClient:
         self._session = session or requests.Session()  # probes: no retries, a failed probe is the answer
 
     def probe(self, url: str) -> bool:
-        """Does the agent's /health answer 2xx within PROBE_TIMEOUT_S?"""
+        """Does the agent's /health answer 2xx within PROBE_TIMEOUT_S? Asked twice before
+        the answer is no: one lost packet or busy moment must not send its runs elsewhere."""
+        return self._probe_once(url) or self._probe_once(url)
+
+    def _probe_once(self, url: str) -> bool:
         try:
             response = self._session.get(
                 f"{url.rstrip('/')}/health", timeout=(PROBE_TIMEOUT_S, PROBE_TIMEOUT_S), allow_redirects=False

@@ -146,6 +146,8 @@ def _handler(agent: FakeAgent):
                 state.most_running = max(state.most_running, state.running)
             time.sleep(state.run_seconds)
             output = f"{agent.name} ran {task_id}"
+            if task.get("desired_format") == "json":  # as the CLI would, asked for JSON
+                output = json.dumps({"result": output})
             duration_ms = int((time.monotonic() - started) * 1000)
             with state.lock:
                 state.running -= 1

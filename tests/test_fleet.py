@@ -152,7 +152,7 @@ def test_dispatch_without_a_public_url_is_409(client):
 
 
 def test_dispatch_delivers_the_task_to_the_agent_which_runs_and_completes_it(fleet_server, agents):
-    served = fleet_server(BLOOM_DISPATCH="off")
+    served = fleet_server(BLOOM_DISPATCH="off", WORKER_SYNC_INTERVAL_S="600")
     agent = agents("agent-1", run_seconds=0.3)
     assert agent.register(served.base_url).status_code == 201
     task = new_task(served, desired_format="json", policy={"timeout_sec": 30, "budget": 1.5})
@@ -173,10 +173,10 @@ def test_dispatch_delivers_the_task_to_the_agent_which_runs_and_completes_it(fle
         "runtime_url": served.base_url,  # from configuration, never from Host or X-Forwarded-Host
     }
     done = wait_until(lambda: (t := task_of(served, task["id"]))["status"] == "completed" and t, timeout=10,
-                      what="the agent's completion")
+                      what=f"the agent's completion (callbacks so far: {agent.state.callbacks})")
     assert done["attempts"] == 1
     assert agent.state.callbacks == [("heartbeat", task["id"], 200), ("complete", task["id"], 200)]
-    assert [a["content"] for a in results_of(served, task["id"])] == [f"agent-1 ran {task['id']}"]
+    assert [a["content"] for a in results_of(served, task["id"])] == [f'{{"result": "agent-1 ran {task["id"]}"}}']
     assert "task_dispatched" in actions(served)
 
 
@@ -263,7 +263,7 @@ def test_push_and_pull_workers_serve_one_queue_each_task_once(fleet_server, agen
 
 
 def test_a_run_whose_callback_never_came_is_completed_from_the_agents_answer_once(fleet_server, agents):
-    served = fleet_server(BLOOM_DISPATCH="off")
+    served = fleet_server(BLOOM_DISPATCH="off", WORKER_SYNC_INTERVAL_S="600")
     agent = agents("agent-1", mode="drop_callback")
     agent.register(served.base_url)
     task = new_task(served)
