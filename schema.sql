@@ -92,6 +92,10 @@ ALTER TABLE llm_tasks ADD COLUMN IF NOT EXISTS priority integer NOT NULL DEFAULT
 ALTER TABLE llm_tasks ADD COLUMN IF NOT EXISTS idempotency_key text;
 -- A digest of the request that used the Idempotency-Key: a reuse with another body is refused.
 ALTER TABLE llm_tasks ADD COLUMN IF NOT EXISTS idempotency_fingerprint text;
+-- Not to be claimed or dispatched before: the client's run_at, and the runtime's retry_at
+-- (exponential backoff after a failed run). Epoch ms; null = now.
+ALTER TABLE llm_tasks ADD COLUMN IF NOT EXISTS run_at bigint;
+ALTER TABLE llm_tasks ADD COLUMN IF NOT EXISTS retry_at bigint;
 -- What a Membridge agent tells about itself when it registers (null when unknown), and
 -- the time of the runtime's own latest evidence of a worker's state: its own calls
 -- (registration, claim, task heartbeat, completion), probes of its url and dispatch
@@ -104,7 +108,10 @@ ALTER TABLE workers ADD COLUMN IF NOT EXISTS evidence_at bigint;
 -- Indexes for every list filter and order, the lease capacity counts and the sweep.
 CREATE INDEX IF NOT EXISTS llm_tasks_created_idx ON llm_tasks (created_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS llm_tasks_status_created_idx ON llm_tasks (status, created_at DESC, id DESC);
-CREATE INDEX IF NOT EXISTS llm_tasks_claim_idx ON llm_tasks (priority DESC, created_at, id) WHERE status = 'queued';
+-- The queue in claim order, with the times a claim filters on in the index itself.
+CREATE INDEX IF NOT EXISTS llm_tasks_claim_ready_idx ON llm_tasks (priority DESC, created_at, id)
+    INCLUDE (run_at, retry_at) WHERE status = 'queued';
+DROP INDEX IF EXISTS llm_tasks_claim_idx;  -- the earlier claim index, without those times
 CREATE UNIQUE INDEX IF NOT EXISTS llm_tasks_idempotency_key_idx ON llm_tasks (idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS leases_started_idx ON leases (started_at DESC, id DESC);

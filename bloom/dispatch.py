@@ -34,7 +34,7 @@ from .db import Database, Queries
 from .errors import ApiError, Conflict, NotFound, Unavailable
 from .liveness import take_workers_out
 from .queue_events import QueueEvents
-from .service import RuntimeService
+from .service import RuntimeService, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class Dispatcher:
     def dispatch_queued(self) -> int:
         """Push queued tasks (priority, then age) to push workers with room; returns how many."""
         with self._db.autocommit() as tx:
-            candidates = [row["id"] for row in tx.all("dispatch_candidates", limit=CANDIDATES_PER_ROUND)]
+            candidates = [row["id"] for row in tx.all("dispatch_candidates", limit=CANDIDATES_PER_ROUND, now=now_ms())]
         started = 0
         for task_id in candidates:
             if not self._in_flight.acquire(blocking=False):

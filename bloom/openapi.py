@@ -86,6 +86,9 @@ class LLMTask(Schema):
     attempts = fields.Integer(required=True)
     max_attempts = fields.Integer(required=True)
     priority = fields.Integer(required=True)
+    run_at = fields.Integer(allow_none=True, required=True, metadata={"description": "not claimed before (epoch ms)"})
+    retry_at = fields.Integer(allow_none=True, required=True,
+                              metadata={"description": "after a failed run: not claimed again before (epoch ms)"})
 
 
 class TaskResult(Schema):

@@ -85,10 +85,10 @@ SELECT id FROM removed;
 WITH created AS (
     INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, context_hints, policy, desired_format,
                            status, created_at, updated_at, lease_id, worker_id, attempts, max_attempts,
-                           priority, idempotency_key, idempotency_fingerprint)
+                           priority, idempotency_key, idempotency_fingerprint, run_at)
     VALUES (:task_id, :context_id, :agent_slug, :prompt, CAST(:context_hints AS jsonb),
             CAST(:policy AS jsonb), :desired_format, 'queued', :now, :now, NULL, NULL, 0, :max_attempts,
-            :priority, :idempotency_key, :idempotency_fingerprint)
+            :priority, :idempotency_key, :idempotency_fingerprint, :run_at)
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING *
 ), audit AS (
@@ -125,7 +125,7 @@ SELECT t.*,
 -- name: requeue_task
 WITH requeued AS (
     UPDATE llm_tasks
-       SET status = 'queued', lease_id = NULL, worker_id = NULL, attempts = 0, updated_at = :now
+       SET status = 'queued', lease_id = NULL, worker_id = NULL, attempts = 0, retry_at = NULL, updated_at = :now
      WHERE id = :task_id AND status IN ('failed', 'dead')
     RETURNING *
 ), audit AS (
@@ -133,6 +133,29 @@ WITH requeued AS (
     SELECT :audit_id, :now, 'task_requeued', 'task', id, :actor, '{}'::jsonb FROM requeued
 )
 SELECT requeued.*, pg_notify('bloom_task_queued', left(agent_slug, 1000)) IS NULL AS notified FROM requeued;
+
+-- name: cancel_task
+-- A queued, leased or running task becomes 'cancelled'; its active lease is released
+-- (lease, then task: the lock order of heartbeat and complete), so the worker's next
+-- heartbeat is refused and a late completion stores nothing.
+WITH current AS (
+    SELECT id, status, lease_id FROM llm_tasks WHERE id = :task_id
+), ended AS (
+    UPDATE leases l SET status = 'released'
+      FROM current c
+     WHERE l.id = c.lease_id AND l.task_id = c.id AND l.status = 'active'
+    RETURNING l.id
+), cancelled AS (
+    UPDATE llm_tasks t
+       SET status = 'cancelled', retry_at = NULL, updated_at = :now
+     WHERE t.id = :task_id AND t.status IN ('queued', 'leased', 'running')
+    RETURNING t.*
+), audit AS (
+    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+    SELECT :audit_id, :now, 'task_cancelled', 'task', id, :actor,
+           jsonb_build_object('lease_id', lease_id, 'worker_id', worker_id) FROM cancelled
+)
+SELECT (SELECT row_to_json(cancelled) FROM cancelled) AS task, (SELECT status FROM current) AS status;
 
 -- Leases --------------------------------------------------------------------
 
@@ -246,6 +269,7 @@ WITH worker AS (
 ), next_task AS (
     SELECT id FROM llm_tasks
      WHERE status = 'queued'
+       AND COALESCE(run_at, 0) <= :now AND COALESCE(retry_at, 0) <= :now
        AND (CAST(:agent_slugs AS text[]) IS NULL OR agent_slug = ANY(CAST(:agent_slugs AS text[])))
        AND (SELECT active_leases FROM capacity) < (SELECT max_concurrency FROM fit)
      ORDER BY priority DESC, created_at, id
@@ -282,6 +306,7 @@ SELECT (SELECT row_to_json(task) FROM task) AS task,
 -- reason, each is tried on its own to find the one that cannot be granted.
 SELECT id FROM llm_tasks
  WHERE status = 'queued'
+   AND COALESCE(run_at, 0) <= :now AND COALESCE(retry_at, 0) <= :now
    AND (CAST(:agent_slugs AS text[]) IS NULL OR agent_slug = ANY(CAST(:agent_slugs AS text[])))
  ORDER BY priority DESC, created_at, id
  LIMIT :limit;
@@ -354,7 +379,10 @@ SELECT t.status AS task_status, t.desired_format,
 
 -- name: complete_task (prepared)
 -- Releases the current lease, finishes the task and writes artifact, result and audit
--- entry in one statement: all of it happens, or none.
+-- entry in one statement: all of it happens, or none. A failed run (an error, or a
+-- "success" whose output is not JSON for a task that asked for JSON) goes back to the
+-- queue while it has attempts left, not before retry_at: 10 s × 2^(attempts - 1), ±25 %,
+-- at most 1 h. Its result is kept all the same.
 WITH current AS (
     SELECT t.id AS task_id, t.status AS task_status, t.lease_id, t.worker_id
       FROM llm_tasks t
@@ -368,33 +396,42 @@ WITH current AS (
        AND (CAST(:lease_id AS text) IS NULL OR l.id = :lease_id)
        AND (CAST(:worker_id AS text) IS NULL OR l.worker_id = :worker_id)
     RETURNING l.id, l.task_id, l.worker_id
+), verdict AS (
+    SELECT t.id AS task_id,
+           (:result_status = 'error' OR (t.desired_format = 'json' AND NOT :output_is_json)) AS failed,
+           (:result_status = 'success' AND t.desired_format = 'json' AND NOT :output_is_json) AS not_json,
+           t.attempts < t.max_attempts AS retries
+      FROM llm_tasks t JOIN released r ON r.task_id = t.id
 ), task AS (
     UPDATE llm_tasks t
-       -- A "success" whose output is not JSON, for a task that asked for JSON, is a failure.
-       SET status = CASE WHEN t.desired_format = 'json' AND :result_status = 'success' AND NOT :output_is_json
-                         THEN 'failed' ELSE :task_status END,
+       SET status = CASE WHEN NOT v.failed THEN 'completed' WHEN v.retries THEN 'queued' ELSE 'failed' END,
+           lease_id = CASE WHEN v.failed AND v.retries THEN NULL ELSE t.lease_id END,
+           worker_id = CASE WHEN v.failed AND v.retries THEN NULL ELSE t.worker_id END,
+           retry_at = CASE WHEN v.failed AND v.retries
+                           THEN :now + CAST(LEAST(10000 * power(2, GREATEST(t.attempts - 1, 0)), 3600000)
+                                            * (0.75 + random() * 0.5) AS bigint)
+                           ELSE NULL END,
            updated_at = :now
-      FROM released r
-     WHERE t.id = r.task_id AND t.lease_id = r.id AND t.status IN ('leased', 'running')
+      FROM released r, verdict v
+     WHERE t.id = r.task_id AND v.task_id = t.id AND t.lease_id = r.id AND t.status IN ('leased', 'running')
     RETURNING t.*
 ), artifact AS (
     INSERT INTO runtime_artifacts (id, task_id, job_id, type, created_at, finalized, url,
                                    entity_refs, tags, content)
-    SELECT :artifact_id, id, lease_id, :artifact_type, :now, true, :artifact_url,
+    SELECT :artifact_id, task.id, r.id, :artifact_type, :now, true, :artifact_url,
            '[]'::jsonb, CAST(:artifact_tags AS jsonb), :artifact_content
-      FROM task
+      FROM task JOIN released r ON r.task_id = task.id
     RETURNING *
 ), result AS (
     INSERT INTO llm_results (id, task_id, worker_id, artifact_id, status, output, error_message,
                              metrics, completed_at)
-    SELECT :result_id, id, worker_id, :artifact_id,
-           CASE WHEN status = 'failed' AND :result_status = 'success' THEN 'error' ELSE :result_status END,
+    SELECT :result_id, task.id, r.worker_id, :artifact_id,
+           CASE WHEN v.failed THEN 'error' ELSE 'success' END,
            :output,
-           CASE WHEN status = 'failed' AND :result_status = 'success'
-                THEN 'output is not valid JSON, and the task asked for desired_format json'
+           CASE WHEN v.not_json THEN 'output is not valid JSON, and the task asked for desired_format json'
                 ELSE :error_message END,
            CAST(:metrics AS jsonb), :now
-      FROM task
+      FROM task JOIN released r ON r.task_id = task.id JOIN verdict v ON v.task_id = task.id
     RETURNING *
 ), alive AS (
     -- As in heartbeat_lease: the worker's own sign of life, at most every 5 s.
@@ -406,10 +443,10 @@ WITH current AS (
        AND (COALESCE(w.evidence_at, 0) < :now - 5000 OR w.status = 'offline')
 ), audit AS (
     INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
-    SELECT :audit_id, :now, 'task_completed', 'task', id, :actor,
-           jsonb_build_object('status', status, 'lease_id', lease_id, 'worker_id', worker_id,
-                              'artifact_id', :artifact_id)
-      FROM task
+    SELECT :audit_id, :now, 'task_completed', 'task', task.id, :actor,
+           jsonb_build_object('status', task.status, 'lease_id', r.id, 'worker_id', r.worker_id,
+                              'artifact_id', :artifact_id, 'retry_at', task.retry_at)
+      FROM task JOIN released r ON r.task_id = task.id
 )
 SELECT c.*,
        (SELECT row_to_json(task) FROM task) AS task,
@@ -671,6 +708,7 @@ SELECT (SELECT count(*) FROM taken_out) AS workers,
 SELECT t.id
   FROM llm_tasks t
  WHERE t.status = 'queued'
+   AND COALESCE(t.run_at, 0) <= :now AND COALESCE(t.retry_at, 0) <= :now
    AND EXISTS (
         SELECT 1 FROM workers w
          WHERE w.url IS NOT NULL AND w.status = 'online'

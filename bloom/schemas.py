@@ -16,7 +16,7 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 from .errors import ValidationFailed
 
 MAX_OFFSET = 2**31 - 1
-TASK_STATUSES = ("queued", "leased", "running", "completed", "failed", "dead")
+TASK_STATUSES = ("queued", "leased", "running", "completed", "failed", "dead", "cancelled")
 LEASE_STATUSES = ("active", "expired", "released", "failed")
 WORKER_STATUSES = ("online", "offline", "syncing", "error", "unknown")
 
@@ -112,6 +112,8 @@ class CreateTaskSchema(_Body):
     desired_format = fields.String(load_default="text", validate=validate.OneOf(("json", "text")))
     max_attempts = fields.Integer(strict=True, validate=validate.Range(1, 10), load_default=3)
     priority = fields.Integer(strict=True, validate=validate.Range(-(2**31), 2**31 - 1), load_default=0)
+    # Not to be claimed or dispatched before this time (epoch ms).
+    run_at = fields.Integer(strict=True, validate=validate.Range(0, 2**62), load_default=None, allow_none=True)
 
 
 class LeaseTaskSchema(_Body):

@@ -51,6 +51,8 @@ def task_json(row: dict[str, Any]) -> dict[str, Any]:
         "attempts": row["attempts"],
         "max_attempts": row["max_attempts"],
         "priority": row.get("priority", 0),
+        "run_at": row.get("run_at"),
+        "retry_at": row.get("retry_at"),
     }
 
 

@@ -137,6 +137,7 @@ class RuntimeService:
                 desired_format=body["desired_format"],
                 max_attempts=body["max_attempts"],
                 priority=body["priority"],
+                run_at=body["run_at"],
                 idempotency_key=idempotency_key,
                 idempotency_fingerprint=fingerprint,
                 now=now_ms(),
@@ -174,6 +175,19 @@ class RuntimeService:
                     raise NotFound("Task not found")
                 raise Conflict(f"Cannot requeue task with status '{current}'")
         return task_json(row)
+
+    def cancel_task(self, task_id: str) -> dict[str, Any]:
+        """Cancel a queued, leased or running task; its lease ends. Cancelling a cancelled
+        task again answers it as it is."""
+        with self.db.autocommit() as tx:
+            row = tx.one("cancel_task", task_id=task_id, now=now_ms(), audit_id=new_id(), actor=API_ACTOR)
+        if row["task"] is not None:
+            return task_json(row["task"])
+        if row["status"] is None:
+            raise NotFound("Task not found")
+        if row["status"] == "cancelled":
+            return self.get_task(task_id)
+        raise Conflict(f"Cannot cancel task with status '{row['status']}'")
 
     # Leases ----------------------------------------------------------------
 
@@ -264,7 +278,7 @@ class RuntimeService:
         """Find, among the next tasks a claim would take, the one whose grant fails for a
         data reason (each tried in a transaction that is rolled back), and set it aside."""
         with self.db.autocommit() as tx:
-            candidates = [row["id"] for row in tx.all("claim_candidates", agent_slugs=agent_slugs, limit=10)]
+            candidates = [row["id"] for row in tx.all("claim_candidates", agent_slugs=agent_slugs, limit=10, now=now_ms())]
         for task_id in candidates:
             try:
                 with self.db.transaction() as tx:
@@ -296,6 +310,8 @@ class RuntimeService:
         if row is not None and row["lease"] is not None:
             lease = lease_json(row["lease"])
             return {"lease": lease, "expires_at": lease["expires_at"]}
+        if row is not None and row["task_status"] == "cancelled":
+            raise Conflict("Task cancelled")
         if row is None or row["lease_id"] is None or row["lease_status"] is None:
             raise NotFound("Task or lease not found")
         self._check_fencing(row, lease_id, worker_id)
@@ -336,7 +352,6 @@ class RuntimeService:
                     task_id=task_id,
                     lease_id=body.get("lease_id"),
                     worker_id=body.get("worker_id"),
-                    task_status="completed" if body["status"] == "success" else "failed",
                     result_status=body["status"],
                     output=output,
                     output_is_json=_is_json(output),

@@ -30,6 +30,7 @@ PARAMETER_TYPES = {
     "agent_slugs": "text[]",
     "push_only": "boolean",
     "output_is_json": "boolean",
+    "run_at": "bigint",
 }
 
 

@@ -270,13 +270,75 @@ def test_complete_writes_artifact_result_and_releases_the_lease(client):
     assert audit_actions(client)[0] == "task_completed"
 
 
-def test_error_completion_fails_the_task(client):
+def test_error_completion_of_the_last_attempt_fails_the_task(client):
+    register_worker(client, "w1")
+    task = create_task(client, max_attempts=1)
+    lease(client, task["id"])
+    body = complete(client, task["id"], status="error", output=None, error_message="model timeout").get_json()
+    assert body["task"]["status"] == "failed" and body["task"]["retry_at"] is None
+    assert body["result"]["error_message"] == "model timeout"
+
+
+def test_a_failed_run_is_retried_with_exponential_backoff_until_its_attempts_are_spent(client):
+    register_worker(client, "w1")
+    task = create_task(client, max_attempts=3)
+    backoffs = []
+    for attempt in (1, 2):
+        assert lease(client, task["id"]).status_code == 201  # an explicit lease may come early
+        before = int(time.time() * 1000)
+        body = complete(client, task["id"], status="error", output=None, error_message=f"crash {attempt}").get_json()
+        assert (body["task"]["status"], body["task"]["attempts"], body["task"]["lease_id"]) == ("queued", attempt, None)
+        assert body["result"]["status"] == "error"
+        backoffs.append(body["task"]["retry_at"] - before)
+        # Not claimable before retry_at.
+        assert client.post("/api/runtime/workers/w1/claim", json={}).status_code == 204
+    assert 7_500 <= backoffs[0] <= 12_600 and 15_000 <= backoffs[1] <= 25_100  # 10 s, then 20 s, ±25 %
+    lease(client, task["id"])
+    last = complete(client, task["id"], status="error", output=None, error_message="crash 3").get_json()
+    assert (last["task"]["status"], last["task"]["retry_at"]) == ("failed", None)
+    assert len(client.get(f"/api/runtime/artifacts?task_id={task['id']}").get_json()) == 3  # every result kept
+
+
+def test_a_task_with_run_at_in_the_future_is_not_claimed_before(client):
+    register_worker(client, "w1")
+    later = create_task(client, run_at=int(time.time() * 1000) + 3_600_000)
+    now = create_task(client, run_at=int(time.time() * 1000) - 1)
+    assert later["run_at"] > now["run_at"]
+    claimed = client.post("/api/runtime/workers/w1/claim", json={}).get_json()
+    assert claimed["task"]["id"] == now["id"]
+    assert client.post("/api/runtime/workers/w1/claim", json={}).status_code in (204, 409)
+    assert client.post("/api/runtime/llm-tasks", json={**TASK, "run_at": "soon"}).status_code == 400
+
+
+def test_cancel_a_queued_task_and_a_running_one(client):
+    register_worker(client, "w1", max_concurrency=2)
+    queued = create_task(client)
+    running = create_task(client)
+    granted = lease(client, running["id"]).get_json()["lease"]
+    client.post(f"/api/runtime/llm-tasks/{running['id']}/heartbeat", json={"lease_id": granted["id"]})
+    for task in (queued, running):
+        response = client.post(f"/api/runtime/llm-tasks/{task['id']}/cancel")
+        assert (response.status_code, response.get_json()["status"]) == (200, "cancelled")
+    beat = client.post(f"/api/runtime/llm-tasks/{running['id']}/heartbeat", json={"lease_id": granted["id"]})
+    assert (beat.status_code, beat.get_json()) == (409, {"error": "Task cancelled"})
+    late = complete(client, running["id"], lease_id=granted["id"])
+    assert late.status_code == 409
+    assert client.get(f"/api/runtime/artifacts?task_id={running['id']}").get_json() == []  # nothing stored
+    assert client.get("/api/runtime/leases?status=active").get_json() == []
+    assert client.get("/api/runtime/workers/w1").get_json()["active_leases"] == 0
+    assert client.post(f"/api/runtime/llm-tasks/{queued['id']}/cancel").status_code == 200  # again: as it is
+    assert client.get("/api/runtime/stats").get_json()["tasks"]["by_status"]["cancelled"] == 2
+    assert "task_cancelled" in audit_actions(client)
+
+
+def test_a_finished_task_cannot_be_cancelled(client):
     register_worker(client, "w1")
     task = create_task(client)
     lease(client, task["id"])
-    body = complete(client, task["id"], status="error", output=None, error_message="model timeout").get_json()
-    assert body["task"]["status"] == "failed"
-    assert body["result"]["error_message"] == "model timeout"
+    complete(client, task["id"])
+    response = client.post(f"/api/runtime/llm-tasks/{task['id']}/cancel")
+    assert (response.status_code, response.get_json()) == (409, {"error": "Cannot cancel task with status 'completed'"})
+    assert client.post("/api/runtime/llm-tasks/nope/cancel").status_code == 404
 
 
 def test_second_completion_is_409_and_writes_no_second_result(client):
@@ -324,7 +386,7 @@ def test_invalid_completion_is_400_and_changes_nothing(client, change, field):
 
 def test_requeue_only_from_failed_or_dead(client):
     register_worker(client, "w1")
-    task = create_task(client)
+    task = create_task(client, max_attempts=1)
     refused = client.post(f"/api/runtime/llm-tasks/{task['id']}/requeue")
     assert (refused.status_code, refused.get_json()) == (409, {"error": "Cannot requeue task with status 'queued'"})
     lease(client, task["id"])
@@ -410,7 +472,7 @@ def test_audit_is_newest_first_and_limited(client):
 
 def test_a_task_shows_its_latest_result_and_a_failure_stays_readable(client):
     register_worker(client, "w1")
-    task = create_task(client)
+    task = create_task(client, max_attempts=1)
     granted = lease(client, task["id"]).get_json()["lease"]
     client.post(f"/api/runtime/llm-tasks/{task['id']}/complete", json={
         "status": "error", "output": None, "error_message": "exit code 2: command not found",
@@ -426,7 +488,7 @@ def test_a_task_shows_its_latest_result_and_a_failure_stays_readable(client):
 @pytest.mark.parametrize("output, status", [('{"summary": "ok"}', "completed"), ("this is not json", "failed")])
 def test_a_json_task_completed_with_output_that_is_not_json_fails_with_the_reason(client, output, status):
     register_worker(client, "w1")
-    task = create_task(client, desired_format="json")
+    task = create_task(client, desired_format="json", max_attempts=1)
     lease(client, task["id"])
     done = client.post(f"/api/runtime/llm-tasks/{task['id']}/complete", json={**DONE, "output": output})
     assert done.status_code == 200

@@ -47,10 +47,11 @@ class WorkerProcess:
         self.process.wait(timeout=10)
 
 
-def new_tasks(server, slug, count, prompt="hello"):
+def new_tasks(server, slug, count, prompt="hello", **fields):
     return [
         requests.post(server.url("/api/runtime/llm-tasks"),
-                      json={"context_id": "c", "agent_slug": slug, "prompt": f"{prompt} {i}"}, timeout=10).json()["id"]
+                      json={"context_id": "c", "agent_slug": slug, "prompt": f"{prompt} {i}", **fields},
+                      timeout=10).json()["id"]
         for i in range(count)
     ]
 
@@ -85,7 +86,7 @@ def test_two_workers_drain_the_queue_each_task_once(server):
 
 def test_a_failing_command_fails_the_task_with_its_stderr_and_exit_code(server):
     slug = f"fail-{uuid.uuid4().hex[:6]}"
-    (task_id,) = new_tasks(server, slug, 1)
+    (task_id,) = new_tasks(server, slug, 1, max_attempts=1)
     failing = [sys.executable, "-c", "import sys; sys.stderr.write('model exploded'); sys.exit(3)"]
     worker = WorkerProcess(server, f"{slug}-w", failing, slug=slug)
     try:
@@ -129,7 +130,7 @@ def test_a_killed_workers_task_is_swept_and_run_by_another(server):
 
 def test_a_command_that_cannot_start_fails_the_task_instead_of_stranding_it(server):
     slug = f"missing-{uuid.uuid4().hex[:6]}"
-    [task_id] = new_tasks(server, slug, 1)
+    [task_id] = new_tasks(server, slug, 1, max_attempts=1)
     worker = WorkerProcess(server, f"w-{slug}", ["/nonexistent/cmd"], slug=slug)
     try:
         failed = wait_until(lambda: (t := task(server, task_id))["status"] == "failed" and t, timeout=20,

@@ -101,6 +101,15 @@ def complete_task(task_id: str):
     return jsonify(service().complete_task(task_id, body))
 
 
+@bp.post("/llm-tasks/<task_id>/cancel")
+@documented(
+    "Cancel a queued, leased or running task (its worker's next heartbeat gets 409 'Task cancelled')",
+    responses={200: "LLMTask", 404: "Error", 409: "Error"},
+)
+def cancel_task(task_id: str):
+    return jsonify(service().cancel_task(task_id))
+
+
 @bp.post("/llm-tasks/<task_id>/requeue")
 @documented("Queue a failed or dead task again", responses={200: "LLMTask", 404: "Error", 409: "Error"})
 def requeue_task(task_id: str):
