@@ -186,7 +186,8 @@ class RuntimeService:
         if row["status"] is None:
             raise NotFound("Task not found")
         if row["status"] == "cancelled":
-            return self.get_task(task_id)
+            with self.db.autocommit() as tx:
+                return task_json(tx.one("get_task", task_id=task_id))
         raise Conflict(f"Cannot cancel task with status '{row['status']}'")
 
     # Leases ----------------------------------------------------------------
