@@ -7,6 +7,7 @@ deployment (see bloom/scheduler.py), however many workers and hosts there are.
 """
 import multiprocessing
 import os
+import shutil
 
 bind = f"0.0.0.0:{os.environ.get('BLOOM_RUNTIME_PORT', '3002')}"
 workers = int(os.environ.get("WEB_CONCURRENCY") or min(2 * multiprocessing.cpu_count() + 1, 12))
@@ -23,11 +24,9 @@ keepalive = 5
 # Behind the reverse proxy: the same peers the app trusts (bloom/proxies.py).
 _trusted = os.environ.get("BLOOM_TRUSTED_PROXIES", "").strip()
 forwarded_allow_ips = _trusted if _trusted and not _trusted.isdigit() else "127.0.0.1,::1"
+_data_dir = os.path.abspath(os.environ.get("BLOOM_DATA_DIR") or "./.bloom")
 # One control socket per instance (two instances on a host must not share one).
-control_socket = os.path.join(
-    os.path.abspath(os.environ.get("BLOOM_DATA_DIR") or "./.bloom"),
-    f"gunicorn-{os.environ.get('BLOOM_RUNTIME_PORT', '3002')}.ctl",
-)
+control_socket = os.path.join(_data_dir, f"gunicorn-{os.environ.get('BLOOM_RUNTIME_PORT', '3002')}.ctl")
 # The app logs one line per API request (bloom/request_log.py: method, path, status,
 # duration, request id, client): gunicorn's access log would repeat it at a cost per
 # request. `--access-logfile -` turns it on, one JSON object a line.
@@ -46,6 +45,13 @@ def on_starting(server):
 
     The workers inherit its URL; the master stops the server when it exits.
     """
+    # Before anything imports prometheus_client: its multiprocess mode, with a fresh
+    # directory for this instance's per-process files (bloom/metrics.py).
+    metrics_dir = os.path.join(_data_dir, f"metrics-{os.environ.get('BLOOM_RUNTIME_PORT', '3002')}")
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    os.makedirs(metrics_dir)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+
     from bloom.rate_limit_store import share_counters_across_workers
 
     # Before any fork: every worker inherits one table, so `memory://` limits hold per
@@ -61,6 +67,12 @@ def post_fork(server, worker):
     from bloom import server_errors
 
     server_errors.install()
+
+
+def child_exit(server, worker):
+    from bloom.metrics import forget_process
+
+    forget_process(worker.pid)
 
 
 def post_worker_init(worker):

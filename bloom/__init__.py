@@ -77,8 +77,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
 
     from .api import config, health, membridge, records, tasks, workers
+    from .api import metrics as metrics_api
 
-    for blueprint in (health.bp, config.bp, workers.bp, tasks.bp, records.bp, membridge.bp):
+    for blueprint in (health.bp, config.bp, workers.bp, tasks.bp, records.bp, membridge.bp, metrics_api.bp):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
     install_request_log(app)  # first, so that even a refused request gets an id and a log line

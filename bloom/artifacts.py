@@ -17,6 +17,8 @@ import urllib3
 from minio import Minio
 from minio.error import S3Error
 
+from . import metrics
+
 from .config import MinioSettings
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,7 @@ class MinioArtifactStore:
                 location.bucket, location.key, io.BytesIO(data), len(data), content_type=content_type
             )
         except Exception as error:  # any failure: keep the output in the database instead
+            metrics.ARTIFACT_UPLOAD_FAILURES.inc()
             log.warning(
                 "object store upload of task %s failed (%s); keeping the output in the database",
                 task_id, _describe(error),

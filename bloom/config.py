@@ -102,6 +102,7 @@ class Settings:
     # The address agents call back (runtime_url of a dispatched task): configuration
     # only, never a request's Host or X-Forwarded-Host. Unset: no dispatch.
     public_url: str | None
+    metrics_key: str | None
     agent_key: str
     dispatch_enabled: bool
     worker_liveness_s: float
@@ -148,6 +149,7 @@ class Settings:
             db_statement_timeout_ms=_int(env, "BLOOM_DB_STATEMENT_TIMEOUT_MS", 15000),
             db_lock_timeout_ms=_int(env, "BLOOM_DB_LOCK_TIMEOUT_MS", 5000),
             public_url=(env.get("BLOOM_PUBLIC_URL", "").strip().rstrip("/") or None),
+            metrics_key=env.get("BLOOM_METRICS_KEY") or None,
             agent_key=env.get("MEMBRIDGE_AGENT_KEY", ""),
             dispatch_enabled=_switch(env, "BLOOM_DISPATCH"),
             worker_liveness_s=_float(env, "BLOOM_WORKER_LIVENESS_S", 60.0),

@@ -29,6 +29,7 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
+from . import metrics
 from .agents import ACCEPT_WINDOW_S, ANSWER_GRACE_S, CONNECT_TIMEOUT_S, AgentAnswer, AgentClient, AgentUnreachable
 from .db import Database, Queries
 from .errors import ApiError, Conflict, NotFound, Unavailable
@@ -212,6 +213,7 @@ class Dispatcher:
         else:
             answer = None
         delivery.settle()
+        metrics.DISPATCHES.labels("dispatched").inc()
         log.info("task %s dispatched to worker %s", task["id"], worker["id"])
         self._follow_up(delivery, answer or run.answer())
 
@@ -237,6 +239,7 @@ class Dispatcher:
             "dispatch_failed", "task", delivery.task["id"],
             {"worker_id": worker_id, "lease_id": delivery.lease["id"], "error": reason}, actor=DISPATCH_ACTOR,
         )
+        metrics.DISPATCHES.labels("refused").inc()
         log.warning("dispatch of task %s to worker %s refused: %s", delivery.task["id"], worker_id, reason)
         delivery.settle(reason)
 

@@ -17,6 +17,8 @@ from urllib.parse import quote
 
 import requests
 from requests.adapters import HTTPAdapter
+
+from . import metrics
 from urllib3.util.retry import Retry
 
 log = logging.getLogger(__name__)
@@ -134,6 +136,7 @@ class UpstreamHealth:
             failed_before = self._state["consecutiveFailures"]
             self._state.update(consecutiveFailures=0, lastSuccess=now, connected=True)
             self._observed_at = now
+        metrics.MEMBRIDGE_CALLS.labels("ok").inc()
         if failed_before:  # one line when an outage ends, none per call
             log.info("Membridge answers again, after %d failed call(s)", failed_before)
         self._announce()
@@ -144,6 +147,7 @@ class UpstreamHealth:
             first = self._state["consecutiveFailures"] == 1
             self._state.update(lastError=message, connected=False)
             self._observed_at = int(time.time() * 1000)
+        metrics.MEMBRIDGE_CALLS.labels("error").inc()
         # One line when an outage starts; the calls that fail during it are not logged again.
         log.log(logging.WARNING if first else logging.DEBUG, "Membridge call failed: %s", message)
         self._announce()

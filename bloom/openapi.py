@@ -283,7 +283,7 @@ _COMMON_ERRORS = {
     500: "Internal Server Error",
     503: "Database unavailable",
 }
-_OPEN_ROUTES = {"/api/runtime/health", "/api/runtime/ready", "/api/runtime/openapi.json"}
+_OPEN_ROUTES = {"/api/runtime/health", "/api/runtime/ready", "/api/runtime/openapi.json", "/metrics"}
 
 
 def _response(target: str | None, description: str) -> dict[str, Any]:

@@ -509,6 +509,19 @@ SELECT * FROM audit_logs
  ORDER BY timestamp DESC, id DESC
  LIMIT :limit OFFSET :offset;
 
+-- name: queue_state
+-- For /metrics: the live part of the queue only, each count over a small index range
+-- (queued, leased, running; active leases), never a count of finished tasks.
+SELECT (SELECT count(*) FROM llm_tasks WHERE status = 'queued') AS queued,
+       (SELECT COALESCE(:now - min(created_at), 0) FROM llm_tasks
+         WHERE status = 'queued' AND COALESCE(run_at, 0) <= :now AND COALESCE(retry_at, 0) <= :now)
+           AS oldest_queued_age_ms,
+       (SELECT count(*) FROM llm_tasks WHERE status = 'leased') AS leased,
+       (SELECT count(*) FROM llm_tasks WHERE status = 'running') AS running,
+       (SELECT count(*) FROM leases WHERE status = 'active') AS leases_active,
+       (SELECT jsonb_object_agg(status, n) FROM (SELECT status, count(*) AS n FROM workers GROUP BY status) w)
+           AS workers_by_status;
+
 -- name: stats
 SELECT (SELECT COALESCE(jsonb_object_agg(status, n), '{}'::jsonb)
           FROM (SELECT status, count(*) AS n FROM llm_tasks GROUP BY status) s) AS tasks_by_status,

@@ -9,12 +9,14 @@ import uuid
 
 from flask import Flask, g, request
 
+from . import metrics
 from .http import printable
 
 log = logging.getLogger("bloom.requests")
 
 # A caller's id is echoed only if it is plain enough to be safe in logs and headers.
 _ACCEPTABLE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def install_request_log(app: Flask) -> None:
@@ -28,9 +30,17 @@ def install_request_log(app: Flask) -> None:
     def _finish(response):
         request_id = getattr(g, "request_id", None) or uuid.uuid4().hex
         response.headers["X-Request-ID"] = request_id
+        started = getattr(g, "request_started", None)
+        elapsed_s = time.perf_counter() - started if started is not None else 0.0
+        # Labels from bounded sets only: a client must not mint time series at will.
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        method = request.method if request.method in _METHODS else "OTHER"
+        metrics.HTTP_REQUESTS.labels(route, method, str(response.status_code)).inc()
+        metrics.HTTP_LATENCY.labels(route, method).observe(elapsed_s)
+        if response.status_code == 429:
+            metrics.RATE_LIMITED.inc()
         if request.path.startswith("/api/"):
-            started = getattr(g, "request_started", None)
-            duration_ms = (time.perf_counter() - started) * 1000 if started is not None else 0.0
+            duration_ms = elapsed_s * 1000
             log.info(
                 "%s %s %s %.1fms rid=%s client=%s",
                 printable(request.method, 16), printable(request.path), response.status_code, duration_ms,

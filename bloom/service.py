@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
+from . import metrics
 from .artifacts import MinioArtifactStore
 from .db import Database
 from .errors import Conflict, NotFound, Unavailable, Unprocessable, is_data_error
@@ -213,6 +214,7 @@ class RuntimeService:
                 self._set_aside(task_id, error)
                 raise Conflict("Task cannot be leased (a stored value is unusable); it was set aside as 'dead'") from None
             if outcome["lease"] is not None:
+                metrics.LEASES_GRANTED.labels("dispatch" if push_only else "lease").inc()
                 worker = {**outcome["worker"], "active_leases": outcome["active_leases"]}
                 return {
                     "lease": lease_json(outcome["lease"]),
@@ -268,6 +270,7 @@ class RuntimeService:
                     raise
                 continue
             if claimed["lease"] is not None:
+                metrics.LEASES_GRANTED.labels("claim").inc()
                 return {"task": task_json(claimed["task"]), "lease": lease_json(claimed["lease"])}
             capabilities = self._check_worker_fit(worker_id, claimed["worker"])
             if claimed["active_leases"] >= capabilities["max_concurrency"]:
@@ -377,6 +380,8 @@ class RuntimeService:
                 if object_url is not None:
                     self.artifacts.remove(object_url)
                 raise
+        metrics.LEASES_RELEASED.inc()
+        metrics.COMPLETIONS.labels(row["result"]["status"]).inc()
         return {
             "task": task_json(row["task"]),
             "artifact": artifact_json(row["artifact"]),
@@ -395,6 +400,7 @@ class RuntimeService:
         with self.db.autocommit() as tx:
             counts = tx.one("sweep_expired_leases", now=now_ms(), actor=SWEEP_ACTOR)
         counts = {key: int(counts[key]) for key in ("expired", "requeued", "dead")}
+        metrics.LEASES_EXPIRED.inc(counts["expired"])
         if counts["expired"]:
             log.info("lease sweep: %(expired)d expired, %(requeued)d requeued, %(dead)d dead", counts)
         return counts
@@ -437,6 +443,10 @@ class RuntimeService:
                 "insert_audit", audit_id=new_id(), now=now_ms(), action=action, entity_type=entity_type,
                 entity_id=entity_id, actor=actor, detail=json.dumps(detail),
             )
+
+    def queue_state(self) -> dict[str, Any]:
+        with self.db.autocommit() as tx:
+            return tx.one("queue_state", now=now_ms())
 
     def stats(self) -> dict[str, Any]:
         with self.db.autocommit() as tx:

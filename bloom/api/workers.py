@@ -6,6 +6,7 @@ import time
 
 from flask import Blueprint, Response, current_app, g, jsonify
 
+from .. import metrics
 from ..http import json_body
 from ..schemas import ClaimSchema, PageQuery, RegisterWorkerSchema, load
 from ..openapi import documented
@@ -68,6 +69,9 @@ def claim(worker_id: str):
         if not room.enter():
             g.retry_after = str(random.randint(1, 3))  # spread the returns
             return Response(status=204)
+        waited_from = time.monotonic()
+        metrics.LONG_POLLS_WAITING.inc()
+        outcome = "nothing"
         try:
             while (remaining := deadline - time.monotonic()) > 0:
                 events.wait_in_line(ticket, remaining)
@@ -75,10 +79,13 @@ def claim(worker_id: str):
                     worker_id, ttl_seconds=body["ttl_seconds"], agent_slugs=body["agent_slugs"]
                 )
                 if claimed is not None:
+                    outcome = "claimed"
                     return jsonify(claimed), 201
             return Response(status=204)
         finally:
             room.leave()
+            metrics.LONG_POLLS_WAITING.dec()
+            metrics.CLAIM_WAIT.labels(outcome).observe(time.monotonic() - waited_from)
     finally:
         if ticket is not None:
             events.leave_line(ticket)

@@ -1,0 +1,28 @@
+"""GET /metrics: the Prometheus text format (open, or behind BLOOM_METRICS_KEY)."""
+from __future__ import annotations
+
+import hmac
+
+from flask import Blueprint, Response, current_app, request
+
+from .. import metrics
+from ..errors import ApiError
+from ..openapi import documented
+from . import service
+
+bp = Blueprint("metrics", __name__)
+
+
+class MetricsUnauthorized(ApiError):
+    status = 401
+
+
+@bp.get("/metrics")
+@documented("Prometheus metrics (text format 0.0.4)", responses={200: "Text", 401: "Error"})
+def scrape():
+    key = current_app.extensions["bloom.settings"].metrics_key
+    if key:
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if not hmac.compare_digest(given.encode(), key.encode()):
+            raise MetricsUnauthorized("Unauthorized")
+    return Response(metrics.exposition(service().queue_state), content_type=metrics.CONTENT_TYPE)
