@@ -122,6 +122,10 @@ CREATE INDEX IF NOT EXISTS leases_active_worker_idx ON leases (worker_id, contex
 -- expired leases among the active ones, through the partial index above: at most the
 -- workers' total capacity. (Earlier versions created leases_active_expiry_idx.)
 DROP INDEX IF EXISTS leases_active_expiry_idx;
+-- Retention finds finished tasks by age, and their leases by task.
+CREATE INDEX IF NOT EXISTS llm_tasks_finished_idx ON llm_tasks (updated_at)
+    WHERE status IN ('completed', 'failed', 'dead', 'cancelled');
+CREATE INDEX IF NOT EXISTS leases_task_idx ON leases (task_id);
 CREATE INDEX IF NOT EXISTS runtime_artifacts_created_idx ON runtime_artifacts (created_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS runtime_artifacts_task_created_idx ON runtime_artifacts (task_id, created_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS llm_results_task_idx ON llm_results (task_id);

@@ -21,6 +21,7 @@ from .membridge import MembridgeClient, UpstreamHealth
 from .proxies import TrustedProxies
 from .queue_events import QueueEvents, WaitingRoom
 from .request_log import install_request_log
+from .retention import RetentionPolicy, prune
 from .runtime_config import RuntimeConfigStore
 from .service import RuntimeService
 from .worker_sync import run_worker_sync
@@ -120,9 +121,11 @@ def start_background_jobs(app: Flask) -> None:
         run_worker_sync(membridge_client, database, liveness_s=settings.worker_liveness_s)
         probe_push_workers(database, agents, budget_s=max(1.0, settings.worker_sync_interval_s * 0.8))
 
+    policy = RetentionPolicy(settings.retention_completed_s, settings.retention_failed_s, settings.retention_audit_s)
     jobs = [
         Job("lease-sweep", settings.lease_sweep_interval_s, runtime.sweep_expired_leases),
         Job("worker-sync", settings.worker_sync_interval_s, sync_and_probe_workers),
+        Job("retention", settings.prune_interval_s, lambda: prune(database, runtime.artifacts, policy)),
     ]
     app.extensions["bloom.scheduler"] = start_scheduler(database, jobs)
     app.extensions["bloom.runtime_config"].refresh_in_background()

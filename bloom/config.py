@@ -101,6 +101,10 @@ class Settings:
     db_lock_timeout_ms: int
     # The address agents call back (runtime_url of a dispatched task): configuration
     # only, never a request's Host or X-Forwarded-Host. Unset: no dispatch.
+    retention_completed_s: int
+    retention_failed_s: int
+    retention_audit_s: int
+    prune_interval_s: float
     public_url: str | None
     metrics_key: str | None
     agent_key: str
@@ -148,6 +152,10 @@ class Settings:
             db_connect_timeout_s=_int(env, "BLOOM_DB_CONNECT_TIMEOUT_S", 2),
             db_statement_timeout_ms=_int(env, "BLOOM_DB_STATEMENT_TIMEOUT_MS", 15000),
             db_lock_timeout_ms=_int(env, "BLOOM_DB_LOCK_TIMEOUT_MS", 5000),
+            retention_completed_s=_int(env, "BLOOM_RETENTION_COMPLETED_S", 7 * 86400),
+            retention_failed_s=_int(env, "BLOOM_RETENTION_FAILED_S", 30 * 86400),
+            retention_audit_s=_int(env, "BLOOM_RETENTION_AUDIT_S", 30 * 86400),
+            prune_interval_s=_float(env, "BLOOM_PRUNE_INTERVAL_S", 300.0),
             public_url=(env.get("BLOOM_PUBLIC_URL", "").strip().rstrip("/") or None),
             metrics_key=env.get("BLOOM_METRICS_KEY") or None,
             agent_key=env.get("MEMBRIDGE_AGENT_KEY", ""),

@@ -530,6 +530,40 @@ SELECT (SELECT COALESCE(jsonb_object_agg(status, n), '{}'::jsonb)
        (SELECT count(*) FROM workers) AS workers_total,
        (SELECT count(*) FROM workers WHERE status = 'online') AS workers_online;
 
+-- Retention (bloom/retention.py) -------------------------------------------------
+
+-- name: prune_finished_tasks
+-- One batch of finished tasks past their retention, oldest first, with their leases,
+-- results and artifacts. SKIP LOCKED: a row some transaction holds waits for the next run.
+-- Returns the object-store urls of the deleted artifacts, to remove after the commit.
+WITH doomed AS (
+    SELECT id FROM llm_tasks
+     WHERE status IN ('completed', 'failed', 'dead', 'cancelled')
+       AND updated_at < CASE WHEN status = 'completed' THEN CAST(:completed_before AS bigint)
+                             ELSE CAST(:failed_before AS bigint) END
+     ORDER BY updated_at
+     LIMIT :batch
+       FOR UPDATE SKIP LOCKED
+), leases_gone AS (
+    DELETE FROM leases l USING doomed d WHERE l.task_id = d.id
+), results_gone AS (
+    DELETE FROM llm_results r USING doomed d WHERE r.task_id = d.id
+), artifacts_gone AS (
+    DELETE FROM runtime_artifacts a USING doomed d WHERE a.task_id = d.id RETURNING a.url
+), tasks_gone AS (
+    DELETE FROM llm_tasks t USING doomed d WHERE t.id = d.id RETURNING t.id
+)
+SELECT (SELECT count(*) FROM tasks_gone) AS tasks,
+       (SELECT array_agg(url) FROM artifacts_gone WHERE url IS NOT NULL) AS object_urls;
+
+-- name: prune_audit
+WITH gone AS (
+    DELETE FROM audit_logs
+     WHERE id IN (SELECT id FROM audit_logs WHERE timestamp < :before ORDER BY timestamp LIMIT :batch)
+    RETURNING 1
+)
+SELECT count(*) AS deleted FROM gone;
+
 -- Background jobs -----------------------------------------------------------
 
 -- name: begin
