@@ -77,7 +77,8 @@ class Client:
 
 
 class Service:
-    def __init__(self, database_url: str, workers: int, threads: int, postgres_pid: int | None = None) -> None:
+    def __init__(self, database_url: str, workers: int, threads: int, postgres_pid: int | None = None,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.postgres_pid = postgres_pid
         env = {
@@ -90,6 +91,9 @@ class Service:
             "BLOOM_LOG_LEVEL": "WARNING",
             "MEMBRIDGE_SERVER_URL": "http://127.0.0.1:9",
             "WORKER_SYNC_INTERVAL_S": "3600",
+            # Retention is measured on its own (--prune); here it keeps everything.
+            "BLOOM_RETENTION_COMPLETED_S": "0", "BLOOM_RETENTION_FAILED_S": "0", "BLOOM_RETENTION_AUDIT_S": "0",
+            **(extra_env or {}),
         }
         self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
@@ -401,6 +405,40 @@ def bench_at_scale(port: int, database_url: str, rows: int) -> dict:
     return {"rows": rows, "before": before, "after": after, "explain": explain(database_url)}
 
 
+def bench_pruning(service: Service, database_url: str, timeout_s: float = 900.0) -> dict:
+    """After fill_tables: a second gunicorn on the same database, whose retention (1 h)
+    makes every filler row (a day old) due, prunes them while this one is measured."""
+    def remaining() -> int:
+        with closing(psycopg2.connect(database_url)) as connection, connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM llm_tasks WHERE id LIKE 'fill-%' AND status <> 'queued'")
+            return cursor.fetchone()[0]
+
+    client = Client(service.port, defaultdict(list), threading.Lock())
+    due = remaining()
+    pruner = Service(database_url, 1, 8, extra_env={
+        "BLOOM_RETENTION_COMPLETED_S": "3600", "BLOOM_RETENTION_FAILED_S": "3600", "BLOOM_RETENTION_AUDIT_S": "3600",
+        "BLOOM_PRUNE_INTERVAL_S": "1", "BLOOM_LOG_LEVEL": "INFO",
+    })
+    started = time.perf_counter()
+    try:
+        while (left := remaining()) > 0 and time.perf_counter() - started < timeout_s:
+            for _ in range(10):
+                task = client.call("create", "POST", "/api/runtime/llm-tasks", TASK)
+                granted = client.call("lease", "POST", f"/api/runtime/llm-tasks/{task['id']}/lease",
+                                      {"worker_id": "scale-worker"})
+                client.call("complete", "POST", f"/api/runtime/llm-tasks/{task['id']}/complete",
+                            {**DONE, "lease_id": granted["lease"]["id"]})
+            client.call("stats", "GET", "/api/runtime/stats")
+        elapsed = time.perf_counter() - started
+    finally:
+        pruner.stop()
+    pruned = due - left
+    print(f"  pruning: {pruned:,} finished tasks (with a lease, artifact and audit entry each) in {elapsed:.0f} s, "
+          f"{pruned / elapsed:,.0f} tasks/s; {left:,} left")
+    table = report_latencies(client.latencies)
+    return {"due": due, "pruned": pruned, "seconds": elapsed, "tasks_per_s": pruned / elapsed, "latency": table}
+
+
 def fill_tables(database_url: str, rows: int) -> None:
     """Add `rows` finished tasks (with a lease, artifact and result each) and `rows` audit entries."""
     started = time.perf_counter()
@@ -471,6 +509,7 @@ def main() -> int:
     parser.add_argument("--warm-up", type=int, default=400, help="unmeasured task creations before the runs")
     parser.add_argument("--rows", type=int, default=0, help="then fill tables to this many rows and measure")
     parser.add_argument("--only-scale", action="store_true", help="skip the load runs; with --rows")
+    parser.add_argument("--prune", action="store_true", help="with --rows: then measure retention pruning them")
     parser.add_argument("--smoke", action="store_true", help="a few seconds; proves the benchmark works")
     parser.add_argument("--long-polls", type=int, default=0,
                         help="only this: hold N idle long polls; measure health, ready and the lifecycle meanwhile")
@@ -510,6 +549,8 @@ def main() -> int:
             results["lifecycle"].append(bench_lifecycle(service, clients, args.tasks))
         if args.rows:
             results["scale"] = bench_at_scale(service.port, plain_dsn(database_url), args.rows)
+            if args.prune:
+                results["pruning"] = bench_pruning(service, plain_dsn(database_url))
             for label, plan in results["scale"]["explain"].items():
                 print(f"  EXPLAIN {label}:\n" + "\n".join("      " + line for line in plan.splitlines()))
         results["peak_rss_mib"] = {str(pid): rss / 2**20 for pid, rss in service.peak_rss.items()}
