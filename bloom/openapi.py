@@ -240,6 +240,9 @@ class Stats(Schema):
     tasks = fields.Nested(StatsTasks, required=True)
     leases = fields.Nested(StatsLeases, required=True)
     workers = fields.Nested(StatsWorkers, required=True)
+    estimated = fields.Boolean(metadata={
+        "description": "present (true) past 200,000 tasks: finished counts and the lease total are "
+                       "PostgreSQL's estimates (as of its last ANALYZE); live counts stay exact"})
 
 
 class ConnectionTest(Schema):

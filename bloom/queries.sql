@@ -523,12 +523,38 @@ SELECT (SELECT count(*) FROM llm_tasks WHERE status = 'queued') AS queued,
            AS workers_by_status;
 
 -- name: stats
+-- Exact counts while the tasks table is small. Past :estimate_above rows, the finished
+-- statuses and the lease total come from PostgreSQL's statistics (reltuples, and the
+-- status column's most common values and their frequencies as of the last ANALYZE), so
+-- the cost does not grow with the history kept. Live statuses (queued, leased, running),
+-- active leases and workers are always counted exactly, over small index ranges.
+WITH sizes AS (
+    SELECT (SELECT reltuples FROM pg_class WHERE oid = 'llm_tasks'::regclass) AS tasks,
+           (SELECT reltuples FROM pg_class WHERE oid = 'leases'::regclass) AS leases
+), live AS (
+    SELECT status, count(*) AS n FROM llm_tasks
+     WHERE status IN ('queued', 'leased', 'running') GROUP BY status
+), finished_exact AS (
+    SELECT status, count(*) AS n FROM llm_tasks
+     WHERE status NOT IN ('queued', 'leased', 'running') AND (SELECT tasks FROM sizes) < :estimate_above
+     GROUP BY status
+), finished_estimated AS (
+    SELECT m.status, round(m.freq * sizes.tasks)::bigint AS n
+      FROM sizes, pg_stats s,
+           unnest(CAST(CAST(s.most_common_vals AS text) AS text[]), s.most_common_freqs) AS m(status, freq)
+     WHERE sizes.tasks >= :estimate_above
+       AND s.schemaname = current_schema() AND s.tablename = 'llm_tasks' AND s.attname = 'status'
+       AND m.status NOT IN ('queued', 'leased', 'running')
+)
 SELECT (SELECT COALESCE(jsonb_object_agg(status, n), '{}'::jsonb)
-          FROM (SELECT status, count(*) AS n FROM llm_tasks GROUP BY status) s) AS tasks_by_status,
-       (SELECT count(*) FROM leases) AS leases_total,
+          FROM (SELECT * FROM live UNION ALL SELECT * FROM finished_exact
+                UNION ALL SELECT * FROM finished_estimated) counted) AS tasks_by_status,
+       CASE WHEN (SELECT leases FROM sizes) < :estimate_above THEN (SELECT count(*) FROM leases)
+            ELSE CAST((SELECT leases FROM sizes) AS bigint) END AS leases_total,
        (SELECT count(*) FROM leases WHERE status = 'active') AS leases_active,
        (SELECT count(*) FROM workers) AS workers_total,
-       (SELECT count(*) FROM workers WHERE status = 'online') AS workers_online;
+       (SELECT count(*) FROM workers WHERE status = 'online') AS workers_online,
+       (SELECT tasks FROM sizes) >= :estimate_above AS estimated;
 
 -- Retention (bloom/retention.py) -------------------------------------------------
 

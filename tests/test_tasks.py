@@ -499,3 +499,29 @@ def test_a_json_task_completed_with_output_that_is_not_json_fails_with_the_reaso
         assert result["status"] == "error" and "not valid JSON" in result["error_message"]
     else:
         assert result["status"] == "success"
+
+
+def test_stats_past_the_threshold_estimate_finished_counts_and_stay_exact_for_live_ones(
+    client, database_url, monkeypatch
+):
+    from sqlalchemy import create_engine, text
+
+    import bloom.service
+
+    monkeypatch.setattr(bloom.service, "STATS_EXACT_BELOW_ROWS", 1000)
+    engine = create_engine(database_url)
+    with engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, status, created_at, updated_at) "
+            "SELECT 'old-' || g, 'c', 'a', 'p', (ARRAY['completed', 'failed'])[1 + g % 2], g, g "
+            "FROM generate_series(1, 4000) g"))
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(text("ANALYZE llm_tasks"))
+    engine.dispose()
+    for _ in range(3):
+        create_task(client)
+    stats = client.get("/api/runtime/stats").get_json()
+    assert stats["estimated"] is True
+    assert stats["tasks"]["by_status"]["queued"] == 3  # live: exact
+    assert 1500 <= stats["tasks"]["by_status"]["completed"] <= 2500  # ~2,000, from the statistics
+    assert 1500 <= stats["tasks"]["by_status"]["failed"] <= 2500
