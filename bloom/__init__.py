@@ -152,4 +152,11 @@ def _configure_logging() -> None:
     # retry; an upstream outage is logged once when it starts and once when it ends
     # (bloom/membridge.py).
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler.scheduler").addFilter(_expected_skips)
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+
+
+def _expected_skips(record: logging.LogRecord) -> bool:
+    """A tick that finds the job still running (a slow upstream) is skipped by design
+    (max_instances=1, coalesce): not worth a warning at every tick."""
+    return "maximum number of running instances reached" not in record.getMessage()

@@ -141,3 +141,22 @@ def test_a_command_that_cannot_start_fails_the_task_instead_of_stranding_it(serv
         assert f"worker w-{slug} serving {server.base_url}" in worker.output()
     finally:
         assert worker.terminate() == 0
+
+
+def test_cancelling_a_running_task_stops_the_workers_command(server):
+    slug = f"cancel-{uuid.uuid4().hex[:6]}"
+    [task_id] = new_tasks(server, slug, 1)
+    marker = tempfile.mktemp(prefix="bloom-cancel-")
+    sleeper = [sys.executable, "-c", f"import time, pathlib; pathlib.Path({marker!r}).touch(); time.sleep(60)"]
+    worker = WorkerProcess(server, f"w-{slug}", sleeper, slug=slug, ttl=3)  # heartbeat every second
+    try:
+        wait_until(lambda: task(server, task_id)["status"] == "running" and os.path.exists(marker), timeout=20,
+                   what="the command to run")
+        assert requests.post(server.url(f"/api/runtime/llm-tasks/{task_id}/cancel"), timeout=10).status_code == 200
+        wait_until(lambda: "heartbeat refused (409); stopping the command" in worker.output(), timeout=10,
+                   what="the worker to stop its command")
+        assert worker.process.poll() is None  # it lives on for the next task
+        assert task(server, task_id)["status"] == "cancelled"
+        assert requests.get(server.url(f"/api/runtime/artifacts?task_id={task_id}"), timeout=10).json() == []
+    finally:
+        assert worker.terminate() == 0

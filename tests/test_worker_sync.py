@@ -158,3 +158,16 @@ def test_gunicorn_syncs_once_per_interval_and_survives_an_upstream_outage(databa
     finally:
         served.stop()
     assert ADMIN_KEY not in served.log()
+
+
+def test_an_idle_service_without_membridge_logs_an_outage_once_not_every_round(database_url):
+    served = GunicornServer({"DATABASE_URL": database_url, "MEMBRIDGE_SERVER_URL": "http://127.0.0.1:9",
+                             "WORKER_SYNC_INTERVAL_S": "0.5"}, workers=3)
+    try:
+        time.sleep(6)  # about a dozen failed sync rounds
+    finally:
+        served.stop()
+    log = served.log()
+    # Once per process that happened to run the sync (3 workers), not once per round.
+    assert 1 <= log.count("Membridge call failed") <= 3
+    assert "apscheduler" not in log and "Retrying" not in log and "XDG_RUNTIME_DIR" not in log
