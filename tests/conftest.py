@@ -3,6 +3,7 @@ a fresh database per test cloned from a template, the Flask app and its test cli
 from __future__ import annotations
 
 import os
+import uuid
 
 import pytest
 
@@ -81,6 +82,20 @@ def s3():
     server = SeaweedS3()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def bucket():
+    """A bucket of this test's own in the session's S3 server."""
+    return f"bloom-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def s3_app(database_url, s3, bucket):
+    """The app with its artifacts in the real S3 server."""
+    app = create_app(make_settings(database_url, **s3.env(bucket)))
+    yield app
+    app.extensions["bloom.database"].dispose()
 
 
 @pytest.fixture

@@ -17,15 +17,8 @@ from .helpers import create_task, lease, register_worker
 
 
 @pytest.fixture
-def bucket():
-    return f"bloom-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def app(database_url, s3, bucket):
-    app = create_app(make_settings(database_url, **s3.env(bucket)))
-    yield app
-    app.extensions["bloom.database"].dispose()
+def app(s3_app):
+    return s3_app
 
 
 def s3_client(s3) -> Minio:

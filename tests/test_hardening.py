@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from sqlalchemy import create_engine, text
 from bloom import create_app
 
 from .conftest import make_settings
-from .helpers import DONE, TASK, create_task, register_worker
+from .helpers import TASK, create_task, register_worker
 from .support import GunicornServer, wait_until
 
 

@@ -2,15 +2,11 @@
 audit entries go after their time; live tasks and recent ones stay; 0 keeps for ever."""
 from __future__ import annotations
 
-import uuid
-
 import pytest
 from sqlalchemy import create_engine, text
 
-from bloom import create_app
 from bloom.retention import RetentionPolicy, prune
 
-from .conftest import make_settings
 from .helpers import DONE, create_task, lease, register_worker
 from .test_artifacts import objects_of
 
@@ -37,15 +33,8 @@ def finished(client, status="success", **fields) -> dict:
 
 
 @pytest.fixture
-def bucket():
-    return f"bloom-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def app(database_url, s3, bucket):
-    app = create_app(make_settings(database_url, **s3.env(bucket)))
-    yield app
-    app.extensions["bloom.database"].dispose()
+def app(s3_app):
+    return s3_app
 
 
 def test_finished_tasks_go_after_their_retention_with_everything_they_own(app, client, database_url, s3, bucket):
