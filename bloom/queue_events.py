@@ -163,6 +163,10 @@ class WaitingRoom:
         self._lock = threading.Lock()
         self._waiting = 0
 
+    def resize(self, capacity: int) -> None:
+        with self._lock:
+            self._capacity = max(1, capacity)
+
     def enter(self) -> bool:
         with self._lock:
             if self._waiting >= self._capacity:
