@@ -61,7 +61,9 @@ class WorkerNode(Schema):
     registered_at = fields.Integer(allow_none=True, required=True)
     active_leases = fields.Integer(required=True)
     agent_version = fields.String(allow_none=True, required=True)
-    os_info = fields.Raw(allow_none=True, required=True, metadata={"description": "a string or an object, as the agent sent it"})
+    os_info = fields.Raw(
+        allow_none=True, required=True, metadata={"description": "a string or an object, as the agent sent it"}
+    )
     install_method = fields.String(allow_none=True, required=True)
 
 

@@ -54,7 +54,8 @@ def prune(database: Database, store: MinioArtifactStore | None, policy: Retentio
             row = tx.one("prune_finished_tasks", completed_before=completed_before, failed_before=failed_before,
                          batch=batch)
         tasks += int(row["tasks"])
-        for url in row["object_urls"] or []:  # after the rows are gone: a failure leaves an orphan, never a dangling row
+        # After the rows are gone: a failure leaves an orphan object, never a row pointing nowhere.
+        for url in row["object_urls"] or []:
             if store is not None:
                 store.remove(url)
                 objects += 1

@@ -214,7 +214,9 @@ class RuntimeService:
                 if not is_data_error(error):
                     raise
                 self._set_aside(task_id, error)
-                raise Conflict("Task cannot be leased (a stored value is unusable); it was set aside as 'dead'") from None
+                raise Conflict(
+                    "Task cannot be leased (a stored value is unusable); it was set aside as 'dead'"
+                ) from None
             if outcome["lease"] is not None:
                 metrics.LEASES_GRANTED.labels("dispatch" if push_only else "lease").inc()
                 worker = {**outcome["worker"], "active_leases": outcome["active_leases"]}
@@ -284,7 +286,8 @@ class RuntimeService:
         """Find, among the next tasks a claim would take, the one whose grant fails for a
         data reason (each tried in a transaction that is rolled back), and set it aside."""
         with self.db.autocommit() as tx:
-            candidates = [row["id"] for row in tx.all("claim_candidates", agent_slugs=agent_slugs, limit=10, now=now_ms())]
+            rows = tx.all("claim_candidates", agent_slugs=agent_slugs, limit=10, now=now_ms())
+        candidates = [row["id"] for row in rows]
         for task_id in candidates:
             try:
                 with self.db.transaction() as tx:

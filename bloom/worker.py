@@ -128,7 +128,8 @@ class Worker:
         body = {"ttl_seconds": self.ttl_seconds, "wait_seconds": self.wait_seconds}
         if self.agent_slugs:
             body["agent_slugs"] = self.agent_slugs
-        response = self.api.call("POST", f"/api/runtime/workers/{quote(self.name, safe='')}/claim", body, timeout=self.wait_seconds + 30)
+        path = f"/api/runtime/workers/{quote(self.name, safe='')}/claim"
+        response = self.api.call("POST", path, body, timeout=self.wait_seconds + 30)
         if response.status_code == 201:
             return response.json()
         if response.status_code == 204:

@@ -1,6 +1,7 @@
 """Worker registry: list, show, register, remove."""
 from __future__ import annotations
 
+import functools
 import random
 import time
 
@@ -56,36 +57,44 @@ def claim(worker_id: str):
     short requests always find a free thread. A waiting poll is woken only by a task its
     agent filter takes (queue_events.py)."""
     body = load(ClaimSchema, json_body())
-    events = current_app.extensions["bloom.queue_events"]
-    deadline = time.monotonic() + body["wait_seconds"]
-    ticket = events.enter_line(body["agent_slugs"]) if body["wait_seconds"] > 0 else None
-    try:
-        claimed = service().claim_task(worker_id, ttl_seconds=body["ttl_seconds"], agent_slugs=body["agent_slugs"])
-        if claimed is not None:
-            return jsonify(claimed), 201
-        if ticket is None:
-            return Response(status=204)
-        room = current_app.extensions["bloom.waiting_room"]
-        if not room.enter():
+    claim_now = functools.partial(
+        service().claim_task, worker_id, ttl_seconds=body["ttl_seconds"], agent_slugs=body["agent_slugs"]
+    )
+    if body["wait_seconds"] <= 0:
+        claimed = claim_now()
+    else:
+        events = current_app.extensions["bloom.queue_events"]
+        deadline = time.monotonic() + body["wait_seconds"]
+        ticket = events.enter_line(body["agent_slugs"])  # before looking: no wake-up is missed
+        try:
+            claimed = claim_now() or _wait_for_a_task(claim_now, events, ticket, deadline)
+        finally:
+            events.leave_line(ticket)
+        if claimed is _NO_ROOM:
             g.retry_after = str(random.randint(1, 3))  # spread the returns
             return Response(status=204)
-        waited_from = time.monotonic()
-        metrics.LONG_POLLS_WAITING.inc()
-        outcome = "nothing"
-        try:
-            while (remaining := deadline - time.monotonic()) > 0:
-                events.wait_in_line(ticket, remaining)
-                claimed = service().claim_task(
-                    worker_id, ttl_seconds=body["ttl_seconds"], agent_slugs=body["agent_slugs"]
-                )
-                if claimed is not None:
-                    outcome = "claimed"
-                    return jsonify(claimed), 201
-            return Response(status=204)
-        finally:
-            room.leave()
-            metrics.LONG_POLLS_WAITING.dec()
-            metrics.CLAIM_WAIT.labels(outcome).observe(time.monotonic() - waited_from)
+    return (jsonify(claimed), 201) if claimed is not None else Response(status=204)
+
+
+_NO_ROOM = object()
+
+
+def _wait_for_a_task(claim_now, events, ticket, deadline: float):
+    """Wait in this process's waiting room until a task comes or the deadline passes:
+    the claimed task, None, or _NO_ROOM when the room is full."""
+    room = current_app.extensions["bloom.waiting_room"]
+    if not room.enter():
+        return _NO_ROOM
+    waited_from = time.monotonic()
+    metrics.LONG_POLLS_WAITING.inc()
+    claimed = None
+    try:
+        while claimed is None and (remaining := deadline - time.monotonic()) > 0:
+            events.wait_in_line(ticket, remaining)
+            claimed = claim_now()
+        return claimed
     finally:
-        if ticket is not None:
-            events.leave_line(ticket)
+        room.leave()
+        metrics.LONG_POLLS_WAITING.dec()
+        outcome = "claimed" if claimed is not None else "nothing"
+        metrics.CLAIM_WAIT.labels(outcome).observe(time.monotonic() - waited_from)
