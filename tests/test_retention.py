@@ -75,3 +75,25 @@ def test_zero_keeps_for_ever(app, client, database_url):
     outcome = prune(app.extensions["bloom.database"], None, RetentionPolicy(0, 0, 0))
     assert (outcome.tasks, outcome.audit_entries) == (0, 0)
     assert client.get(f"/api/runtime/llm-tasks/{task['id']}").status_code == 200
+
+
+def test_the_retention_job_runs_under_gunicorn(database_url):
+    import requests
+
+    from .support import GunicornServer, wait_until
+
+    served = GunicornServer({"DATABASE_URL": database_url, "BLOOM_PRUNE_INTERVAL_S": "1"}, workers=2)
+    try:
+        api = served.url("/api/runtime")
+        requests.post(f"{api}/workers", json={"name": "w1"}, timeout=10)
+        task = requests.post(f"{api}/llm-tasks", json={"context_id": "c", "agent_slug": "a", "prompt": "p"},
+                             timeout=10).json()
+        granted = requests.post(f"{api}/llm-tasks/{task['id']}/lease", json={}, timeout=10).json()["lease"]
+        requests.post(f"{api}/llm-tasks/{task['id']}/complete", json={**DONE, "lease_id": granted["id"]}, timeout=10)
+        assert requests.get(f"{api}/llm-tasks/{task['id']}", timeout=10).status_code == 200
+        age(database_url, task["id"], 8)
+        wait_until(lambda: requests.get(f"{api}/llm-tasks/{task['id']}", timeout=10).status_code == 404,
+                   timeout=15, interval=0.5, what="the retention job to prune the task")
+        assert requests.get(f"{api}/artifacts?task_id={task['id']}", timeout=10).json() == []
+    finally:
+        served.stop()

@@ -160,3 +160,23 @@ def test_cancelling_a_running_task_stops_the_workers_command(server):
         assert requests.get(server.url(f"/api/runtime/artifacts?task_id={task_id}"), timeout=10).json() == []
     finally:
         assert worker.terminate() == 0
+
+
+def test_a_failed_run_is_retried_after_its_backoff_and_every_result_stays_readable(server):
+    slug = f"retry-{uuid.uuid4().hex[:6]}"
+    [task_id] = new_tasks(server, slug, 1, max_attempts=2)
+    failing = [sys.executable, "-c", "import sys; sys.stderr.write('flaky model'); sys.exit(7)"]
+    worker = WorkerProcess(server, f"w-{slug}", failing, slug=slug)
+    try:
+        first = wait_until(lambda: (t := task(server, task_id))["attempts"] == 1 and t["status"] == "queued" and t,
+                           timeout=20, what="the first failure")
+        assert first["retry_at"] - first["updated_at"] >= 7_500  # ~10 s of backoff before the next claim
+        assert "exit code 7" in first["result"]["error_message"]
+        last = wait_until(lambda: (t := task(server, task_id))["status"] == "failed" and t, timeout=30,
+                          interval=0.5, what="the retry, and its failure")
+        assert last["attempts"] == 2 and last["retry_at"] is None
+        assert last["updated_at"] >= first["retry_at"]  # not claimed again before retry_at
+        artifacts = requests.get(server.url(f"/api/runtime/artifacts?task_id={task_id}"), timeout=10).json()
+        assert len(artifacts) == 2
+    finally:
+        assert worker.terminate() == 0
