@@ -345,10 +345,20 @@ def bench_long_polls(service: Service, polls: int, seconds: float, wait_seconds:
     stop.set()
     for thread in pollers:
         thread.join(timeout=wait_seconds + 35)
+    server_side = Client(service.port, defaultdict(list), threading.Lock())
+    server_side.connection.request("GET", "/metrics")
+    exposition = server_side.connection.getresponse().read().decode()
     print(f"  {polls} long polls held (wait_seconds={wait_seconds:g}) while 4 clients ran for {seconds:g} s:")
     table = report_latencies(latencies)
     longest = max(poll_seconds) if poll_seconds else 0.0
     late = sum(1 for value in poll_seconds if value > wait_seconds + 2)
+    # The server's own view of the polls that waited: how many of its waits ended past 30 s.
+    buckets = {line.split('le="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+               for line in exposition.splitlines()
+               if line.startswith("bloom_claim_wait_seconds_bucket") and 'outcome="nothing"' in line}
+    print(f"    server side: {buckets.get('30.0', 0):.0f} waits ended within 30 s, "
+          f"{buckets.get('35.0', 0) - buckets.get('30.0', 0):.0f} in 30-35 s, "
+          f"{buckets.get('+Inf', 0) - buckets.get('35.0', 0):.0f} later")
     print(f"    long polls: {len(poll_seconds)} answered, longest {longest:.1f} s, {late} over wait_seconds + 2 s, "
           f"{early[0]} told to come back later (Retry-After)")
     report_cpu(cpu_ms)

@@ -13,6 +13,7 @@ Nobody holds a database connection while waiting.
 from __future__ import annotations
 
 import logging
+import random
 import select
 import threading
 import time
@@ -64,15 +65,18 @@ class QueueEvents:
             self._tickets.append(ticket)
         return ticket
 
-    def wait_in_line(self, ticket: ClaimTicket, timeout: float) -> None:
-        """Until a task for this ticket was queued (since it last woke), or `timeout`."""
-        ticket.woken.wait(min(timeout, RECHECK_SECONDS))
+    def wait_in_line(self, ticket: ClaimTicket, timeout: float) -> bool:
+        """Until a task for this ticket was queued (since it last woke), or `timeout`, or a
+        recheck is due (jittered, so waiters that came together do not look together).
+        True when a notification woke it."""
+        woken = ticket.woken.wait(min(timeout, RECHECK_SECONDS * random.uniform(0.8, 1.2)))
         with self._condition:
             ticket.woken.clear()
             ticket.woken_for = None
             if ticket in self._tickets:  # to the back of the line: others get the next task first
                 self._tickets.remove(ticket)
             self._tickets.append(ticket)
+        return woken
 
     def leave_line(self, ticket: ClaimTicket) -> None:
         """Leave; a wake-up this ticket got and did not act on goes to the next in line."""

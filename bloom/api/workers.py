@@ -90,7 +90,9 @@ def _wait_for_a_task(claim_now, events, ticket, deadline: float):
     claimed = None
     try:
         while claimed is None and (remaining := deadline - time.monotonic()) > 0:
-            events.wait_in_line(ticket, remaining)
+            woken = events.wait_in_line(ticket, remaining)
+            if not woken and time.monotonic() >= deadline:
+                break  # time is up and nothing came: no last look, which a burst of polls would all take at once
             claimed = claim_now()
         return claimed
     finally:
