@@ -210,6 +210,24 @@ class Claimed(Schema):
     lease = fields.Nested(Lease, required=True)
 
 
+class RenewedLease(Schema):
+    lease_id = fields.String(required=True)
+    task_id = fields.String(required=True)
+    expires_at = fields.Integer(required=True)
+
+
+class LostLease(Schema):
+    lease_id = fields.String(required=True)
+    task_id = fields.String(allow_none=True, required=True)
+    lease_status = fields.String(required=True, metadata={"enum": ["expired", "released", "failed", "unknown"]})
+    task_status = fields.String(allow_none=True, required=True)
+
+
+class WorkerHeartbeatReply(Schema):
+    renewed = fields.List(fields.Nested(RenewedLease), required=True)
+    lost = fields.List(fields.Nested(LostLease), required=True)
+
+
 class Dispatched(Schema):
     dispatched = fields.Boolean(required=True)
     task_id = fields.String(required=True)
@@ -257,6 +275,7 @@ class ConnectionTest(Schema):
 _OBJECTS = [
     Lease, WorkerNode, WorkerDetail, LLMTask, TaskResult, TaskDetail, RuntimeArtifact, LLMResult, AuditLogEntry, RuntimeConfig, Health,
     Ready, LeaseGrant, HeartbeatReply, Completion, Claimed, Dispatched, Removed, Stats, ConnectionTest,
+    RenewedLease, LostLease, WorkerHeartbeatReply,
 ]
 
 _ERROR = {

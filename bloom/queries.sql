@@ -369,6 +369,45 @@ WITH current AS (
 SELECT c.*, (SELECT row_to_json(renewed) FROM renewed) AS lease
   FROM current c;
 
+-- name: heartbeat_worker (prepared)
+-- One heartbeat for all of a worker's runs: renews every active lease of the worker that
+-- is not past expires_at, marks their leased tasks running, and says which of the leases
+-- the caller named (:lease_ids) it has lost, and why. Lock order as everywhere: leases,
+-- tasks, worker.
+WITH renewed AS (
+    UPDATE leases l
+       SET expires_at = :now + l.ttl_seconds * 1000, last_heartbeat = :now
+     WHERE l.worker_id = :worker_id AND l.status = 'active' AND l.expires_at >= :now
+    RETURNING l.id, l.task_id, l.expires_at
+), running AS (
+    UPDATE llm_tasks t
+       SET status = 'running', updated_at = :now
+      FROM renewed r
+     WHERE t.id = r.task_id AND t.lease_id = r.id AND t.status = 'leased'
+), alive AS (
+    UPDATE workers w
+       SET evidence_at = :now, last_heartbeat = :now,
+           status = CASE WHEN w.status = 'offline' THEN 'online' ELSE w.status END
+     WHERE w.id = :worker_id
+       AND (COALESCE(w.evidence_at, 0) < :now - 5000 OR w.status = 'offline')
+), lost AS (
+    SELECT named.id AS lease_id, l.task_id,
+           CASE WHEN l.id IS NULL OR l.worker_id <> :worker_id THEN 'unknown'
+                WHEN l.status = 'active' THEN 'expired'
+                ELSE l.status END AS lease_status,
+           t.status AS task_status
+      FROM unnest(CAST(:lease_ids AS text[])) AS named(id)
+      LEFT JOIN leases l ON l.id = named.id
+      LEFT JOIN llm_tasks t ON t.id = l.task_id
+     WHERE named.id NOT IN (SELECT id FROM renewed)
+)
+SELECT EXISTS (SELECT 1 FROM workers WHERE id = :worker_id) AS known,
+       (SELECT COALESCE(json_agg(json_build_object('lease_id', id, 'task_id', task_id, 'expires_at', expires_at)
+                                 ORDER BY id), '[]'::json) FROM renewed) AS renewed,
+       (SELECT COALESCE(json_agg(json_build_object('lease_id', lease_id, 'task_id', task_id,
+                                                   'lease_status', lease_status, 'task_status', task_status)
+                                 ORDER BY lease_id), '[]'::json) FROM lost) AS lost;
+
 -- name: lock_current_lease
 -- Before an upload to the object store: holds the task's active lease (locked in the
 -- same order as heartbeat and sweep) so no second completion uploads meanwhile.

@@ -134,6 +134,12 @@ class ClaimSchema(_Body):
     agent_slugs = fields.List(KeyText(), load_default=None, allow_none=True, validate=validate.Length(max=100))
 
 
+class WorkerHeartbeatSchema(_Body):
+    """The leases the worker believes it holds: those not renewed come back as lost."""
+
+    lease_ids = fields.List(KeyText(), load_default=list, validate=validate.Length(max=1000))
+
+
 class FencingSchema(_Body):
     """Optional lease and worker a caller claims to hold; a mismatch is a 409."""
 

@@ -332,6 +332,16 @@ class RuntimeService:
         # sweep ended it while we waited for its row.
         raise NotFound("Lease not found or already expired")
 
+    def heartbeat_worker(self, worker_id: str, *, lease_ids: list[str]) -> dict[str, Any]:
+        """Renew every active lease of the worker in one statement; say which of the
+        named leases it has lost (expired, released by a completion or a cancel, failed,
+        unknown)."""
+        with self.db.autocommit() as tx:
+            row = tx.one("heartbeat_worker", worker_id=worker_id, lease_ids=lease_ids, now=now_ms())
+        if not row["known"]:
+            raise NotFound("Worker not found")
+        return {"renewed": row["renewed"], "lost": row["lost"]}
+
     @staticmethod
     def _check_fencing(row: dict[str, Any], lease_id: str | None, worker_id: str | None) -> None:
         if lease_id is not None and lease_id != row["lease_id"]:

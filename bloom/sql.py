@@ -28,6 +28,7 @@ PARAMETER_TYPES = {
     "max_attempts": "integer",
     "priority": "integer",
     "agent_slugs": "text[]",
+    "lease_ids": "text[]",
     "push_only": "boolean",
     "output_is_json": "boolean",
     "run_at": "bigint",

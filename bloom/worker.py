@@ -1,8 +1,8 @@
 """A pull-based worker: `python -m bloom.worker --server URL --name NAME -- COMMAND ARGS…`
 
 It registers itself, claims tasks with a long poll, runs COMMAND once per task with the
-prompt on stdin and the task as JSON in $BLOOM_TASK, heartbeats from a background
-thread at a third of the lease TTL, and completes the task with COMMAND's stdout (or
+prompt on stdin and the task as JSON in $BLOOM_TASK, heartbeats (one worker heartbeat
+for all its leases) from a background thread at a third of the lease TTL, and completes the task with COMMAND's stdout (or
 an error with its stderr and exit code). Every heartbeat and completion carries the
 lease id, so a worker that lost its lease can never complete the task another worker
 now holds. On SIGTERM it stops claiming, lets the running task finish within the grace
@@ -219,23 +219,38 @@ class Worker:
             log.warning("task %s: completion refused (%s %s)", task_id, response.status_code, response.text.strip())
 
     def _heartbeat_until(self, task_id: str, lease_id: str, finished: threading.Event, lost: threading.Event) -> None:
+        """One worker heartbeat per beat renews every lease this worker holds; the lease
+        of the running task coming back as lost (expired, cancelled, taken over) stops it."""
         interval = max(self.ttl_seconds / 3, 0.2)
-        body = {"lease_id": lease_id, "worker_id": self.name}
+        path = f"/api/runtime/workers/{quote(self.name, safe='')}/heartbeat"
         while not finished.wait(interval):
             try:
                 response = self.api.call(
-                    "POST", f"/api/runtime/llm-tasks/{task_id}/heartbeat", body,
+                    "POST", path, {"lease_ids": [lease_id]},
                     timeout=interval, give_up_when_stopping=False, deadline=time.monotonic() + interval,
                 )
             except Stopped:
                 continue  # the server is away; try again at the next beat
-            if response.status_code in (404, 409):
-                log.warning("task %s: heartbeat refused (%s); stopping the command", task_id, response.status_code)
+            reason = _lost_reason(response, lease_id)
+            if reason is not None:
+                log.warning("task %s: lease lost (%s); stopping the command", task_id, reason)
                 lost.set()
                 with self._child_lock:
                     if self._child is not None:
                         self._child.kill()
                 return
+
+
+def _lost_reason(response: requests.Response, lease_id: str) -> str | None:
+    """Why the worker heartbeat says this lease is lost, or None while it holds."""
+    if response.status_code == 404:
+        return "this worker is not registered any more"
+    if response.status_code != 200:
+        return None  # not an answer about the lease: try again at the next beat
+    for entry in response.json().get("lost", []):
+        if entry.get("lease_id") == lease_id:
+            return f"lease {entry.get('lease_status')}, task {entry.get('task_status')}"
+    return None
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

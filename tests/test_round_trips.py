@@ -129,3 +129,13 @@ def test_inside_a_callers_transaction_a_forgotten_statement_is_an_error_not_a_si
         tx.one_or_none("heartbeat_lease", task_id=task["id"], lease_id=None, worker_id=None, now=0)
     assert raised.value.orig.pgcode == "26000"  # the statement's own error, nothing sent after it
     assert create_task(client)["status"] == "queued"  # the next unit of work prepares again
+
+
+def test_a_worker_heartbeat_is_one_statement_for_all_its_leases(client, statements):
+    register_worker(client, "w1", max_concurrency=8)
+    held = [lease(client, create_task(client)["id"]).get_json()["lease"]["id"] for _ in range(5)]
+    client.post("/api/runtime/workers/w1/heartbeat", json={})  # prepares on this connection
+    with statements() as sent:
+        response = client.post("/api/runtime/workers/w1/heartbeat", json={"lease_ids": held})
+    assert response.status_code == 200 and len(response.get_json()["renewed"]) == 5
+    assert len(sent) == 1

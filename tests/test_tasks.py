@@ -525,3 +525,33 @@ def test_stats_past_the_threshold_estimate_finished_counts_and_stay_exact_for_li
     assert stats["tasks"]["by_status"]["queued"] == 3  # live: exact
     assert 1500 <= stats["tasks"]["by_status"]["completed"] <= 2500  # ~2,000, from the statistics
     assert 1500 <= stats["tasks"]["by_status"]["failed"] <= 2500
+
+
+def test_one_worker_heartbeat_renews_all_its_leases_and_names_the_lost_ones(client, database_url):
+    from sqlalchemy import create_engine, text
+
+    register_worker(client, "w1", max_concurrency=8)
+    register_worker(client, "w2")
+    tasks = [create_task(client) for _ in range(4)]
+    leases = [lease(client, task["id"], worker_id="w1", ttl_seconds=60).get_json()["lease"] for task in tasks]
+    other = lease(client, create_task(client)["id"], worker_id="w2").get_json()["lease"]
+    engine = create_engine(database_url)
+    with engine.begin() as connection:  # one lease's time ran out, the sweep has not come yet
+        connection.execute(text("UPDATE leases SET expires_at = 1 WHERE id = :id"), {"id": leases[2]["id"]})
+    engine.dispose()
+    client.post(f"/api/runtime/llm-tasks/{tasks[3]['id']}/cancel")
+    held = [lease_["id"] for lease_ in leases] + [other["id"], "no-such-lease"]
+    response = client.post("/api/runtime/workers/w1/heartbeat", json={"lease_ids": held})
+    assert response.status_code == 200
+    body = response.get_json()
+    assert sorted(r["lease_id"] for r in body["renewed"]) == sorted([leases[0]["id"], leases[1]["id"]])
+    assert all(r["expires_at"] > leases[0]["expires_at"] - 1 for r in body["renewed"])
+    lost = {entry["lease_id"]: (entry["lease_status"], entry["task_status"]) for entry in body["lost"]}
+    assert lost == {
+        leases[2]["id"]: ("expired", "leased"),
+        leases[3]["id"]: ("released", "cancelled"),
+        other["id"]: ("unknown", "leased"),  # another worker's lease: not this worker's to renew
+        "no-such-lease": ("unknown", None),
+    }
+    assert client.get(f"/api/runtime/llm-tasks/{tasks[0]['id']}").get_json()["status"] == "running"
+    assert client.post("/api/runtime/workers/nobody/heartbeat", json={}).status_code == 404

@@ -153,8 +153,8 @@ def test_cancelling_a_running_task_stops_the_workers_command(server):
         wait_until(lambda: task(server, task_id)["status"] == "running" and os.path.exists(marker), timeout=20,
                    what="the command to run")
         assert requests.post(server.url(f"/api/runtime/llm-tasks/{task_id}/cancel"), timeout=10).status_code == 200
-        wait_until(lambda: "heartbeat refused (409); stopping the command" in worker.output(), timeout=10,
-                   what="the worker to stop its command")
+        wait_until(lambda: "lease lost (lease released, task cancelled); stopping the command" in worker.output(),
+                   timeout=10, what="the worker to stop its command")
         assert worker.process.poll() is None  # it lives on for the next task
         assert task(server, task_id)["status"] == "cancelled"
         assert requests.get(server.url(f"/api/runtime/artifacts?task_id={task_id}"), timeout=10).json() == []

@@ -9,7 +9,7 @@ from flask import Blueprint, Response, current_app, g, jsonify
 
 from .. import metrics
 from ..http import json_body
-from ..schemas import ClaimSchema, PageQuery, RegisterWorkerSchema, load
+from ..schemas import ClaimSchema, PageQuery, RegisterWorkerSchema, WorkerHeartbeatSchema, load
 from ..openapi import documented
 from . import query, service
 
@@ -41,6 +41,17 @@ def register_worker():
 @documented("Remove a worker", responses={200: "Removed", 404: "Error"})
 def remove_worker(worker_id: str):
     return jsonify(service().remove_worker(worker_id))
+
+
+@bp.post("/<worker_id:worker_id>/heartbeat")
+@documented(
+    "Renew every active lease of this worker in one call; says which named leases are lost",
+    body=WorkerHeartbeatSchema,
+    responses={200: "WorkerHeartbeatReply", 404: "Error"},
+)
+def heartbeat_worker(worker_id: str):
+    body = load(WorkerHeartbeatSchema, json_body())
+    return jsonify(service().heartbeat_worker(worker_id, lease_ids=body["lease_ids"]))
 
 
 @bp.post("/<worker_id:worker_id>/claim")
