@@ -2,10 +2,10 @@
 
 It registers itself, claims tasks with a long poll, runs COMMAND once per task with the
 prompt on stdin and the task as JSON in $BLOOM_TASK, heartbeats (one worker heartbeat
-for all its leases) from a background thread at a third of the lease TTL, and completes the task with COMMAND's stdout (or
-an error with its stderr and exit code). Every heartbeat and completion carries the
-lease id, so a worker that lost its lease can never complete the task another worker
-now holds. On SIGTERM it stops claiming, lets the running task finish within the grace
+for all its leases) from a background thread at a third of the lease TTL, and completes
+the task with COMMAND's stdout (or an error with its stderr and exit code). A lease the
+heartbeat reports lost stops the command, and every completion carries the lease id, so
+a worker that lost its lease can never complete the task another worker now holds. On SIGTERM it stops claiming, lets the running task finish within the grace
 period and exits. It rides out a server restart by retrying with backoff.
 """
 from __future__ import annotations
