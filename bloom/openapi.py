@@ -228,6 +228,10 @@ class WorkerHeartbeatReply(Schema):
     lost = fields.List(fields.Nested(LostLease), required=True)
 
 
+class TaskBatch(Schema):
+    tasks = fields.List(fields.Nested(LLMTask), required=True)
+
+
 class Dispatched(Schema):
     dispatched = fields.Boolean(required=True)
     task_id = fields.String(required=True)
@@ -275,7 +279,7 @@ class ConnectionTest(Schema):
 _OBJECTS = [
     Lease, WorkerNode, WorkerDetail, LLMTask, TaskResult, TaskDetail, RuntimeArtifact, LLMResult, AuditLogEntry, RuntimeConfig, Health,
     Ready, LeaseGrant, HeartbeatReply, Completion, Claimed, Dispatched, Removed, Stats, ConnectionTest,
-    RenewedLease, LostLease, WorkerHeartbeatReply,
+    RenewedLease, LostLease, WorkerHeartbeatReply, TaskBatch,
 ]
 
 _ERROR = {

@@ -100,6 +100,48 @@ WITH created AS (
 -- The payload is the task's agent_slug: each process wakes one waiting claim that would take it.
 SELECT row_to_json(created) AS task, pg_notify('bloom_task_queued', agent_slug) IS NULL AS notified FROM created;
 
+-- name: create_tasks
+-- A batch in one statement, all or nothing. Items whose Idempotency key was used before
+-- are not inserted (the earlier task answers for them); if any of those earlier tasks was
+-- created by a different request, nothing is inserted (the caller answers 422). One
+-- NOTIFY with an empty payload wakes every waiting claim: there may be work for all.
+WITH incoming AS (
+    SELECT *
+      FROM jsonb_to_recordset(CAST(:tasks AS jsonb))
+           AS i(position integer, id text, context_id text, agent_slug text, prompt text, context_hints jsonb,
+                policy jsonb, desired_format text, max_attempts integer, priority integer, run_at bigint,
+                idempotency_key text, idempotency_fingerprint text)
+), earlier AS (
+    SELECT t.*, i.position, i.idempotency_fingerprint AS wanted_fingerprint
+      FROM llm_tasks t JOIN incoming i ON t.idempotency_key = i.idempotency_key
+), mismatch AS (
+    SELECT position FROM earlier WHERE idempotency_fingerprint IS DISTINCT FROM wanted_fingerprint
+), created AS (
+    INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, context_hints, policy, desired_format,
+                           status, created_at, updated_at, lease_id, worker_id, attempts, max_attempts,
+                           priority, idempotency_key, idempotency_fingerprint, run_at)
+    SELECT i.id, i.context_id, i.agent_slug, i.prompt, i.context_hints, i.policy, i.desired_format,
+           'queued', :now, :now, NULL, NULL, 0, i.max_attempts, i.priority, i.idempotency_key,
+           i.idempotency_fingerprint, i.run_at
+      FROM incoming i
+     WHERE NOT EXISTS (SELECT 1 FROM mismatch)
+       AND NOT EXISTS (SELECT 1 FROM earlier e WHERE e.position = i.position)
+     ORDER BY i.position
+    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING *
+), audit AS (
+    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+    SELECT gen_random_uuid()::text, :now, 'task_created', 'task', id, :actor,
+           jsonb_build_object('context_id', context_id, 'agent_slug', agent_slug, 'batch', true)
+      FROM created
+), notified AS (
+    SELECT pg_notify('bloom_task_queued', '') FROM (SELECT 1 FROM created LIMIT 1) any_created
+)
+SELECT (SELECT COALESCE(json_agg(row_to_json(created)), '[]'::json) FROM created) AS created,
+       (SELECT COALESCE(json_agg(row_to_json(earlier)), '[]'::json) FROM earlier) AS earlier,
+       (SELECT count(*) FROM mismatch) AS mismatched,
+       (SELECT count(*) FROM notified) AS notified;
+
 -- name: get_task_by_idempotency_key
 SELECT * FROM llm_tasks WHERE idempotency_key = :idempotency_key;
 

@@ -116,6 +116,14 @@ class CreateTaskSchema(_Body):
     run_at = fields.Integer(strict=True, validate=validate.Range(0, 2**62), load_default=None, allow_none=True)
 
 
+class BatchTaskSchema(CreateTaskSchema):
+    idempotency_key = KeyText(load_default=None, allow_none=True)
+
+
+class CreateTasksSchema(_Body):
+    tasks = fields.List(fields.Nested(BatchTaskSchema), required=True, validate=validate.Length(1, 1000))
+
+
 class LeaseTaskSchema(_Body):
     worker_id = KeyText(load_default=None, allow_none=True)
     ttl_seconds = fields.Integer(strict=True, validate=validate.Range(1, 86400), load_default=300)

@@ -18,7 +18,7 @@ from sqlalchemy.exc import DBAPIError
 from . import metrics
 from .artifacts import MinioArtifactStore
 from .db import Database
-from .errors import Conflict, NotFound, Unavailable, Unprocessable, is_data_error
+from .errors import Conflict, NotFound, Unavailable, Unprocessable, ValidationFailed, is_data_error
 from .schemas import TASK_STATUSES
 from .serialize import (
     DEFAULT_CAPABILITIES,
@@ -153,6 +153,43 @@ class RuntimeService:
         if earlier["idempotency_fingerprint"] not in (None, fingerprint):
             raise Unprocessable("Idempotency-Key reused with a different request")
         return task_json(earlier), False
+
+    def create_tasks(self, items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:
+        """Create up to 1,000 tasks in one statement, all or nothing; returns (tasks in the
+        order given, whether any was created). An item whose idempotency key was used
+        before is answered by the earlier task; one used with another request fails all."""
+        keys = [item["idempotency_key"] for item in items if item["idempotency_key"] is not None]
+        if len(keys) != len(set(keys)):
+            raise ValidationFailed(["idempotency_key appears twice in the batch"], {})
+        rows = [
+            {
+                "position": position, "id": new_id(), "context_id": item["context_id"],
+                "agent_slug": item["agent_slug"], "prompt": item["prompt"], "context_hints": item["context_hints"],
+                "policy": item["policy"], "desired_format": item["desired_format"],
+                "max_attempts": item["max_attempts"], "priority": item["priority"], "run_at": item["run_at"],
+                "idempotency_key": item["idempotency_key"],
+                "idempotency_fingerprint": (
+                    _fingerprint({k: v for k, v in item.items() if k != "idempotency_key"})
+                    if item["idempotency_key"] is not None else None
+                ),
+            }
+            for position, item in enumerate(items)
+        ]
+        with self.db.autocommit() as tx:
+            outcome = tx.one("create_tasks", tasks=json.dumps(rows), now=now_ms(), actor=API_ACTOR)
+        if outcome["mismatched"]:
+            raise Unprocessable("Idempotency-Key reused with a different request")
+        by_key = {row["idempotency_key"]: row for row in [*outcome["created"], *outcome["earlier"]]
+                  if row["idempotency_key"] is not None}
+        by_id = {row["id"]: row for row in outcome["created"]}
+        answered = []
+        for row in rows:
+            task = by_key.get(row["idempotency_key"]) if row["idempotency_key"] else by_id.get(row["id"])
+            if task is None:  # its key was taken by a request racing this one: read it now
+                with self.db.autocommit() as tx:
+                    task = tx.one("get_task_by_idempotency_key", idempotency_key=row["idempotency_key"])
+            answered.append(task_json(task))
+        return answered, bool(outcome["created"])
 
     def list_tasks(self, *, status: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
         with self.db.autocommit() as tx:

@@ -12,7 +12,7 @@ from sqlalchemy import event
 
 from bloom.sql import PREPARE_STATEMENTS
 
-from .helpers import DONE, create_task, lease, register_worker
+from .helpers import DONE, TASK, create_task, lease, register_worker
 
 
 @pytest.fixture
@@ -138,4 +138,11 @@ def test_a_worker_heartbeat_is_one_statement_for_all_its_leases(client, statemen
     with statements() as sent:
         response = client.post("/api/runtime/workers/w1/heartbeat", json={"lease_ids": held})
     assert response.status_code == 200 and len(response.get_json()["renewed"]) == 5
+    assert len(sent) == 1
+
+
+def test_a_batch_of_a_thousand_tasks_is_one_statement(client, statements):
+    with statements() as sent:
+        response = client.post("/api/runtime/llm-tasks/batch", json={"tasks": [TASK] * 1000})
+    assert response.status_code == 201 and len(response.get_json()["tasks"]) == 1000
     assert len(sent) == 1

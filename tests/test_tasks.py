@@ -555,3 +555,25 @@ def test_one_worker_heartbeat_renews_all_its_leases_and_names_the_lost_ones(clie
     }
     assert client.get(f"/api/runtime/llm-tasks/{tasks[0]['id']}").get_json()["status"] == "running"
     assert client.post("/api/runtime/workers/nobody/heartbeat", json={}).status_code == 404
+
+
+def test_a_batch_creates_its_tasks_all_or_nothing_with_idempotency_per_item(client):
+    batch = [{**TASK, "prompt": f"p{n}", "idempotency_key": f"k{n}" if n % 2 else None} for n in range(5)]
+    first = client.post("/api/runtime/llm-tasks/batch", json={"tasks": batch})
+    assert first.status_code == 201
+    created = first.get_json()["tasks"]
+    assert [task["prompt"] for task in created] == [f"p{n}" for n in range(5)]  # in the order given
+    assert {task["status"] for task in created} == {"queued"}
+    keyed_again = [item for item in batch if item["idempotency_key"]]
+    again = client.post("/api/runtime/llm-tasks/batch", json={"tasks": keyed_again})
+    assert again.status_code == 200
+    assert [t["id"] for t in again.get_json()["tasks"]] == [t["id"] for t in created if t["prompt"] in ("p1", "p3")]
+    mixed = [{**TASK, "prompt": "new"}, {**keyed_again[0], "prompt": "changed"}]
+    refused = client.post("/api/runtime/llm-tasks/batch", json={"tasks": mixed})
+    assert (refused.status_code, refused.get_json()) == (422, {"error": "Idempotency-Key reused with a different request"})
+    invalid = client.post("/api/runtime/llm-tasks/batch", json={"tasks": [{**TASK, "prompt": "ok"}, {**TASK, "prompt": ""}]})
+    assert invalid.status_code == 400 and "tasks" in invalid.get_json()["error"]["fieldErrors"]
+    assert client.post("/api/runtime/llm-tasks/batch", json={"tasks": [TASK] * 1001}).status_code == 400
+    duplicate_keys = [{**TASK, "idempotency_key": "same"}, {**TASK, "idempotency_key": "same"}]
+    assert client.post("/api/runtime/llm-tasks/batch", json={"tasks": duplicate_keys}).status_code == 400
+    assert len(client.get("/api/runtime/llm-tasks").get_json()) == 5  # nothing from the refused batches

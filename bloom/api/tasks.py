@@ -8,6 +8,7 @@ from ..http import json_body
 from ..schemas import (
     CompleteTaskSchema,
     CreateTaskSchema,
+    CreateTasksSchema,
     DispatchTaskSchema,
     FencingSchema,
     LeaseTaskSchema,
@@ -38,6 +39,18 @@ def create_task():
         raise ValidationFailed([f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters"], {})
     task, created = service().create_task(body, idempotency_key=key)
     return jsonify(task), 201 if created else 200
+
+
+@bp.post("/llm-tasks/batch")
+@documented(
+    "Create up to 1,000 tasks in one statement, all or nothing (each item may carry its idempotency_key)",
+    body=CreateTasksSchema,
+    responses={200: "TaskBatch", 201: "TaskBatch", 422: "Error"},
+)
+def create_tasks():
+    body = load(CreateTasksSchema, json_body())
+    tasks, created = service().create_tasks(body["tasks"])
+    return jsonify({"tasks": tasks}), 201 if created else 200
 
 
 @bp.get("/llm-tasks")
