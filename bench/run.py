@@ -269,6 +269,19 @@ def bench_creation(service: Service, clients: int, tasks: int) -> dict:
             "cpu_ms_per_request": cpu_ms}
 
 
+def bench_batch_creation(service: Service, clients: int, batches: int, size: int = 1000) -> dict:
+    """POST /llm-tasks/batch: `batches` batches of `size` tasks, spread over `clients`."""
+    def work(client: Client, index: int) -> None:
+        for _ in split(batches, clients, index):
+            client.call("batch", "POST", "/api/runtime/llm-tasks/batch", {"tasks": [TASK] * size})
+
+    elapsed, requests, latencies, cpu_ms = run_clients(service, clients, work)
+    print(f"  batch creation, {clients} clients, {size} tasks a batch: {batches * size / elapsed:,.0f} tasks/s")
+    report_cpu(cpu_ms)
+    return {"clients": clients, "batch_size": size, "tasks_per_s": batches * size / elapsed,
+            "latency": report_latencies(latencies), "cpu_ms_per_request": cpu_ms}
+
+
 def bench_lifecycle(service: Service, clients: int, tasks: int) -> dict:
     creator = Client(service.port, defaultdict(list), threading.Lock())
     task_ids = [creator.call("create", "POST", "/api/runtime/llm-tasks", TASK)["id"] for _ in range(tasks)]
@@ -521,6 +534,7 @@ def main() -> int:
     parser.add_argument("--only-scale", action="store_true", help="skip the load runs; with --rows")
     parser.add_argument("--prune", action="store_true", help="with --rows: then measure retention pruning them")
     parser.add_argument("--smoke", action="store_true", help="a few seconds; proves the benchmark works")
+    parser.add_argument("--batches", type=int, default=0, help="only this: create N batches of 1,000 tasks")
     parser.add_argument("--long-polls", type=int, default=0,
                         help="only this: hold N idle long polls; measure health, ready and the lifecycle meanwhile")
     parser.add_argument("--seconds", type=float, default=20.0, help="how long the --long-polls run measures")
@@ -548,6 +562,9 @@ def main() -> int:
         register_workers(service.port, count=4, capacity=32)
         print(f"BLOOM Runtime benchmark: gunicorn {args.workers} workers x {args.threads} threads, "
               f"{os.cpu_count()} CPUs shared with PostgreSQL and this load generator")
+        if args.batches:
+            results["batch_creation"] = [bench_batch_creation(service, clients, args.batches) for clients in (1, 4)]
+            args.only_scale, args.rows = True, 0
         if args.long_polls:
             results["long_polls"] = bench_long_polls(service, args.long_polls, args.seconds)
             args.only_scale, args.rows = True, 0
