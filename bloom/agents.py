@@ -98,9 +98,6 @@ class PendingRun:
         finally:
             self._connection.close()
 
-    def close(self) -> None:
-        self._connection.close()
-
 
 class AgentClient:
     def __init__(self, agent_key: str, session: requests.Session | None = None) -> None:

@@ -181,8 +181,3 @@ class WaitingRoom:
     def leave(self) -> None:
         with self._lock:
             self._waiting -= 1
-
-    @property
-    def waiting(self) -> int:
-        with self._lock:
-            return self._waiting
