@@ -15,6 +15,7 @@ from .db import Database, apply_schema
 from .dispatch import Dispatcher
 from .errors import register_error_handlers
 from .http import init_limiter, install_api_key_check, install_request_guards
+from .jsonio import OrjsonProvider
 from .liveness import probe_push_workers
 from .scheduler import Job, start_scheduler
 from .membridge import MembridgeClient, UpstreamHealth
@@ -46,7 +47,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.url_map.converters["worker_id"] = WorkerIdConverter
     app.url_map.merge_slashes = False  # a worker id may hold "//"; never a redirect
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.json.sort_keys = False
+    app.json = OrjsonProvider(app)
     app.wsgi_app = TrustedProxies(app.wsgi_app, settings.trusted_proxy_networks, settings.proxy_hops)
 
     database = Database(

@@ -9,10 +9,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import psycopg2
 from psycopg2.extensions import TRANSACTION_STATUS_IDLE
-from sqlalchemy import Connection, create_engine, event
-from sqlalchemy.engine import Engine, Row
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.exc import DBAPIError, DisconnectionError
+from sqlalchemy.pool import PoolProxiedConnection
 
 from .sql import PREPARE_STATEMENTS, PREPARED_QUERIES, QUERIES
 
@@ -30,6 +32,13 @@ class Database:
     (BEGIN ... COMMIT): a single-statement unit of work costs one round trip, a named
     list of statements sent as one query (see `script`) too, and no connection
     pays for switching its isolation mode back and forth on each checkout.
+
+    SQLAlchemy's engine owns the connections (pool, checkout check, recycling, the
+    driver's settings); the named statements run on the pooled driver connection itself.
+    They are text written once in queries.sql with nothing to compile, and SQLAlchemy's
+    Connection and Result around each call cost about as much CPU as the call itself
+    (docs/PERFORMANCE.md). Driver errors are raised as SQLAlchemy's DBAPIError, as a
+    Connection would raise them.
     """
 
     def __init__(
@@ -44,8 +53,8 @@ class Database:
     ) -> None:
         # No pre-ping (a round trip per request): a checkout looks at the socket instead
         # (see _discard_if_closed_by_server). A connection that died silently (no FIN
-        # from a lost host) still fails its next statement (503); SQLAlchemy then
-        # discards every connection of the pool, and the next request reconnects.
+        # from a lost host) still fails its next statement (503) and is discarded; the
+        # next request gets another.
         self.engine: Engine = create_engine(
             url,
             isolation_level="AUTOCOMMIT",
@@ -73,8 +82,14 @@ class Database:
     @contextmanager
     def autocommit(self) -> Iterator["Queries"]:
         """Statements that are each a whole unit of work, committed as they run."""
-        with self.engine.connect() as connection:
-            yield Queries(connection)
+        try:
+            connection = self.engine.raw_connection()
+        except psycopg2.Error as error:  # could not connect: as engine.connect() raises it
+            raise DBAPIError.instance(None, None, error, psycopg2.Error) from error
+        try:
+            yield Queries(connection, self.engine.dialect)
+        finally:
+            connection.close()  # back to the pool (or gone, if it was invalidated)
 
     @contextmanager
     def transaction(self) -> Iterator["Queries"]:
@@ -131,17 +146,20 @@ def _discard_if_closed_by_server(dbapi_connection, connection_record, connection
 
 
 class Queries:
-    """Runs named statements on one connection (in a transaction, or autocommitting)."""
+    """Runs named statements on one pooled driver connection (in a transaction, or
+    autocommitting). Rows come back as dicts keyed by column name."""
 
-    def __init__(self, connection: Connection) -> None:
+    def __init__(self, connection: PoolProxiedConnection, dialect: Dialect) -> None:
         self.connection = connection
+        self._dialect = dialect
 
     def _run(self, query: str, params: dict[str, Any]):
+        """Execute a named query; return its cursor, holding the last statement's rows."""
         prepared = query in PREPARED_QUERIES
         if prepared and not self.connection.info.get(_PREPARED_KEY):
             self._prepare()
         try:
-            return self.connection.execute(QUERIES[query], params)
+            return self._execute(QUERIES[query], params)
         except DBAPIError as error:
             if not (prepared and getattr(error.orig, "pgcode", None) == _UNKNOWN_PREPARED_STATEMENT):
                 raise
@@ -154,20 +172,41 @@ class Queries:
             if self._transaction_status() != TRANSACTION_STATUS_IDLE:
                 raise
             self._prepare()
-            return self.connection.execute(QUERIES[query], params)
+            return self._execute(QUERIES[query], params)
+
+    def _execute(self, statement: str, params: dict[str, Any] | None):
+        cursor = self.connection.cursor()
+        try:
+            cursor.execute(statement, params)
+        except psycopg2.Error as error:
+            cursor.close()
+            raise self._wrapped(error, statement, params) from error
+        return cursor
+
+    def _wrapped(self, error: psycopg2.Error, statement: str, params: dict[str, Any] | None) -> DBAPIError:
+        """The driver's error as SQLAlchemy raises it; a connection that is gone is
+        invalidated, so that the pool never hands it out again."""
+        lost = self._dialect.is_disconnect(error, self.connection.dbapi_connection, None)
+        if lost:
+            self.connection.invalidate(error)
+        return DBAPIError.instance(statement, params, error, psycopg2.Error, connection_invalidated=lost)
 
     def _transaction_status(self) -> int:
-        return self.connection.connection.dbapi_connection.info.transaction_status
+        return self.connection.dbapi_connection.info.transaction_status
 
     def _prepare(self) -> None:
         """Prepare every hot statement on this connection: once per pooled connection
         (the mark goes with the connection when it is discarded). Prepared statements
         outlive a rollback; DEALLOCATE ALL first makes preparing again harmless."""
-        self.connection.exec_driver_sql("DEALLOCATE ALL;\n" + PREPARE_STATEMENTS)
+        self.run_sql("DEALLOCATE ALL;\n" + PREPARE_STATEMENTS)
         self.connection.info[_PREPARED_KEY] = True
 
+    def run_sql(self, sql: str) -> None:
+        """Send SQL text as it is, without arguments (the schema, PREPAREs)."""
+        self._execute(sql, None).close()
+
     def execute(self, query: str, **params: Any) -> None:
-        self._run(query, params)
+        self._run(query, params).close()
 
     def rollback_quietly(self) -> None:
         try:
@@ -176,21 +215,31 @@ class Queries:
             log.warning("rollback failed; the connection is discarded")
 
     def all(self, query: str, **params: Any) -> list[dict[str, Any]]:
-        return [dict(row._mapping) for row in self._run(query, params)]
+        with self._run(query, params) as cursor:
+            names = _column_names(cursor)
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
 
     def one_or_none(self, query: str, **params: Any) -> dict[str, Any] | None:
-        row: Row | None = self._run(query, params).first()
-        return dict(row._mapping) if row is not None else None
+        with self._run(query, params) as cursor:
+            row = cursor.fetchone()
+            return dict(zip(_column_names(cursor), row)) if row is not None else None
 
     def one(self, query: str, **params: Any) -> dict[str, Any]:
-        return dict(self._run(query, params).one()._mapping)
+        with self._run(query, params) as cursor:
+            if cursor.rowcount != 1:
+                raise LookupError(f"query {query!r} returned {cursor.rowcount} rows, expected exactly one")
+            return dict(zip(_column_names(cursor), cursor.fetchone()))
+
+
+def _column_names(cursor) -> list[str]:
+    return [column.name for column in cursor.description]
 
 
 def apply_schema(database: Database) -> None:
     """Apply schema.sql; an advisory lock keeps concurrently starting processes in line."""
     ddl = SCHEMA_PATH.read_text(encoding="utf-8")
     with database.transaction() as tx:
-        tx.connection.exec_driver_sql("SET LOCAL statement_timeout = 0")  # an upgrade may build indexes
+        tx.run_sql("SET LOCAL statement_timeout = 0")  # an upgrade may build indexes
         tx.one("apply_schema_lock")
-        tx.connection.exec_driver_sql(ddl)
+        tx.run_sql(ddl)
     log.info("schema applied")

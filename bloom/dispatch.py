@@ -31,7 +31,7 @@ from sqlalchemy.exc import DBAPIError
 
 from . import metrics
 from .agents import ACCEPT_WINDOW_S, ANSWER_GRACE_S, CONNECT_TIMEOUT_S, AgentAnswer, AgentClient, AgentUnreachable
-from .db import Database, Queries
+from .db import Database
 from .errors import ApiError, Conflict, NotFound, Unavailable
 from .liveness import take_workers_out
 from .queue_events import QueueEvents
@@ -137,8 +137,8 @@ class Dispatcher:
             time.sleep(LEADER_RETRY_S)
 
     def _lead_while_possible(self) -> None:
-        with self._db.engine.connect() as lock_connection:
-            locked = Queries(lock_connection).one("try_job_lock", lock_name=LEADER_LOCK)["locked"]
+        with self._db.autocommit() as lock_session:
+            locked = lock_session.one("try_job_lock", lock_name=LEADER_LOCK)["locked"]
             if not locked:
                 return
             log.info("dispatcher: this process dispatches queued tasks to push workers")
@@ -149,10 +149,10 @@ class Dispatcher:
                     self.dispatch_queued()
                     self._events.wait_for_change(seen, LEADER_RETRY_S)
                     if time.monotonic() - checked_at > LEADER_CHECK_S:
-                        Queries(lock_connection).one("ping")  # still holding the lock's session?
+                        lock_session.one("ping")  # still holding the lock's session?
                         checked_at = time.monotonic()
             finally:
-                Queries(lock_connection).one("release_job_lock", lock_name=LEADER_LOCK)
+                lock_session.one("release_job_lock", lock_name=LEADER_LOCK)
 
     def dispatch_queued(self) -> int:
         """Push queued tasks (priority, then age) to push workers with room; returns how many."""

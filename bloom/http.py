@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 from typing import Any
 
@@ -11,6 +10,7 @@ from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from . import jsonio
 from .config import Settings
 from .errors import BadRequest, error_body
 from .rate_limit_store import memory_scheme
@@ -42,10 +42,10 @@ def json_body() -> Any:
     if not raw.strip():
         return {}
     try:
-        value = json.loads(raw)
-    except RecursionError:
-        raise BadRequest(f"JSON body nested deeper than {MAX_JSON_DEPTH} levels") from None
-    except (ValueError, UnicodeDecodeError):
+        value = jsonio.loads(raw)
+    except jsonio.DecodeError as error:
+        if jsonio.is_too_deep(error):
+            raise BadRequest(f"JSON body nested deeper than {MAX_JSON_DEPTH} levels") from None
         raise BadRequest("Malformed JSON body") from None
     if _nesting_exceeds(value, MAX_JSON_DEPTH):
         raise BadRequest(f"JSON body nested deeper than {MAX_JSON_DEPTH} levels")
@@ -104,6 +104,9 @@ def init_limiter(app: Flask, config: Settings) -> Limiter:
         in_memory_fallback_enabled=True,
         key_prefix="bloom-runtime",
     )
+    # Monitoring paths leave before Flask-Limiter works out which limits apply (most of
+    # its cost per request); the exemption above still covers paths outside the API.
+    limiter.request_filter(lambda: request.path in UNLIMITED_PATHS)
     limiter.init_app(app)
     view = app.view_functions.get(TEST_CONNECTION_ENDPOINT)
     if view is not None:

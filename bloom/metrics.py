@@ -26,6 +26,24 @@ HTTP_LATENCY = Histogram(
     "bloom_http_request_duration_seconds", "Time to answer an HTTP request, by route and method", ["route", "method"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+# The labelled children of the two request metrics, by (route, method, status): looking a
+# child up by its labels takes a lock and builds a key on every call; this dict does not.
+_REQUEST_CHILDREN: dict[tuple[str, str, int], tuple] = {}
+
+
+def count_request(route: str, method: str, status: int, seconds: float) -> None:
+    """One answered request: counted by route, method and status, timed by route and method.
+    The label values come from bounded sets (the caller's job)."""
+    children = _REQUEST_CHILDREN.get((route, method, status))
+    if children is None:
+        children = _REQUEST_CHILDREN.setdefault(
+            (route, method, status),
+            (HTTP_REQUESTS.labels(route, method, str(status)), HTTP_LATENCY.labels(route, method)),
+        )
+    children[0].inc()
+    children[1].observe(seconds)
+
+
 RATE_LIMITED = Counter("bloom_rate_limited_total", "Requests refused by a rate limit (429)")
 LEASES_GRANTED = Counter("bloom_leases_granted_total", "Leases granted, by how", ["via"])
 LEASES_EXPIRED = Counter("bloom_leases_expired_total", "Active leases expired by the sweep")

@@ -35,11 +35,10 @@ def install_request_log(app: Flask) -> None:
         # Labels from bounded sets only: a client must not mint time series at will.
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
         method = request.method if request.method in _METHODS else "OTHER"
-        metrics.HTTP_REQUESTS.labels(route, method, str(response.status_code)).inc()
-        metrics.HTTP_LATENCY.labels(route, method).observe(elapsed_s)
+        metrics.count_request(route, method, response.status_code, elapsed_s)
         if response.status_code == 429:
             metrics.RATE_LIMITED.inc()
-        if request.path.startswith("/api/"):
+        if log.isEnabledFor(logging.INFO) and request.path.startswith("/api/"):
             duration_ms = elapsed_s * 1000
             log.info(
                 "%s %s %s %.1fms rid=%s client=%s",

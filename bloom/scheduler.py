@@ -15,7 +15,6 @@ from typing import Callable
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from .db import Database
-from .sql import QUERIES
 from .service import now_ms
 
 log = logging.getLogger(__name__)
@@ -35,8 +34,8 @@ def run_once_per_deployment(database: Database, job: Job) -> bool:
     """Run `job` if no other process runs it now and nobody ran it this interval."""
     lock_name = f"bloom-runtime:job:{job.name}"
     try:
-        with database.engine.connect() as lock_conn:
-            if not lock_conn.execute(QUERIES["try_job_lock"], {"lock_name": lock_name}).scalar():
+        with database.autocommit() as lock_session:
+            if not lock_session.one("try_job_lock", lock_name=lock_name)["locked"]:
                 return False
             try:
                 with database.autocommit() as tx:
@@ -52,7 +51,7 @@ def run_once_per_deployment(database: Database, job: Job) -> bool:
                 job.run()
                 return True
             finally:
-                lock_conn.execute(QUERIES["release_job_lock"], {"lock_name": lock_name})
+                lock_session.one("release_job_lock", lock_name=lock_name)
     except Exception:
         # A failed run (database down, upstream down) must never stop the scheduler.
         log.exception("background job %s failed", job.name)

@@ -13,8 +13,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import TextClause, text
-
 _HEADER = re.compile(r"^--\s*name:\s*(\w+)(\s+\(prepared\))?\s*$", re.MULTILINE)
 _COMMENT_LINE = re.compile(r"^\s*--.*(?:\n|$)", re.MULTILINE)
 _STATEMENT_END = re.compile(r";\s*$", re.MULTILINE)
@@ -78,21 +76,28 @@ def _number_parameters(statement: str) -> tuple[str, list[str]]:
     return _PARAMETER.sub(lambda match: f"${positions[match.group(1)]}", statement), names
 
 
-def _load() -> tuple[dict[str, TextClause], frozenset[str], str]:
+def driver_form(statement: str) -> str:
+    """The statement as psycopg2 takes it with a dict of arguments: `:name` becomes
+    `%(name)s`, and a literal `%` is doubled."""
+    return _PARAMETER.sub(r"%(\1)s", statement.replace("%", "%%"))
+
+
+def _load() -> tuple[dict[str, str], frozenset[str], str]:
     source = (Path(__file__).with_name("queries.sql")).read_text(encoding="utf-8")
     queries = parse_named_queries(source)
-    statements: dict[str, TextClause] = {}
+    statements: dict[str, str] = {}
     prepares: list[str] = []
     for name, query in queries.items():
         if query.prepared:
             query_prepares, calls = prepared_form(query)
             prepares.extend(query_prepares)
-            statements[name] = text(calls)
+            statements[name] = driver_form(calls)
         else:
-            statements[name] = text(query.sql)
+            statements[name] = driver_form(query.sql)
     prepared = frozenset(name for name, query in queries.items() if query.prepared)
     return statements, prepared, ";\n".join(prepares)
 
 
-# What is sent for each named query; which of them are prepared; the PREPAREs of all of them.
+# What is sent for each named query (in psycopg2's parameter style); which of them are
+# prepared; the PREPAREs of all of them (sent without arguments, so as they are).
 QUERIES, PREPARED_QUERIES, PREPARE_STATEMENTS = _load()

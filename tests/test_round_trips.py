@@ -1,12 +1,15 @@
-"""SQL round trips of the hot paths, counted at the driver: every statement the service
-sends (BEGIN and COMMIT included) fires SQLAlchemy's before_cursor_execute once.
+"""SQL round trips of the hot paths, counted at the driver: every query text the service
+sends (BEGIN and COMMIT included) goes through one psycopg2 cursor.execute, counted by a
+cursor class given to the service's connections when they are opened.
 
 The hot statements are prepared once per pooled connection, on its first hot call (see
 bloom/sql.py); the counts below are of calls on a connection that has done so."""
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
+import psycopg2.extensions
 import pytest
 from sqlalchemy import event
 
@@ -15,24 +18,45 @@ from bloom.sql import PREPARE_STATEMENTS
 from .helpers import DONE, TASK, create_task, lease, register_worker
 
 
+class CountingCursor(psycopg2.extensions.cursor):
+    """Records the query text of every execute made on the recording thread."""
+
+    sent: list[str] | None = None
+    thread: int | None = None
+
+    def execute(self, query, vars=None):
+        if CountingCursor.sent is not None and threading.get_ident() == CountingCursor.thread:
+            CountingCursor.sent.append(query)
+        return super().execute(query, vars)
+
+
+class CountingConnection(psycopg2.extensions.connection):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cursor_factory = CountingCursor
+
+
 @pytest.fixture
 def statements(app):
     engine = app.extensions["bloom.database"].engine
-    sent: list[str] = []
 
-    def record(conn, cursor, statement, parameters, context, executemany):
-        sent.append(statement)
+    def counting_connections(dialect, connection_record, cargs, cparams):
+        cparams["connection_factory"] = CountingConnection
+
+    event.listen(engine, "do_connect", counting_connections)
+    engine.dispose()  # every connection from now on counts
 
     @contextmanager
     def counting():
-        sent.clear()
-        event.listen(engine, "before_cursor_execute", record)
+        sent: list[str] = []
+        CountingCursor.sent, CountingCursor.thread = sent, threading.get_ident()
         try:
             yield sent
         finally:
-            event.remove(engine, "before_cursor_execute", record)
+            CountingCursor.sent = CountingCursor.thread = None
 
-    return counting
+    yield counting
+    event.remove(engine, "do_connect", counting_connections)
 
 
 def test_hot_statements_are_prepared_once_per_connection(client, statements):
@@ -125,7 +149,7 @@ def test_inside_a_callers_transaction_a_forgotten_statement_is_an_error_not_a_si
     database = app.extensions["bloom.database"]
     task = create_task(client)
     with pytest.raises(DBAPIError) as raised, database.transaction() as tx:
-        tx.connection.exec_driver_sql("DEALLOCATE ALL")
+        tx.run_sql("DEALLOCATE ALL")
         tx.one_or_none("heartbeat_lease", task_id=task["id"], lease_id=None, worker_id=None, now=0)
     assert raised.value.orig.pgcode == "26000"  # the statement's own error, nothing sent after it
     assert create_task(client)["status"] == "queued"  # the next unit of work prepares again
