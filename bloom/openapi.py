@@ -206,8 +206,13 @@ class Completion(Schema):
 
 
 class Claimed(Schema):
-    task = fields.Nested(LLMTask, required=True)
-    lease = fields.Nested(Lease, required=True)
+    """Without max_tasks: task and lease. With max_tasks: tasks and leases (the i-th lease
+    is the i-th task's), one to max_tasks of them, in queue order."""
+
+    task = fields.Nested(LLMTask, metadata={"description": "when max_tasks was not given"})
+    lease = fields.Nested(Lease, metadata={"description": "when max_tasks was not given"})
+    tasks = fields.List(fields.Nested(LLMTask), metadata={"description": "when max_tasks was given"})
+    leases = fields.List(fields.Nested(Lease), metadata={"description": "when max_tasks was given"})
 
 
 class RenewedLease(Schema):

@@ -287,14 +287,15 @@ SELECT (SELECT row_to_json(lease) FROM lease) AS lease,
        (SELECT active_leases FROM capacity) + (SELECT count(*) FROM lease) AS active_leases;
 
 -- name: claim_task (prepared)
--- A whole claim in one round trip: two statements in one query, which PostgreSQL runs as
--- one transaction, each in its own snapshot. Statement 1 locks the worker row, so that
--- concurrent claims of one worker count its leases one after the other; statement 2
--- runs in a new snapshot with the row locked, so its capacity count is exact. A claim by
--- an online worker is a sign of life: it notes the worker's heartbeat. SKIP LOCKED:
--- claimers never wait on each other's tasks, nor get the same one. The transaction
--- commits as soon as statement 2 is done. Statement 2 also says why nothing was
--- claimed, if nothing was.
+-- A whole claim of up to :max_tasks tasks in one round trip: two statements in one query,
+-- which PostgreSQL runs as one transaction, each in its own snapshot. Statement 1 locks
+-- the worker row, so that concurrent claims of one worker count its leases one after the
+-- other; statement 2 runs in a new snapshot with the row locked, so its capacity count is
+-- exact, and it takes no more tasks than the worker has room for. A claim by an online
+-- worker is a sign of life: it notes the worker's heartbeat. SKIP LOCKED: claimers never
+-- wait on each other's tasks, nor get the same one. The i-th task taken (in queue order)
+-- gets the i-th of :lease_ids and :audit_ids. The transaction commits as soon as
+-- statement 2 is done. Statement 2 also says why nothing was claimed, if nothing was.
 SELECT id FROM workers WHERE id = :worker_id FOR UPDATE;
 WITH worker AS (
     SELECT w.* FROM workers w WHERE w.id = :worker_id
@@ -308,38 +309,44 @@ WITH worker AS (
     RETURNING COALESCE((worker.capabilities ->> 'max_concurrency')::int, 1) AS max_concurrency
 ), capacity AS (
     SELECT count(*) AS active_leases FROM leases WHERE worker_id = :worker_id AND status = 'active'
-), next_task AS (
-    SELECT id FROM llm_tasks
+), room AS (
+    SELECT GREATEST(0, LEAST(:max_tasks, (SELECT max_concurrency FROM fit) - (SELECT active_leases FROM capacity)))
+           AS tasks
+), next_tasks AS (
+    SELECT id, priority, created_at FROM llm_tasks
      WHERE status = 'queued'
        AND COALESCE(run_at, 0) <= :now AND COALESCE(retry_at, 0) <= :now
        AND (CAST(:agent_slugs AS text[]) IS NULL OR agent_slug = ANY(CAST(:agent_slugs AS text[])))
-       AND (SELECT active_leases FROM capacity) < (SELECT max_concurrency FROM fit)
+       AND (SELECT tasks FROM room) > 0
      ORDER BY priority DESC, created_at, id
-     LIMIT 1
+     LIMIT (SELECT COALESCE(tasks, 0) FROM room)
        FOR UPDATE SKIP LOCKED
+), numbered AS (
+    SELECT id, row_number() OVER (ORDER BY priority DESC, created_at, id) AS n FROM next_tasks
 ), task AS (
     UPDATE llm_tasks t
-       SET status = 'leased', lease_id = :lease_id, worker_id = :worker_id,
+       SET status = 'leased', lease_id = (CAST(:lease_ids AS text[]))[n.n], worker_id = :worker_id,
            attempts = t.attempts + 1, updated_at = :now
-      FROM next_task n
+      FROM numbered n
      WHERE t.id = n.id
-    RETURNING t.*
+    RETURNING t.*, n.n AS position
 ), lease AS (
     INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status,
                         last_heartbeat, context_id)
-    SELECT :lease_id, id, :worker_id, :now, :now + :ttl_seconds * 1000, :ttl_seconds, 'active',
+    SELECT lease_id, id, :worker_id, :now, :now + :ttl_seconds * 1000, :ttl_seconds, 'active',
            :now, context_id
       FROM task
     RETURNING *
 ), audit AS (
     INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
-    SELECT :audit_id, :now, 'task_leased', 'task', task_id, :actor,
-           jsonb_build_object('lease_id', id, 'worker_id', worker_id, 'ttl_seconds', ttl_seconds,
-                              'claimed', true)
-      FROM lease
+    SELECT (CAST(:audit_ids AS text[]))[task.position], :now, 'task_leased', 'task', task.id, :actor,
+           jsonb_build_object('lease_id', lease.id, 'worker_id', lease.worker_id,
+                              'ttl_seconds', lease.ttl_seconds, 'claimed', true)
+      FROM lease JOIN task ON task.id = lease.task_id
 )
-SELECT (SELECT row_to_json(task) FROM task) AS task,
-       (SELECT row_to_json(lease) FROM lease) AS lease,
+SELECT (SELECT jsonb_agg(to_jsonb(task) - 'position' ORDER BY task.position) FROM task) AS tasks,
+       (SELECT jsonb_agg(to_jsonb(lease) ORDER BY task.position)
+          FROM lease JOIN task ON task.id = lease.task_id) AS leases,
        (SELECT row_to_json(worker) FROM worker) AS worker,
        (SELECT active_leases FROM capacity) + (SELECT count(*) FROM lease) AS active_leases;
 

@@ -16,6 +16,7 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 from .errors import ValidationFailed
 
 MAX_OFFSET = 2**31 - 1
+MAX_TASKS_PER_CLAIM = 32
 TASK_STATUSES = ("queued", "leased", "running", "completed", "failed", "dead", "cancelled")
 LEASE_STATUSES = ("active", "expired", "released", "failed")
 WORKER_STATUSES = ("online", "offline", "syncing", "error", "unknown")
@@ -140,6 +141,8 @@ class ClaimSchema(_Body):
     ttl_seconds = fields.Integer(strict=True, validate=validate.Range(1, 86400), load_default=300)
     wait_seconds = StrictNumber(validate=validate.Range(0, 30), load_default=0)
     agent_slugs = fields.List(KeyText(), load_default=None, allow_none=True, validate=validate.Length(max=100))
+    # Given: up to this many tasks, answered as {tasks, leases}; absent: one, as {task, lease}.
+    max_tasks = fields.Integer(strict=True, validate=validate.Range(1, MAX_TASKS_PER_CLAIM), load_default=None)
 
 
 class WorkerHeartbeatSchema(_Body):

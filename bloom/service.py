@@ -298,21 +298,29 @@ class RuntimeService:
             raise Conflict(f"Worker '{worker_id}' does not have claude_cli")
         return capabilities
 
-    def claim_task(
-        self, worker_id: str, *, ttl_seconds: int, agent_slugs: list[str] | None
-    ) -> dict[str, Any] | None:
-        """Lease the next queued task (priority, then age) to this worker; None if none.
-        A task that cannot be granted for a data reason is set aside, and the claim goes on."""
+    def claim_tasks(
+        self, worker_id: str, *, ttl_seconds: int, agent_slugs: list[str] | None, max_tasks: int = 1
+    ) -> dict[str, list[dict[str, Any]]] | None:
+        """Lease the next queued tasks (priority, then age) to this worker, up to max_tasks
+        and its free capacity: {tasks, leases} in queue order, or None if none. A task that
+        cannot be granted for a data reason is set aside, and the claim goes on."""
         for _ in range(POISONED_SKIPS_PER_CLAIM + 1):
             try:
-                claimed = self._grant("claim_task", ttl_seconds, worker_id=worker_id, agent_slugs=agent_slugs)
+                claimed = self.db.script(
+                    "claim_task", worker_id=worker_id, agent_slugs=agent_slugs, ttl_seconds=ttl_seconds,
+                    max_tasks=max_tasks, lease_ids=[new_id() for _ in range(max_tasks)],
+                    audit_ids=[new_id() for _ in range(max_tasks)], now=now_ms(), actor=API_ACTOR,
+                )
             except DBAPIError as error:
                 if not is_data_error(error) or not self._set_aside_unclaimable(worker_id, agent_slugs, ttl_seconds):
                     raise
                 continue
-            if claimed["lease"] is not None:
-                metrics.LEASES_GRANTED.labels("claim").inc()
-                return {"task": task_json(claimed["task"]), "lease": lease_json(claimed["lease"])}
+            if claimed["tasks"]:
+                metrics.LEASES_GRANTED.labels("claim").inc(len(claimed["tasks"]))
+                return {
+                    "tasks": [task_json(task) for task in claimed["tasks"]],
+                    "leases": [lease_json(lease) for lease in claimed["leases"]],
+                }
             capabilities = self._check_worker_fit(worker_id, claimed["worker"])
             if claimed["active_leases"] >= capabilities["max_concurrency"]:
                 raise Conflict(f"Worker '{worker_id}' has no free capacity")

@@ -27,6 +27,8 @@ PARAMETER_TYPES = {
     "priority": "integer",
     "agent_slugs": "text[]",
     "lease_ids": "text[]",
+    "audit_ids": "text[]",
+    "max_tasks": "integer",
     "push_only": "boolean",
     "output_is_json": "boolean",
     "run_at": "bigint",

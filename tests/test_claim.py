@@ -181,3 +181,96 @@ def test_many_workers_claiming_at_once_run_each_task_exactly_once(server):
     for name in workers:
         detail = requests.get(server.url(f"/api/runtime/workers/{name}"), timeout=10).json()
         assert detail["active_leases"] == 0
+
+
+# Several tasks in one claim (max_tasks) ---------------------------------------------------
+
+
+def test_a_claim_with_max_tasks_takes_up_to_the_free_capacity_in_queue_order(client):
+    register_worker(client, "w1", max_concurrency=5)
+    create_task(client, priority=9)
+    held = claim(client, "w1").get_json()  # one lease already held: room for 4
+    ids = [create_task(client, priority=priority)["id"] for priority in (1, 5, 3, 5, 2, 4)]
+    response = claim(client, "w1", max_tasks=8, ttl_seconds=120)
+    assert response.status_code == 201
+    body = response.get_json()
+    assert set(body) == {"tasks", "leases"}
+    # priority, then age: the two 5s in creation order, then 4 and 3
+    assert [task["id"] for task in body["tasks"]] == [ids[1], ids[3], ids[5], ids[2]]
+    for task, granted in zip(body["tasks"], body["leases"]):
+        assert granted["task_id"] == task["id"] and task["lease_id"] == granted["id"]
+        assert task["status"] == "leased" and task["worker_id"] == "w1" and task["attempts"] == 1
+        assert granted["status"] == "active" and granted["ttl_seconds"] == 120
+        stored = client.get(f"/api/runtime/llm-tasks/{task['id']}").get_json()
+        assert stored["status"] == "leased" and stored["lease_id"] == granted["id"]
+    assert len({granted["id"] for granted in body["leases"]} | {held["lease"]["id"]}) == 5
+    assert client.get("/api/runtime/workers/w1").get_json()["active_leases"] == 5
+    assert claim(client, "w1", max_tasks=2).status_code == 409  # full
+    leased_actions = [entry for entry in client.get("/api/runtime/audit").get_json() if entry["action"] == "task_leased"]
+    assert len(leased_actions) == 5
+
+
+def test_a_claim_with_max_tasks_answers_the_list_shape_even_for_one_and_204_for_none(client):
+    register_worker(client, "w1", max_concurrency=4)
+    assert claim(client, "w1", max_tasks=3).status_code == 204
+    only = create_task(client)
+    body = claim(client, "w1", max_tasks=3).get_json()
+    assert [task["id"] for task in body["tasks"]] == [only["id"]] and len(body["leases"]) == 1
+    create_task(client)
+    assert set(claim(client, "w1").get_json()) == {"task", "lease"}  # without max_tasks: as before
+
+
+def test_max_tasks_is_bounded_and_a_refusal_changes_nothing(client):
+    register_worker(client, "w1", max_concurrency=4)
+    create_task(client)
+    for bad in (0, 33, "2", 1.5, -1):
+        response = claim(client, "w1", max_tasks=bad)
+        assert response.status_code == 400, bad
+        assert "max_tasks" in response.get_json()["error"]["fieldErrors"]
+    assert client.get("/api/runtime/workers/w1").get_json()["active_leases"] == 0
+
+
+def test_batch_claims_from_many_workers_at_once_grant_each_task_once_within_capacity(server):
+    """Real gunicorn workers and PostgreSQL: 8 workers, 2 threads each, claiming up to 8
+    tasks at a time with capacity 6, until 200 tasks are done."""
+    slug = f"batch-{uuid.uuid4().hex[:6]}"
+    workers = [f"{slug}-w{i}" for i in range(8)]
+    for name in workers:
+        requests.post(server.url("/api/runtime/workers"), json={"name": name, "capabilities": {"max_concurrency": 6}}, timeout=10)
+    created = requests.post(server.url("/api/runtime/llm-tasks/batch"),
+                            json={"tasks": [{**TASK, "agent_slug": slug}] * 200}, timeout=30)
+    task_ids = {task["id"] for task in created.json()["tasks"]}
+    completed: list[str] = []
+    most_in_one_answer = [0]
+    lock = threading.Lock()
+
+    def drain(name):
+        session = requests.Session()
+        while True:
+            response = session.post(server.url(f"/api/runtime/workers/{name}/claim"),
+                                    json={"agent_slugs": [slug], "max_tasks": 8}, timeout=30)
+            if response.status_code == 204:
+                return
+            if response.status_code == 409:  # its other thread holds the rest of the room
+                time.sleep(0.01)
+                continue
+            assert response.status_code == 201, response.text
+            body = response.json()
+            with lock:
+                most_in_one_answer[0] = max(most_in_one_answer[0], len(body["tasks"]))
+            for task, granted in zip(body["tasks"], body["leases"]):
+                done = session.post(server.url(f"/api/runtime/llm-tasks/{task['id']}/complete"), json={
+                    "status": "success", "output": name, "metrics": {"duration_ms": 1},
+                    "lease_id": granted["id"], "worker_id": name,
+                }, timeout=30)
+                assert done.status_code == 200, done.text
+                with lock:
+                    completed.append(task["id"])
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        for future in [pool.submit(drain, name) for name in workers for _ in range(2)]:
+            future.result(timeout=120)
+    assert sorted(completed) == sorted(task_ids)  # every task, each exactly once
+    assert 1 < most_in_one_answer[0] <= 6  # several at once, never past the capacity
+    for name in workers:
+        assert requests.get(server.url(f"/api/runtime/workers/{name}"), timeout=10).json()["active_leases"] == 0

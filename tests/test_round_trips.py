@@ -170,3 +170,14 @@ def test_a_batch_of_a_thousand_tasks_is_one_statement(client, statements):
         response = client.post("/api/runtime/llm-tasks/batch", json={"tasks": [TASK] * 1000})
     assert response.status_code == 201 and len(response.get_json()["tasks"]) == 1000
     assert len(sent) == 1
+
+
+def test_a_claim_of_several_tasks_is_one_statement(client, statements):
+    register_worker(client, "w1", max_concurrency=16)
+    for _ in range(12):
+        create_task(client)
+    client.post("/api/runtime/workers/w1/claim", json={"max_tasks": 1})  # prepares on this connection
+    with statements() as sent:
+        response = client.post("/api/runtime/workers/w1/claim", json={"max_tasks": 10})
+    assert response.status_code == 201 and len(response.get_json()["tasks"]) == 10
+    assert len(sent) == 1

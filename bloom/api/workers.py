@@ -56,7 +56,8 @@ def heartbeat_worker(worker_id: str):
 
 @bp.post("/<worker_id:worker_id>/claim")
 @documented(
-    "Lease the next queued task to this worker (long poll with wait_seconds)",
+    "Lease the next queued task to this worker (long poll with wait_seconds); with max_tasks, "
+    "up to that many (within its free capacity), answered as {tasks, leases}",
     body=ClaimSchema,
     responses={201: "Claimed", 204: None, 404: "Error", 409: "Error"},
 )
@@ -66,10 +67,14 @@ def claim(worker_id: str):
     A poll that finds nothing waits only if this process has room for another waiting
     poll (WaitingRoom); otherwise it answers 204 at once with Retry-After (1 to 3 s), so
     short requests always find a free thread. A waiting poll is woken only by a task its
-    agent filter takes (queue_events.py)."""
+    agent filter takes (queue_events.py).
+
+    Without max_tasks the answer is one task, {task, lease}, as the Express service gave
+    it; with max_tasks (1 to 32) it is {tasks, leases}, in queue order, from one statement."""
     body = load(ClaimSchema, json_body())
     claim_now = functools.partial(
-        service().claim_task, worker_id, ttl_seconds=body["ttl_seconds"], agent_slugs=body["agent_slugs"]
+        service().claim_tasks, worker_id, ttl_seconds=body["ttl_seconds"], agent_slugs=body["agent_slugs"],
+        max_tasks=body["max_tasks"] or 1,
     )
     if body["wait_seconds"] <= 0:
         claimed = claim_now()
@@ -84,7 +89,11 @@ def claim(worker_id: str):
         if claimed is _NO_ROOM:
             g.retry_after = str(random.randint(1, 3))  # spread the returns
             return Response(status=204)
-    return (jsonify(claimed), 201) if claimed is not None else Response(status=204)
+    if claimed is None:
+        return Response(status=204)
+    if body["max_tasks"] is None:
+        claimed = {"task": claimed["tasks"][0], "lease": claimed["leases"][0]}
+    return jsonify(claimed), 201
 
 
 _NO_ROOM = object()
