@@ -3,6 +3,7 @@
     python bench/run.py                       # 8 and 32 clients, 2,000 tasks each
     python bench/run.py --rows 1000000        # also: list/stats/lease latency at 1M rows
     python bench/run.py --smoke               # a few seconds, to prove it still works (CI)
+    python bench/run.py --fleet 1000          # 1,000 workers, 10,000 leases, heartbeats every ttl/3
 
 It starts its own gunicorn and, unless DATABASE_URL is set, its own embedded PostgreSQL
 in a temporary directory. The load generator is this process: one thread per client,
@@ -395,6 +396,114 @@ def bench_long_polls(service: Service, polls: int, seconds: float, wait_seconds:
             "polls_answered": len(poll_seconds), "told_to_come_back": early[0], "cpu_ms_per_request": cpu_ms}
 
 
+def bench_fleet(service: Service, workers: int, leases_each: int, ttl_seconds: int, seconds: float) -> dict:
+    """A fleet holding many leases: `workers` workers claim `leases_each` tasks each (one
+    claim with max_tasks per worker), then each sends one worker heartbeat every ttl/3
+    with its lease ids, spread evenly over the interval. Windows of `seconds`, in this
+    order: idle and a probe alone (one client: create -> lease -> complete and create ->
+    claim -> complete, one after the other), both before the claims, since a lease's ttl
+    runs from its claim; then heartbeats alone (the service's CPU to keep the fleet alive,
+    as a share of one core) and the probe while the fleet heartbeats."""
+    port = service.port
+    meter = CpuMeter(service)
+    setup = Client(port, defaultdict(list), threading.Lock())
+    names = [f"fleet-{i}" for i in range(workers)]
+    for name in names:
+        setup.call("register", "POST", "/api/runtime/workers", {"name": name, "capabilities": {"max_concurrency": leases_each}})
+    setup.call("register", "POST", "/api/runtime/workers", {"name": "fleet-probe", "capabilities": {"max_concurrency": 32}})
+    for start in range(0, workers * leases_each, 1000):
+        setup.call("batch", "POST", "/api/runtime/llm-tasks/batch",
+                   {"tasks": [{**TASK, "agent_slug": "fleet"}] * min(1000, workers * leases_each - start)})
+    interval = ttl_seconds / 3
+    heartbeat_latencies: dict[str, list[float]] = defaultdict(list)
+    lock = threading.Lock()
+    lost: list[int] = [0]
+    senders = 8
+
+    def heartbeats(stop: threading.Event, index: int) -> None:
+        """This sender's share of the fleet, each worker at its own offset in the interval."""
+        client = Client(port, heartbeat_latencies, lock)
+        mine = names[index::senders]
+        started = time.monotonic()
+        beat = 0
+        while not stop.is_set():
+            for position, name in enumerate(mine):
+                due = started + beat * interval + (position * senders + index) * interval / workers
+                if stop.wait(max(0.0, due - time.monotonic())):
+                    return
+                reply = client.call("worker heartbeat", "POST", f"/api/runtime/workers/{name}/heartbeat",
+                                    {"lease_ids": held[name]})
+                if reply["lost"]:
+                    with lock:
+                        lost[0] += len(reply["lost"])
+            beat += 1
+
+    def probe(stop: threading.Event, latencies: dict[str, list[float]]) -> int:
+        client = Client(port, latencies, lock)
+        while not stop.is_set():
+            task_id = client.call("create", "POST", "/api/runtime/llm-tasks", TASK)["id"]
+            granted = client.call("lease", "POST", f"/api/runtime/llm-tasks/{task_id}/lease",
+                                  {"worker_id": "fleet-probe", "ttl_seconds": 300})
+            client.call("complete", "POST", f"/api/runtime/llm-tasks/{task_id}/complete",
+                        {**DONE, "lease_id": granted["lease"]["id"]})
+            client.call("create", "POST", "/api/runtime/llm-tasks", TASK)
+            claimed = client.call("claim", "POST", "/api/runtime/workers/fleet-probe/claim",
+                                  {"ttl_seconds": 300, "agent_slugs": [TASK["agent_slug"]]})
+            client.call("complete", "POST", f"/api/runtime/llm-tasks/{claimed['task']['id']}/complete",
+                        {**DONE, "lease_id": claimed["lease"]["id"]})
+            time.sleep(0.02)
+        return client.requests
+
+    def window(with_heartbeats: bool, with_probe: bool) -> tuple[dict[str, float], dict[str, list[float]], float]:
+        stop = threading.Event()
+        probe_latencies: dict[str, list[float]] = defaultdict(list)
+        threads = []
+        if with_heartbeats:
+            threads += [threading.Thread(target=heartbeats, args=(stop, i)) for i in range(senders)]
+        if with_probe:
+            threads.append(threading.Thread(target=probe, args=(stop, probe_latencies)))
+        before = meter.snapshot()
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        time.sleep(seconds)
+        stop.set()
+        for thread in threads:
+            thread.join()
+        wall = time.perf_counter() - started
+        after = meter.snapshot()
+        share = {part: sum(after[part][pid] - before[part].get(pid, 0.0) for pid in after[part]) / wall
+                 for part in after}
+        return share, probe_latencies, wall
+
+    # Before the leases exist (their ttl runs from the claim): what the service costs idle.
+    idle_share, _, _ = window(with_heartbeats=False, with_probe=False)
+    _, quiet, _ = window(with_heartbeats=False, with_probe=True)
+    held: dict[str, list[str]] = {}
+    for name in names:
+        claimed = setup.call("claim", "POST", f"/api/runtime/workers/{name}/claim",
+                             {"max_tasks": leases_each, "ttl_seconds": ttl_seconds, "agent_slugs": ["fleet"]})
+        held[name] = [lease["id"] for lease in claimed["leases"]]
+    leases_held = sum(len(ids) for ids in held.values())
+    print(f"  fleet: {workers} workers holding {leases_held} leases (ttl {ttl_seconds} s), "
+          f"each heartbeating every {interval:g} s")
+    print("    idle, before the claims (background jobs only): CPU, share of one core: "
+          + ", ".join(f"{part} {share:.1%}" for part, share in idle_share.items()))
+    alive_share, _, wall = window(with_heartbeats=True, with_probe=False)
+    sent = len(heartbeat_latencies["worker heartbeat"])
+    print(f"    heartbeats alone, {wall:.0f} s: {sent / wall:.0f} worker heartbeats/s, {lost[0]} leases lost; "
+          "CPU, share of one core: " + ", ".join(f"{part} {share:.1%}" for part, share in alive_share.items()))
+    heartbeat_table = report_latencies(heartbeat_latencies)
+    print("    probe alone (before the claims):")
+    quiet_table = report_latencies({name: quiet[name] for name in ("lease", "claim")})
+    _, busy, _ = window(with_heartbeats=True, with_probe=True)
+    print("    probe while the fleet heartbeats:")
+    busy_table = report_latencies({name: busy[name] for name in ("lease", "claim")})
+    return {"workers": workers, "leases": leases_held, "ttl_seconds": ttl_seconds, "heartbeats_per_s": sent / wall,
+            "leases_lost": lost[0], "cpu_share_of_one_core": alive_share, "idle_cpu_share_of_one_core": idle_share, "heartbeat_latency": heartbeat_table,
+            "probe_alone": quiet_table, "probe_with_fleet": busy_table}
+
+
 def timed(client: Client, name: str, method: str, path: str, repeat: int, body=None) -> float:
     for _ in range(repeat):
         client.call(name, method, path, body)
@@ -553,7 +662,11 @@ def main() -> int:
     parser.add_argument("--batches", type=int, default=0, help="only this: create N batches of 1,000 tasks")
     parser.add_argument("--long-polls", type=int, default=0,
                         help="only this: hold N idle long polls; measure health, ready and the lifecycle meanwhile")
-    parser.add_argument("--seconds", type=float, default=20.0, help="how long the --long-polls run measures")
+    parser.add_argument("--fleet", type=int, default=0,
+                        help="only this: N workers holding 10 leases each heartbeat every ttl/3 (ttl 30 s); "
+                             "measure the service's CPU and lease/claim latency meanwhile")
+    parser.add_argument("--seconds", type=float, default=20.0,
+                        help="how long the --long-polls run, and each --fleet window, measures")
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     args = parser.parse_args()
     if args.smoke:
@@ -580,6 +693,9 @@ def main() -> int:
               f"{os.cpu_count()} CPUs shared with PostgreSQL and this load generator")
         if args.batches:
             results["batch_creation"] = [bench_batch_creation(service, clients, args.batches) for clients in (1, 4)]
+            args.only_scale, args.rows = True, 0
+        if args.fleet:
+            results["fleet"] = bench_fleet(service, args.fleet, leases_each=10, ttl_seconds=30, seconds=args.seconds)
             args.only_scale, args.rows = True, 0
         if args.long_polls:
             results["long_polls"] = bench_long_polls(service, args.long_polls, args.seconds)
