@@ -40,10 +40,26 @@ def resolve_database_url(settings: Settings) -> str:
     return start_embedded_postgres(settings.data_dir)
 
 
+class BloomFlask(Flask):
+    """Flask, with each view's and hook's sync check made once per function: Flask asks
+    `inspect.iscoroutinefunction` of every before/after-request hook on every request
+    (about ten per request here), and the answer never changes."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._sync_callables: dict = {}
+
+    def ensure_sync(self, func):
+        callable_ = self._sync_callables.get(func)
+        if callable_ is None:
+            callable_ = self._sync_callables.setdefault(func, super().ensure_sync(func))
+        return callable_
+
+
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     _configure_logging()
-    app = Flask(__name__)
+    app = BloomFlask(__name__)
     app.url_map.converters["worker_id"] = WorkerIdConverter
     app.url_map.merge_slashes = False  # a worker id may hold "//"; never a redirect
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes

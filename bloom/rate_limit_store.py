@@ -157,7 +157,8 @@ class HostCounters:
                 soonest, soonest_end = offset, window_end
         return own, reusable, soonest
 
-    def incr(self, key: str, expiry: float, amount: int, now: float) -> int:
+    def incr(self, key: str, expiry: float, amount: int, now: float) -> tuple[int, float]:
+        """Count a hit; (count, window end) after it."""
         digest, group = self._group(key)
         lock = self._locked(group)
         try:
@@ -167,10 +168,10 @@ class HostCounters:
                 if window_end <= now:
                     window_end, count = now + expiry, 0
                 self.SLOT.pack_into(self._memory, own, digest, window_end, count + amount)
-                return count + amount
+                return count + amount, window_end
             target = reusable if reusable is not None else soonest
             self.SLOT.pack_into(self._memory, target, digest, now + expiry, amount)
-            return amount
+            return amount, now + expiry
         finally:
             lock.release()
 
@@ -224,23 +225,38 @@ class HostSharedStorage(_LocalStorage):
         if _host_counters is None:
             raise RuntimeError("no host counters: share_counters_across_workers() was not called before the fork")
         self._counters = _host_counters
+        # Flask-Limiter reads the window back right after its hit, for the X-RateLimit
+        # headers of the same response (a count and an expiry: two more trips through the
+        # table's locks). The window this thread's last hit left answers those reads.
+        self._last_hit = threading.local()
 
     @property
     def base_exceptions(self) -> type[Exception]:
         return SharedCountersBusy
 
     def incr(self, key: str, expiry: float, amount: int = 1) -> int:
-        return self._counters.incr(key, expiry, amount, self._clock())
+        count, window_end = self._counters.incr(key, expiry, amount, self._clock())
+        self._last_hit.window = (key, count, window_end)
+        return count
 
     def get(self, key: str) -> int:
-        return self._counters.read(key, self._clock())[0]
+        return self._window(key)[0]
 
     def get_expiry(self, key: str) -> float:
-        return self._counters.read(key, self._clock())[1]
+        return self._window(key)[1]
+
+    def _window(self, key: str) -> tuple[int, float]:
+        now = self._clock()
+        last = getattr(self._last_hit, "window", None)
+        if last is not None and last[0] == key and last[2] > now:
+            return last[1], last[2]
+        return self._counters.read(key, now)
 
     def clear(self, key: str) -> None:
+        self._last_hit.window = None
         self._counters.clear(key, self._clock())
 
     def reset(self) -> int:
+        self._last_hit.window = None
         self._counters.reset()
         return 0
