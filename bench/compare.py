@@ -43,7 +43,7 @@ def run_once(root: Path, run_args: list[str], scratch: Path) -> dict:
 def figures(result: dict) -> dict[str, float]:
     """The figures worth comparing, flattened: throughput and p99 of every call."""
     flat: dict[str, float] = {}
-    for kind in ("creation", "lifecycle"):
+    for kind in ("creation", "lifecycle", "worker_lifecycle"):
         for run in result.get(kind, []):
             prefix = f"{kind} {run['clients']} clients"
             flat[f"{prefix}: tasks/s"] = run["tasks_per_s"]
@@ -51,6 +51,8 @@ def figures(result: dict) -> dict[str, float]:
                 flat[f"{prefix}: p99 {call} ms"] = latency["p99_ms"]
             for part, ms in run.get("cpu_ms_per_request", {}).items():
                 flat[f"{prefix}: CPU {part} ms/request"] = ms
+            for part, ms in run.get("cpu_ms_per_task", {}).items():
+                flat[f"{prefix}: CPU {part} ms/task"] = ms
     return flat
 
 

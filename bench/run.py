@@ -318,6 +318,44 @@ def bench_lifecycle(service: Service, clients: int, tasks: int) -> dict:
             "latency": report_latencies(latencies), "cpu_ms_per_request": cpu_ms}
 
 
+def bench_worker_lifecycle(service: Service, clients: int, tasks: int, batch: int = 8) -> dict:
+    """The calls a fleet worker makes, per worker rather than per task: each client is a
+    worker (capacity `batch`) that claims up to `batch` tasks at once (max_tasks), renews
+    all its leases with one worker heartbeat, and completes each task, until the queue is
+    empty. Reports tasks/s and CPU per task, to set against the lifecycle's three calls
+    per task."""
+    creator = Client(service.port, defaultdict(list), threading.Lock())
+    slug = f"batch-{clients}"
+    for start in range(0, tasks, 1000):
+        creator.call("batch", "POST", "/api/runtime/llm-tasks/batch",
+                     {"tasks": [{**TASK, "agent_slug": slug}] * min(1000, tasks - start)})
+    names = [f"{slug}-worker-{i}" for i in range(clients)]
+    for name in names:
+        creator.call("register", "POST", "/api/runtime/workers", {"name": name, "capabilities": {"max_concurrency": batch}})
+
+    def work(client: Client, index: int) -> None:
+        name = names[index]
+        while True:
+            claimed = client.call("claim", "POST", f"/api/runtime/workers/{name}/claim",
+                                  {"max_tasks": batch, "ttl_seconds": 300, "agent_slugs": [slug]})
+            if claimed is None:
+                return
+            client.call("worker heartbeat", "POST", f"/api/runtime/workers/{name}/heartbeat",
+                        {"lease_ids": [lease["id"] for lease in claimed["leases"]]})
+            for task, lease in zip(claimed["tasks"], claimed["leases"]):
+                client.call("complete", "POST", f"/api/runtime/llm-tasks/{task['id']}/complete",
+                            {**DONE, "lease_id": lease["id"], "worker_id": name})
+
+    elapsed, requests, latencies, cpu_ms = run_clients(service, clients, work)
+    cpu_per_task = {part: ms * requests / tasks for part, ms in cpu_ms.items()}
+    print(f"  worker lifecycle (claim up to {batch}, one worker heartbeat, complete each), {clients} clients: "
+          f"{tasks / elapsed:.0f} tasks/s, {requests / tasks:.2f} requests a task")
+    report_cpu(cpu_ms)
+    print("    CPU per task: " + ", ".join(f"{part} {ms:.2f} ms" for part, ms in cpu_per_task.items()))
+    return {"clients": clients, "tasks_per_s": tasks / elapsed, "requests_per_task": requests / tasks,
+            "latency": report_latencies(latencies), "cpu_ms_per_request": cpu_ms, "cpu_ms_per_task": cpu_per_task}
+
+
 def bench_long_polls(service: Service, polls: int, seconds: float, wait_seconds: float = 30.0) -> dict:
     """`polls` clients long-poll a claim that never finds work (their agent slug has no
     tasks), re-polling at once, or after Retry-After when told to come back later; meanwhile
@@ -654,6 +692,8 @@ def main() -> int:
     parser.add_argument("--create-tasks", type=int, default=4000, help="tasks per creation run")
     parser.add_argument("--workers", type=int, default=4, help="gunicorn workers")
     parser.add_argument("--threads", type=int, default=8, help="gunicorn threads per worker")
+    parser.add_argument("--no-worker-lifecycle", dest="worker_lifecycle", action="store_false",
+                        help="skip the worker lifecycle runs (claim several, one worker heartbeat)")
     parser.add_argument("--warm-up", type=int, default=400, help="unmeasured task creations before the runs")
     parser.add_argument("--rows", type=int, default=0, help="then fill tables to this many rows and measure")
     parser.add_argument("--only-scale", action="store_true", help="skip the load runs; with --rows")
@@ -685,7 +725,7 @@ def main() -> int:
         database_url = server.get_uri(database="postgres", driver="psycopg2")
         postgres_pid = int((scratch / "pgdata" / "postmaster.pid").read_text().split()[0])
     results: dict = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "workers": args.workers,
-                     "threads": args.threads, "creation": [], "lifecycle": []}
+                     "threads": args.threads, "creation": [], "lifecycle": [], "worker_lifecycle": []}
     service = Service(database_url, args.workers, args.threads, postgres_pid)
     try:
         register_workers(service.port, count=4, capacity=32)
@@ -706,6 +746,8 @@ def main() -> int:
             results["creation"].append(bench_creation(service, clients, args.create_tasks))
         for clients in [] if args.only_scale else args.clients:
             results["lifecycle"].append(bench_lifecycle(service, clients, args.tasks))
+        for clients in [] if args.only_scale or not args.worker_lifecycle else args.clients:
+            results["worker_lifecycle"].append(bench_worker_lifecycle(service, clients, args.tasks))
         if args.rows:
             results["scale"] = bench_at_scale(service.port, plain_dsn(database_url), args.rows)
             if args.prune:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from typing import Any
 
@@ -10,7 +11,6 @@ from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from . import jsonio
 from .config import Settings
 from .errors import BadRequest, error_body
 from .rate_limit_store import memory_scheme
@@ -42,10 +42,10 @@ def json_body() -> Any:
     if not raw.strip():
         return {}
     try:
-        value = jsonio.loads(raw)
-    except jsonio.DecodeError as error:
-        if jsonio.is_too_deep(error):
-            raise BadRequest(f"JSON body nested deeper than {MAX_JSON_DEPTH} levels") from None
+        value = json.loads(raw)
+    except RecursionError:
+        raise BadRequest(f"JSON body nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except (ValueError, UnicodeDecodeError):
         raise BadRequest("Malformed JSON body") from None
     if _nesting_exceeds(value, MAX_JSON_DEPTH):
         raise BadRequest(f"JSON body nested deeper than {MAX_JSON_DEPTH} levels")
@@ -54,10 +54,11 @@ def json_body() -> Any:
 
 def _body_bytes() -> bytes:
     limit = current_app.config["MAX_CONTENT_LENGTH"]
-    if request.content_length is not None or not limit:
-        return request.get_data(cache=True)  # werkzeug answers 413 past the limit itself
+    req = request._get_current_object()
+    if req.content_length is not None or not limit:
+        return req.get_data(cache=True)  # werkzeug answers 413 past the limit itself
     # Chunked: werkzeug would stop reading at the limit and hand over a truncated body.
-    raw = request.environ["wsgi.input"].read(limit + 1)
+    raw = req.environ["wsgi.input"].read(limit + 1)
     if len(raw) > limit:
         raise RequestEntityTooLarge()
     return raw
@@ -78,7 +79,8 @@ def _nesting_exceeds(value: Any, limit: int) -> bool:
 
 
 def _exempt_from_shared_limit() -> bool:
-    return request.path in UNLIMITED_PATHS or not request.path.startswith(PROTECTED_PREFIXES)
+    path = request.path
+    return path in UNLIMITED_PATHS or not path.startswith(PROTECTED_PREFIXES)
 
 
 def _limit_storage_uri(configured: str) -> str:
@@ -125,7 +127,9 @@ def install_request_guards(app: Flask, config: Settings) -> None:
 
     @app.before_request
     def _storable_path_and_query():
-        for text in (request.path, *request.args.keys(), *request.args.values()):
+        req = request._get_current_object()
+        texts = (req.path, *req.args.keys(), *req.args.values()) if req.query_string else (req.path,)
+        for text in texts:
             reason = unstorable_reason(text)
             if reason:
                 raise BadRequest(reason)
@@ -135,12 +139,14 @@ def install_request_guards(app: Flask, config: Settings) -> None:
     def _headers_that_mean_what_they_say(response):
         # Flask-Limiter sends Retry-After on every answer; it means something only on a
         # 429, a 503, or a long poll told to come back later.
-        if g.get("retry_after") is not None:
-            response.headers["Retry-After"] = g.retry_after
-        elif response.status_code not in (429, 503):
+        status = response.status_code
+        retry_after = g.get("retry_after")
+        if retry_after is not None:
+            response.headers["Retry-After"] = retry_after
+        elif status not in (429, 503):
             response.headers.pop("Retry-After", None)
         # No body, no type (Flask gives 204s and automatic OPTIONS answers text/html).
-        if response.status_code == 204 or (request.method == "OPTIONS" and not response.get_data()):
+        if status == 204 or (request.method == "OPTIONS" and not response.get_data()):
             response.headers.pop("Content-Type", None)
         return response
 
@@ -152,7 +158,10 @@ def install_api_key_check(app: Flask, config: Settings) -> None:
     @app.before_request
     def _api_key():
         expected = config.runtime_api_key
-        if not expected or request.path in OPEN_PATHS or not request.path.startswith(PROTECTED_PREFIXES):
+        if not expected:
+            return None
+        path = request.path
+        if path in OPEN_PATHS or not path.startswith(PROTECTED_PREFIXES):
             return None
         given = request.headers.get("X-Runtime-API-Key", "")
         if not hmac.compare_digest(given.encode(), expected.encode()):

@@ -33,16 +33,18 @@ def install_request_log(app: Flask) -> None:
         started = getattr(g, "request_started", None)
         elapsed_s = time.perf_counter() - started if started is not None else 0.0
         # Labels from bounded sets only: a client must not mint time series at will.
-        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        method = request.method if request.method in _METHODS else "OTHER"
+        req = request._get_current_object()
+        rule = req.url_rule
+        route = rule.rule if rule is not None else "unmatched"
+        method = req.method if req.method in _METHODS else "OTHER"
         metrics.count_request(route, method, response.status_code, elapsed_s)
         if response.status_code == 429:
             metrics.RATE_LIMITED.inc()
-        if log.isEnabledFor(logging.INFO) and request.path.startswith("/api/"):
+        if log.isEnabledFor(logging.INFO) and req.path.startswith("/api/"):
             duration_ms = elapsed_s * 1000
             log.info(
                 "%s %s %s %.1fms rid=%s client=%s",
-                printable(request.method, 16), printable(request.path), response.status_code, duration_ms,
-                request_id, request.remote_addr,
+                printable(req.method, 16), printable(req.path), response.status_code, duration_ms,
+                request_id, req.remote_addr,
             )
         return response

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import re
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
@@ -53,8 +54,11 @@ def KeyText(**kwargs: Any) -> fields.String:
     return fields.String(validate=[validate.Length(min=1, max=KEY_TEXT_MAX), _no_control_characters], **kwargs)
 
 
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _no_control_characters(value: str) -> None:
-    if any(ord(character) < 32 or ord(character) == 127 for character in value):
+    if _CONTROL_CHARACTER.search(value):
         raise ValidationError("Must not contain control characters.")
 
 
