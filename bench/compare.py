@@ -76,10 +76,13 @@ def main() -> int:
                 print(f"pair {pair + 1}: {name} ({args.base if name == 'base' else args.new})", flush=True)
                 runs[name].append(figures(run_once(roots[name], run_args, scratch)))
         print(f"\n{'figure':<52} {'base: ' + args.base:<36} {'new: ' + args.new:<36} new/base")
-        for key in runs["base"][0]:
+        # Every figure either side has (a figure only one revision measures shows alone).
+        keys = list(dict.fromkeys(key for run in runs["base"] + runs["new"] for key in run))
+        for key in keys:
             base = [run[key] for run in runs["base"] if key in run]
             new = [run[key] for run in runs["new"] if key in run]
-            ratio = statistics.median(new) / statistics.median(base) if statistics.median(base) else float("nan")
+            ratio = (statistics.median(new) / statistics.median(base)
+                     if base and new and statistics.median(base) else float("nan"))
             print(f"{key:<52} {' '.join(f'{v:8.2f}' for v in base):<36} {' '.join(f'{v:8.2f}' for v in new):<36} {ratio:5.2f}")
     finally:
         for root in roots.values():
