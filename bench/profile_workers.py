@@ -35,17 +35,43 @@ def frame_name(frame: str) -> str:
     return f"{name} {short}" if where else name
 
 
+# The parts of a request, each a test on the function names of one sampled stack.
+PARTS = {
+    "gunicorn, outside the app": lambda names: "ThreadWorker.handle" in names and "Flask.__call__" not in names,
+    "Flask-Limiter, the check before the view": lambda names: "Limiter._check_request_limit" in names,
+    "Flask-Limiter, its headers after the view": lambda names: "Limiter.__inject_headers" in names,
+    "our before/after-request hooks": lambda names: (
+        ("Flask.preprocess_request" in names or "Flask.process_response" in names)
+        and not any(name.startswith("Limiter.") for name in names)
+    ),
+    "the views (marshmallow, service, SQL, JSON)": lambda names: "Flask.dispatch_request" in names,
+    "  of which executing SQL (Queries._run)": lambda names: "Queries._run" in names,
+    "Flask and werkzeug around them (context, routing, response)": lambda names: (
+        "Flask.wsgi_app" in names and not {"Flask.dispatch_request", "Flask.preprocess_request",
+                                           "Flask.process_response"} & names
+    ),
+}
+
+
 def summarize(raw: Path, top: int) -> None:
     inclusive: collections.Counter = collections.Counter()
+    parts: collections.Counter = collections.Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         samples = int(count)
         total += samples
-        frames = [frame_name(f) for f in stack.split(";") if not f.startswith(("process ", "thread "))]
-        for name in set(frames):
+        frames = {frame_name(f) for f in stack.split(";") if not f.startswith(("process ", "thread "))}
+        for name in frames:
             inclusive[name] += samples
-    print(f"{total} samples holding the GIL; frames by inclusive share:")
+        names = {frame.split(" ")[0] for frame in frames}
+        for part, test in PARTS.items():
+            if test(names):
+                parts[part] += samples
+    print(f"{total} samples holding the GIL. Parts of a request:")
+    for part in PARTS:
+        print(f"  {parts[part] / total:6.1%}  {part}")
+    print("Frames by inclusive share:")
     for name, samples in inclusive.most_common(top):
         print(f"  {samples / total:6.1%}  {name}")
 
