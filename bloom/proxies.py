@@ -19,11 +19,16 @@ FORWARDED_HEADERS = (
     "HTTP_X_FORWARDED_PORT", "HTTP_X_FORWARDED_PREFIX", "HTTP_FORWARDED",
 )
 
+PEERS_REMEMBERED = 4096
+
 
 class TrustedProxies:
     def __init__(self, app, networks: Iterable[str], hops: int) -> None:
         self._app = app
         self._networks = [ipaddress.ip_network(network, strict=False) for network in networks]
+        # The answer for each direct peer seen lately: parsing an address costs more than
+        # the rest of this middleware, and the peers of a service are few (its proxies).
+        self._peers_seen: dict[str, bool] = {}
         self._via_proxy = ProxyFix(app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops) if hops > 0 else None
 
     def __call__(self, environ, start_response):
@@ -34,6 +39,15 @@ class TrustedProxies:
         return self._app(environ, start_response)
 
     def _is_trusted(self, peer: str) -> bool:
+        trusted = self._peers_seen.get(peer)
+        if trusted is None:
+            trusted = self._matches(peer)
+            if len(self._peers_seen) >= PEERS_REMEMBERED:
+                self._peers_seen.clear()  # bounded, whoever connects
+            self._peers_seen[peer] = trusted
+        return trusted
+
+    def _matches(self, peer: str) -> bool:
         try:
             address = ipaddress.ip_address(peer)
         except ValueError:
