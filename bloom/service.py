@@ -244,9 +244,7 @@ class RuntimeService:
         qualify, and without ttl_seconds the lease lasts policy.timeout_sec + 60 s."""
         for _ in range(LEASE_PICK_ATTEMPTS):
             try:
-                outcome = self._grant(
-                    "lease_task", ttl_seconds, task_id=task_id, worker_id=worker_id, push_only=push_only
-                )
+                outcome = self._grant(ttl_seconds, task_id=task_id, worker_id=worker_id, push_only=push_only)
             except DBAPIError as error:
                 if not is_data_error(error):
                     raise
@@ -277,12 +275,13 @@ class RuntimeService:
             # The picked worker filled up or went away between the pick and its lock: pick again.
         raise Unavailable("No available worker with free capacity")
 
-    def _grant(self, query: str, ttl_seconds: int | None, **params: Any) -> dict[str, Any]:
-        """Run a lease-granting statement list (lease or claim) with a new lease id, the
-        id of its audit entry and the time; its one row says what was granted, or why not."""
+    def _grant(self, ttl_seconds: int | None, **params: Any) -> dict[str, Any]:
+        """Run the lease statement list with a new lease id, the id of its audit entry and
+        the time; its one row says what was granted, or why not. (A claim names its ids
+        itself, one per task it may take: claim_tasks.)"""
         return self.db.script(
-            query, lease_id=new_id(), ttl_seconds=ttl_seconds, now=now_ms(), audit_id=new_id(), actor=API_ACTOR,
-            **params,
+            "lease_task", lease_id=new_id(), ttl_seconds=ttl_seconds, now=now_ms(), audit_id=new_id(),
+            actor=API_ACTOR, **params,
         )
 
     @staticmethod
