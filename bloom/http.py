@@ -86,8 +86,8 @@ def _nesting_exceeds(value: Any, limit: int) -> bool:
 
 
 def _exempt_from_shared_limit() -> bool:
-    path = request.path
-    return path in UNLIMITED_PATHS or not path.startswith(PROTECTED_PREFIXES)
+    # UNLIMITED_PATHS never get here: the limiter's request filter lets them go first.
+    return not request.path.startswith(PROTECTED_PREFIXES)
 
 
 def _limit_storage_uri(configured: str) -> str:
@@ -114,7 +114,7 @@ def init_limiter(app: Flask, config: Settings) -> Limiter:
         key_prefix="bloom-runtime",
     )
     # Monitoring paths leave before Flask-Limiter works out which limits apply (most of
-    # its cost per request); the exemption above still covers paths outside the API.
+    # its cost per request); the exemption above covers the paths outside the API.
     limiter.request_filter(lambda: request.path in UNLIMITED_PATHS)
     limiter.init_app(app)
     view = app.view_functions.get(TEST_CONNECTION_ENDPOINT)

@@ -39,3 +39,14 @@ def test_a_name_used_twice_is_refused():
     with pytest.raises(ValueError, match="defined twice"):
         parse_named_queries("-- name: a\nSELECT 1;\n-- name: a\nSELECT 2;")
     assert isinstance(parse_named_queries("-- name: a\nSELECT 1;")["a"], NamedQuery)
+
+
+def test_the_driver_form_names_parameters_for_psycopg2_and_doubles_percent_signs():
+    from bloom.sql import driver_form
+
+    sql = "SELECT CAST(:b AS int), '100%' AS pct, created_at::text WHERE x LIKE 'a%' AND y = :a"
+    assert driver_form(sql) == (
+        "SELECT CAST(%(b)s AS int), '100%%' AS pct, created_at::text WHERE x LIKE 'a%%' AND y = %(a)s"
+    )
+    # As in SQLAlchemy's text(): a name followed by a :: cast is no parameter (write CAST).
+    assert driver_form("SELECT :a::text") == "SELECT :a::text"
