@@ -88,3 +88,11 @@ def post_worker_init(worker):
     # worker: keep it out of the cyclic collector. Its full passes over all of it took
     # 50-150 ms under load, a pause for every thread of the worker (docs/PERFORMANCE.md).
     gc.freeze()
+
+
+def worker_exit(server, worker):
+    """Stop the background jobs before the interpreter winds down: a tick that fires
+    after that could no longer be run (and would log a traceback)."""
+    from bloom import stop_background_jobs
+
+    stop_background_jobs(worker.wsgi)

@@ -104,6 +104,21 @@ ALTER TABLE workers ADD COLUMN IF NOT EXISTS agent_version text;
 ALTER TABLE workers ADD COLUMN IF NOT EXISTS os_info jsonb;
 ALTER TABLE workers ADD COLUMN IF NOT EXISTS install_method text;
 ALTER TABLE workers ADD COLUMN IF NOT EXISTS evidence_at bigint;
+-- The agent a worker stands for: its url (case and a trailing '/' aside), or the worker
+-- itself when it has none. One agent known under several names (its own registration, a
+-- Membridge entry, a rename) is one address, and one capacity (lease_task, claim_task).
+ALTER TABLE workers ADD COLUMN IF NOT EXISTS address text
+    GENERATED ALWAYS AS (COALESCE(rtrim(lower(url), '/'), 'id:' || id)) STORED;
+CREATE INDEX IF NOT EXISTS workers_address_idx ON workers (address);
+-- A lease granted by a dispatch (delivered to an agent), not by lease or claim: a second
+-- dispatch of the task answers with this delivery.
+ALTER TABLE leases ADD COLUMN IF NOT EXISTS dispatched boolean NOT NULL DEFAULT false;
+-- Workers removed by an operator: the worker sync does not bring them back while
+-- Membridge still lists them; the worker's own registration does.
+CREATE TABLE IF NOT EXISTS removed_workers (
+    id              text PRIMARY KEY,
+    removed_at      bigint NOT NULL
+);
 
 -- Indexes for every list filter and order, the lease capacity counts and the sweep.
 CREATE INDEX IF NOT EXISTS llm_tasks_created_idx ON llm_tasks (created_at DESC, id DESC);

@@ -16,7 +16,7 @@ from .dispatch import Dispatcher
 from .errors import register_error_handlers
 from .http import init_limiter, install_api_key_check, install_request_guards
 from .jsonio import OrjsonProvider
-from .liveness import probe_push_workers
+from .liveness import probe_push_workers, probe_round_budget_s
 from .scheduler import Job, start_scheduler
 from .membridge import MembridgeClient, UpstreamHealth
 from .proxies import TrustedProxies
@@ -132,22 +132,28 @@ def start_background_jobs(app: Flask) -> None:
     membridge_client: MembridgeClient = app.extensions["bloom.membridge"]
     agents: AgentClient = app.extensions["bloom.agents"]
 
-    def sync_and_probe_workers() -> None:
-        # One job, in this order: upstream's view first, then the runtime's own evidence,
-        # so a dead agent that upstream lists 'online' is taken out in the same round.
-        run_worker_sync(membridge_client, database, liveness_s=settings.worker_liveness_s)
-        probe_push_workers(database, agents, budget_s=max(1.0, settings.worker_sync_interval_s * 0.8))
-
+    # Two jobs at one interval: the runtime's own probes never wait behind a slow Membridge.
+    probe_budget_s = probe_round_budget_s(settings.worker_sync_interval_s)
     policy = RetentionPolicy(settings.retention_completed_s, settings.retention_failed_s, settings.retention_audit_s)
     jobs = [
         Job("lease-sweep", settings.lease_sweep_interval_s, runtime.sweep_expired_leases),
-        Job("worker-sync", settings.worker_sync_interval_s, sync_and_probe_workers),
+        Job("worker-sync", settings.worker_sync_interval_s,
+            lambda: run_worker_sync(membridge_client, database, liveness_s=settings.worker_liveness_s)),
+        Job("worker-probe", settings.worker_sync_interval_s,
+            lambda: probe_push_workers(database, agents, budget_s=probe_budget_s)),
         Job("retention", settings.prune_interval_s, lambda: prune(database, runtime.artifacts, policy)),
     ]
     app.extensions["bloom.scheduler"] = start_scheduler(database, jobs)
     app.extensions["bloom.runtime_config"].refresh_in_background()
     if settings.dispatch_enabled:
         app.extensions["bloom.dispatcher"].start()
+
+
+def stop_background_jobs(app: Flask) -> None:
+    """Stop this process's scheduler (gunicorn's worker_exit calls this)."""
+    scheduler = app.extensions.get("bloom.scheduler") if hasattr(app, "extensions") else None
+    if scheduler is not None and scheduler.running:
+        scheduler.shutdown(wait=False)
 
 
 def _register_cli(app: Flask, database: Database) -> None:

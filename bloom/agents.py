@@ -1,6 +1,6 @@
 """Client of the Membridge agents, the nodes that run pushed tasks (SPEC §7).
 
-Two calls: a health probe (`GET {url}/health`, 2 s) and the delivery of a task
+Two calls: a health probe (`GET {url}/health`, bounded in all) and the delivery of a task
 (`POST {url}/execute-task`). An agent answers a delivery only when its run has ended,
 up to `policy.timeout_sec + 10` s later, so a delivery is split in two: `send_task`
 connects and writes the request, and says whether the agent refused it at once
@@ -14,17 +14,23 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import select
 import socket
+import ssl
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import requests
 
 AGENT_HEADER = "X-MEMBRIDGE-AGENT"
 CONNECT_TIMEOUT_S = 2.0
-PROBE_TIMEOUT_S = 2.0
+# One probe try, all told. A live agent that answers its /health in 2.5 s is alive.
+PROBE_DEADLINE_S = 3.0
+PROBE_TRIES = 2
+PROBE_READ_BYTES = 4096
+_STATUS_LINE = re.compile(rb"^HTTP/\d(?:\.\d)? (\d{3})[ \r]")
 # A refusal comes at once; an agent still silent after this has taken the request.
 ACCEPT_WINDOW_S = 0.5
 # Beyond the timeout_sec + 10 s the agent promises, before we stop waiting for its answer.
@@ -100,32 +106,31 @@ class PendingRun:
 
 
 class AgentClient:
-    def __init__(self, agent_key: str, session: requests.Session | None = None) -> None:
+    def __init__(self, agent_key: str) -> None:
         self._agent_key = agent_key
-        self._session = session or requests.Session()  # probes: no retries, a failed probe is the answer
 
     def probe(self, url: str) -> bool:
-        """Does the agent's /health answer 2xx within PROBE_TIMEOUT_S? Asked twice before
-        the answer is no: one lost packet or busy moment must not send its runs elsewhere."""
-        return self._probe_once(url) or self._probe_once(url)
+        """Does the agent's /health answer 2xx, each try within PROBE_DEADLINE_S all told?
+        Asked twice before the answer is no: one lost packet or busy moment must not send
+        its runs elsewhere. A slow answer (within the deadline) is an answer."""
+        return any(self._probe_once(url) for _ in range(PROBE_TRIES))
 
-    def _probe_once(self, url: str) -> bool:
-        try:
-            response = self._session.get(
-                f"{url.rstrip('/')}/health", timeout=(PROBE_TIMEOUT_S, PROBE_TIMEOUT_S), allow_redirects=False
-            )
-            response.close()
-            return 200 <= response.status_code < 300
-        except requests.RequestException:
-            return False
+    @staticmethod
+    def _probe_once(url: str) -> bool:
+        status = status_line_of(url, "/health", deadline_s=PROBE_DEADLINE_S)
+        return status is not None and 200 <= status < 300
 
     def send_task(self, url: str, body: dict[str, Any], *, answer_timeout_s: float) -> PendingRun:
         """Connect and write the task; raise AgentUnreachable when that fails."""
         target = urlsplit(url)
-        if target.scheme not in ("http", "https") or not target.hostname:
+        try:
+            host, port = target.hostname, target.port
+        except ValueError:  # a port out of range
+            raise AgentUnreachable("worker url has an invalid port") from None
+        if target.scheme not in ("http", "https") or not host:
             raise AgentUnreachable("worker url is not an http(s) URL")
         connection_class = http.client.HTTPSConnection if target.scheme == "https" else http.client.HTTPConnection
-        connection = connection_class(target.hostname, target.port, timeout=CONNECT_TIMEOUT_S)
+        connection = connection_class(host, port, timeout=CONNECT_TIMEOUT_S)
         payload = json.dumps(body).encode("utf-8")
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._agent_key:
@@ -136,6 +141,49 @@ class AgentClient:
             connection.close()
             raise AgentUnreachable(_describe(error)) from None
         return PendingRun(connection, answer_timeout_s)
+
+
+def status_line_of(url: str, path: str, *, deadline_s: float) -> int | None:
+    """The HTTP status of `GET {url}{path}`, or None when there is none within `deadline_s`
+    in all (connect, TLS, send and every read together) or the answer is not HTTP.
+
+    Only the status line is read, at most PROBE_READ_BYTES: an agent that trickles its
+    answer a byte a second, or answers with a huge body, costs one bounded probe."""
+    deadline = time.monotonic() + deadline_s
+    target = urlsplit(url)
+    try:
+        host, port = target.hostname, target.port or (443 if target.scheme == "https" else 80)
+    except ValueError:
+        return None
+    if target.scheme not in ("http", "https") or not host:
+        return None
+    request_path = f"{target.path.rstrip('/')}{path}"
+    try:
+        with socket.create_connection((host, port), timeout=_left(deadline)) as raw:
+            sock = raw
+            if target.scheme == "https":
+                sock = ssl.create_default_context().wrap_socket(raw, server_hostname=host)
+            sock.settimeout(_left(deadline))
+            sock.sendall(f"GET {request_path} HTTP/1.1\r\nHost: {target.netloc}\r\n"
+                         f"Accept: application/json\r\nConnection: close\r\n\r\n".encode("ascii", "replace"))
+            received = b""
+            while b"\r\n" not in received and len(received) < PROBE_READ_BYTES:
+                sock.settimeout(_left(deadline))
+                chunk = sock.recv(PROBE_READ_BYTES - len(received))
+                if not chunk:
+                    break
+                received += chunk
+    except (OSError, ValueError):
+        return None
+    match = _STATUS_LINE.match(received)
+    return int(match.group(1)) if match else None
+
+
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise socket.timeout("deadline passed")
+    return left
 
 
 def _describe(error: BaseException) -> str:

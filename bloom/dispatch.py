@@ -26,6 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy.exc import DBAPIError
 
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 
 DISPATCH_ACTOR = "dispatcher"
 LEADER_LOCK = "bloom-runtime:dispatcher"
+# Where a delivery's callbacks arrive (see delivery_callback_url).
+DELIVERY_PREFIX = "/api/runtime/deliveries"
 LEADER_RETRY_S = 2.0
 LEADER_CHECK_S = 10.0
 CANDIDATES_PER_ROUND = 32
@@ -111,6 +114,14 @@ class Dispatcher:
             raise Unavailable("Too many dispatches in flight; try again later")
         try:
             granted = self._service.grant_lease(task_id, worker_id=worker_id, ttl_seconds=ttl_seconds, push_only=True)
+        except Conflict:
+            self._in_flight.release()
+            earlier = self._current_delivery(task_id)
+            if earlier is None:
+                raise
+            # Delivered already (the automatic dispatcher got there first): that delivery
+            # is the answer, as a repeated request expects.
+            return earlier
         except BaseException:
             self._in_flight.release()
             raise
@@ -119,6 +130,12 @@ class Dispatcher:
         if delivery.outcome is None:  # still connecting: it is on its way, the thread settles it
             return DispatchOutcome(True, granted["task"]["id"], granted["worker"]["id"], granted["lease"]["id"])
         return delivery.outcome
+
+    def _current_delivery(self, task_id: str) -> DispatchOutcome | None:
+        """The task's live delivery to an agent, if it has one."""
+        with self._db.autocommit() as tx:
+            row = tx.one_or_none("current_delivery", task_id=task_id)
+        return None if row is None else DispatchOutcome(True, task_id, row["worker_id"], row["lease_id"])
 
     # Automatic dispatch -------------------------------------------------------------
 
@@ -163,7 +180,9 @@ class Dispatcher:
             if not self._in_flight.acquire(blocking=False):
                 break
             try:
-                granted = self._service.grant_lease(task_id, worker_id=None, ttl_seconds=None, push_only=True)
+                granted = self._service.grant_lease(
+                    task_id, worker_id=None, ttl_seconds=None, push_only=True, actor=DISPATCH_ACTOR
+                )
             except (Conflict, NotFound):  # taken by a pull worker or another dispatcher meanwhile
                 self._in_flight.release()
                 continue
@@ -191,8 +210,8 @@ class Dispatcher:
             self._deliver_and_follow(delivery)
         except Exception:
             log.exception("dispatch of task %s failed unexpectedly", delivery.task["id"])
-            if not delivery.settled.is_set():
-                delivery.settle("internal error")
+            if not delivery.settled.is_set():  # never taken: the task must not stay leased
+                self._refused(delivery, AgentAnswer(None, None, "internal error"))
         finally:
             self._in_flight.release()
             self._events.poke()  # capacity may have freed up
@@ -202,7 +221,8 @@ class Dispatcher:
         timeout_sec = int((task.get("policy") or {}).get("timeout_sec") or 120)
         try:
             run = self._agents.send_task(
-                worker["url"], self._agent_body(task), answer_timeout_s=timeout_sec + 10 + ANSWER_GRACE_S
+                worker["url"], self._agent_body(task, delivery.lease["id"]),
+                answer_timeout_s=timeout_sec + 10 + ANSWER_GRACE_S,
             )
         except AgentUnreachable as error:
             return self._refused(delivery, AgentAnswer(None, None, str(error)))
@@ -217,7 +237,10 @@ class Dispatcher:
         log.info("task %s dispatched to worker %s", task["id"], worker["id"])
         self._follow_up(delivery, answer or run.answer())
 
-    def _agent_body(self, task: dict[str, Any]) -> dict[str, Any]:
+    def _agent_body(self, task: dict[str, Any], lease_id: str) -> dict[str, Any]:
+        """What the agent gets. Its callbacks go to `{runtime_url}/api/runtime/llm-tasks/…`,
+        so a runtime_url that names this delivery's lease fences them: a late callback of
+        an agent whose task went elsewhere is refused (api/tasks.py, delivery routes)."""
         return {
             "task_id": task["id"],
             "prompt": task["prompt"],
@@ -226,7 +249,7 @@ class Dispatcher:
             "desired_format": task["desired_format"],
             "context_hints": task["context_hints"],
             "policy": task["policy"],
-            "runtime_url": self._public_url,
+            "runtime_url": delivery_callback_url(self._public_url, lease_id),
         }
 
     def _refused(self, delivery: _Delivery, answer: AgentAnswer) -> None:
@@ -277,6 +300,11 @@ class Dispatcher:
             log.warning("task %s: could not complete from the agent's answer: %s", task_id, error)
             return
         log.info("task %s completed from its agent's answer (no completion callback arrived)", task_id)
+
+
+def delivery_callback_url(public_url: str, lease_id: str) -> str:
+    """The runtime_url of one delivery: the agent appends /api/runtime/llm-tasks/<id>/…"""
+    return f"{public_url}{DELIVERY_PREFIX}/{quote(lease_id, safe='')}"
 
 
 def _agent_error(body: dict[str, Any]) -> str:

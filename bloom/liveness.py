@@ -2,8 +2,7 @@
 
 Membridge changes an agent's status only when it calls the agent itself, so its
 `/agents` can list a dead agent `online` for hours. The runtime therefore probes every
-worker that has a url (`GET {url}/health`, 2 s each, in parallel, the whole round
-bounded): an answer brings it online, silence takes it out of the rotation at once and
+worker that has a url (`GET {url}/health`, each try bounded in all, in parallel): an answer brings it online, silence takes it out of the rotation at once and
 sends its tasks back to the queue, without waiting for their leases to expire.
 """
 from __future__ import annotations
@@ -12,7 +11,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
-from .agents import AgentClient
+from .agents import PROBE_DEADLINE_S, PROBE_TRIES, AgentClient
 from .db import Database
 from .service import now_ms
 
@@ -50,6 +49,14 @@ def take_workers_out(
         log.warning("%d worker(s) out of rotation (%s): %d task(s) requeued, %d dead",
                     counts["workers"], reason, counts["requeued"], counts["dead"])
     return counts
+
+
+def probe_round_budget_s(interval_s: float) -> float:
+    """How long one round waits for its probes: most of the interval, and never less
+    than the longest a probe can take (every try bounded in all), so that an agent that
+    accepts connections and never answers is found in the round that probes it, at any
+    interval."""
+    return max(interval_s * 0.8, PROBE_TRIES * PROBE_DEADLINE_S + 0.5)
 
 
 def probe_push_workers(database: Database, agents: AgentClient, *, budget_s: float) -> ProbeOutcome:

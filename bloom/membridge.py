@@ -185,8 +185,12 @@ class MembridgeClient:
         self._session = session or build_session()
 
     def request(
-        self, method: str, path: str, *, json_body: Any = None, admin: bool = True, timeout: float = REQUEST_TIMEOUT_S
+        self, method: str, path: str, *, json_body: Any = None, admin: bool = True, timeout: float = REQUEST_TIMEOUT_S,
+        caller_input: bool = False,
     ) -> UpstreamResponse:
+        """One call upstream. With `caller_input` (the path or body came from our caller),
+        an upstream 4xx other than a refused admin key is the caller's mistake: it says
+        nothing about the connection, so the upstream status is left as it was."""
         base_url, admin_key = self._current_target()
         headers = {"Accept": "application/json"}
         if admin:
@@ -209,6 +213,8 @@ class MembridgeClient:
         result = UpstreamResponse(response.status_code, body)
         if result.ok:
             self.health.success()
+        elif caller_input and 400 <= result.status < 500 and not result.refused_admin_key:
+            log.debug("%s %s: Membridge refused the caller's request (%d)", method, path, result.status)
         else:
             self.health.failure(f"Membridge answered {response.status_code} to {method} {path.split('/')[1]}: "
                                 f"{result.error_message()}"[:300])

@@ -55,6 +55,9 @@ WITH upserted AS (
            install_method = COALESCE(EXCLUDED.install_method, workers.install_method),
            evidence_at = EXCLUDED.evidence_at
     RETURNING workers.*, (xmax = 0) AS inserted
+), unremembered AS (
+    -- Its own registration brings back a worker an operator removed.
+    DELETE FROM removed_workers WHERE id = :worker_id
 ), audit AS (
     INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
     SELECT :audit_id, :now,
@@ -69,13 +72,43 @@ SELECT u.*,
   FROM upserted u;
 
 -- name: delete_worker
-WITH removed AS (
+-- A removed worker's leases end now and their tasks go back to the queue (a task whose
+-- run had not started gets its attempt back; a started one keeps it, and is 'dead' once
+-- its attempts are spent, as in the sweep). Lock order as everywhere: leases, tasks,
+-- worker. The id is remembered, so that the worker sync does not bring the worker back
+-- while Membridge lists it; its own registration does (register_worker).
+WITH ended AS (
+    UPDATE leases l
+       SET status = CASE WHEN t.status = 'leased' THEN 'released' ELSE 'failed' END
+      FROM llm_tasks t
+     WHERE l.worker_id = :worker_id AND l.status = 'active' AND t.id = l.task_id
+    RETURNING l.id, l.task_id
+), requeued AS (
+    UPDATE llm_tasks t
+       SET status = CASE WHEN t.status = 'leased' OR t.attempts < t.max_attempts THEN 'queued' ELSE 'dead' END,
+           attempts = CASE WHEN t.status = 'leased' THEN GREATEST(t.attempts - 1, 0) ELSE t.attempts END,
+           lease_id = NULL, worker_id = NULL, updated_at = :now
+      FROM ended e
+     WHERE t.id = e.task_id AND t.lease_id = e.id AND t.status IN ('leased', 'running')
+    RETURNING t.id, t.status
+), removed AS (
     DELETE FROM workers WHERE id = :worker_id RETURNING id
+), remembered AS (
+    INSERT INTO removed_workers (id, removed_at) SELECT id, :now FROM removed
+    ON CONFLICT (id) DO UPDATE SET removed_at = EXCLUDED.removed_at
 ), audit AS (
     INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
-    SELECT :audit_id, :now, 'worker_removed', 'worker', id, :actor, '{}'::jsonb FROM removed
+    SELECT :audit_id, :now, 'worker_removed', 'worker', id, :actor,
+           jsonb_build_object('requeued', (SELECT COALESCE(jsonb_agg(r.id), '[]'::jsonb)
+                                             FROM requeued r WHERE r.status = 'queued'),
+                              'dead', (SELECT COALESCE(jsonb_agg(r.id), '[]'::jsonb)
+                                         FROM requeued r WHERE r.status = 'dead'))
+      FROM removed
 )
-SELECT id FROM removed;
+SELECT id, (SELECT count(*) FROM requeued) AS requeued,
+       CASE WHEN EXISTS (SELECT 1 FROM requeued WHERE status = 'queued')
+            THEN pg_notify('bloom_task_queued', '') IS NULL END AS notified
+  FROM removed;
 
 -- Tasks ---------------------------------------------------------------------
 
@@ -202,18 +235,21 @@ SELECT (SELECT row_to_json(cancelled) FROM cancelled) AS task, (SELECT status FR
 -- Leases --------------------------------------------------------------------
 
 -- name: lease_task (prepared)
--- A whole lease in one round trip: two statements in one query, which PostgreSQL runs
+-- A whole lease in one round trip: three statements in one query, which PostgreSQL runs
 -- as one transaction (no BEGIN/COMMIT needed), each in its own snapshot. Statement 1
 -- picks the worker that would take the task (the one asked for, or the best eligible
--- one: sticky context first, then most free capacity) and locks it, so every other
--- grant to that worker waits. Its count of active leases may be stale (taken before the
--- lock was granted), so statement 2 counts again in a new snapshot, with the worker
--- still locked, and grants only below max_concurrency; the task moves only from
--- 'queued', so of two racing grants for one task one wins. The transaction commits as
--- soon as statement 2 is done: the lock never waits for a hop to the client.
--- Statement 1 hands its pick to statement 2 in a setting local to the transaction ('' when
--- no worker was eligible). Statement 2 also says why nothing was granted, if nothing was:
--- the task's status and the worker's row as its snapshot saw them.
+-- one: sticky context first, then most free capacity) and locks it. Statement 2 locks
+-- the worker's agent address (its url; a worker without one is its own address): one
+-- agent registered under several names (its own registration, a Membridge entry, a
+-- rename) is one capacity, the smallest max_concurrency any of its names declares, and
+-- every grant to any of those names waits here. Counts taken before the locks may be
+-- stale, so statement 3 counts the address's active leases again in a new snapshot and
+-- grants only below its capacity; the task moves only from 'queued' and only once due
+-- (run_at, retry_at), so of two racing grants for one task one wins. The transaction
+-- commits as soon as statement 3 is done: the locks never wait for a hop to the client.
+-- Statement 1 hands its pick on in a setting local to the transaction ('' when no worker
+-- was eligible). Statement 3 also says why nothing was granted, if nothing was: the
+-- task's status and due time and the worker's row as its snapshot saw them.
 -- A dispatch (:push_only) considers only workers with a url, and without :ttl_seconds
 -- its lease lasts the task's policy.timeout_sec + 60 s, so a slow live run is not swept.
 SELECT set_config('bloom.lease_picked_worker', COALESCE(picked.id, ''), true)
@@ -223,23 +259,26 @@ SELECT set_config('bloom.lease_picked_worker', COALESCE(picked.id, ''), true)
         SELECT w.id
           FROM workers w
           CROSS JOIN LATERAL (
-                SELECT count(*) AS active_leases,
-                       COALESCE(bool_or(l.context_id = t.context_id), false) AS holds_context
-                  FROM leases l
-                 WHERE l.worker_id = w.id AND l.status = 'active') load
+                SELECT count(l.id) AS active_leases,
+                       COALESCE(bool_or(l.context_id = t.context_id), false) AS holds_context,
+                       min(COALESCE((sibling.capabilities ->> 'max_concurrency')::int, 1)) AS max_concurrency
+                  FROM workers sibling
+                  LEFT JOIN leases l ON l.worker_id = sibling.id AND l.status = 'active'
+                 WHERE sibling.address = w.address) load
          WHERE t.status = 'queued'
+           AND COALESCE(t.run_at, 0) <= :now AND COALESCE(t.retry_at, 0) <= :now
            AND (CASE WHEN CAST(:worker_id AS text) IS NULL
                      THEN w.status = 'online'
                           AND COALESCE((w.capabilities ->> 'claude_cli')::boolean, true)
-                          AND load.active_leases < COALESCE((w.capabilities ->> 'max_concurrency')::int, 1)
+                          AND load.active_leases < load.max_concurrency
                           AND (NOT :push_only OR w.url IS NOT NULL)
                      ELSE w.id = :worker_id END)
-         ORDER BY load.holds_context DESC,
-                  COALESCE((w.capabilities ->> 'max_concurrency')::int, 1) - load.active_leases DESC,
-                  w.id
+         ORDER BY load.holds_context DESC, load.max_concurrency - load.active_leases DESC, w.id
          LIMIT 1
            FOR UPDATE OF w
   ) picked ON true;
+SELECT pg_advisory_xact_lock(hashtext('bloom-runtime:agent:' || address))
+  FROM workers WHERE id = NULLIF(current_setting('bloom.lease_picked_worker'), '');
 WITH picked AS (
     SELECT NULLIF(current_setting('bloom.lease_picked_worker'), '') AS worker_id
 ), worker AS (
@@ -247,26 +286,31 @@ WITH picked AS (
     SELECT w.* FROM workers w, picked
      WHERE w.id = COALESCE(picked.worker_id, CAST(:worker_id AS text))
 ), capacity AS (
-    SELECT count(*) AS active_leases
-      FROM leases l JOIN worker ON l.worker_id = worker.id
-     WHERE l.status = 'active'
+    -- The agent address's active leases and capacity; no row in worker: no capacity.
+    SELECT count(l.id) AS active_leases,
+           count(l.id) FILTER (WHERE sibling.id = worker.id) AS own_active_leases,
+           min(COALESCE((sibling.capabilities ->> 'max_concurrency')::int, 1)) AS max_concurrency
+      FROM worker
+      JOIN workers sibling ON sibling.address = worker.address
+      LEFT JOIN leases l ON l.worker_id = sibling.id AND l.status = 'active'
 ), task AS (
     UPDATE llm_tasks t
        SET status = 'leased', lease_id = :lease_id, worker_id = worker.id,
            attempts = t.attempts + 1, updated_at = :now
-      FROM worker, picked
+      FROM worker, picked, capacity
      WHERE t.id = :task_id AND t.status = 'queued'
+       AND COALESCE(t.run_at, 0) <= :now AND COALESCE(t.retry_at, 0) <= :now
        AND worker.id = picked.worker_id
        AND worker.status = 'online'
        AND COALESCE((worker.capabilities ->> 'claude_cli')::boolean, true)
        AND (NOT :push_only OR worker.url IS NOT NULL)
-       AND (SELECT active_leases FROM capacity) < COALESCE((worker.capabilities ->> 'max_concurrency')::int, 1)
+       AND capacity.active_leases < capacity.max_concurrency
     RETURNING t.*
 ), lease AS (
     INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status,
-                        last_heartbeat, context_id)
+                        last_heartbeat, context_id, dispatched)
     SELECT :lease_id, id, worker_id, :now, :now + ttl.seconds * 1000, ttl.seconds, 'active',
-           :now, context_id
+           :now, context_id, :push_only
       FROM task
      CROSS JOIN LATERAL (
            SELECT COALESCE(:ttl_seconds, COALESCE((task.policy ->> 'timeout_sec')::int, 120) + 60) AS seconds
@@ -282,9 +326,11 @@ WITH picked AS (
 SELECT (SELECT row_to_json(lease) FROM lease) AS lease,
        (SELECT row_to_json(task) FROM task) AS task,
        (SELECT status FROM llm_tasks WHERE id = :task_id) AS task_status,
+       (SELECT GREATEST(COALESCE(run_at, 0), COALESCE(retry_at, 0)) FROM llm_tasks WHERE id = :task_id)
+           AS not_before,
        (SELECT worker_id FROM picked) IS NOT NULL AS worker_picked,
        (SELECT row_to_json(worker) FROM worker) AS worker,
-       (SELECT active_leases FROM capacity) + (SELECT count(*) FROM lease) AS active_leases;
+       (SELECT own_active_leases FROM capacity) + (SELECT count(*) FROM lease) AS active_leases;
 
 -- name: claim_task (prepared)
 -- A whole claim of up to :max_tasks tasks in one round trip: two statements in one query,
@@ -295,22 +341,35 @@ SELECT (SELECT row_to_json(lease) FROM lease) AS lease,
 -- worker is a sign of life: it notes the worker's heartbeat. SKIP LOCKED: claimers never
 -- wait on each other's tasks, nor get the same one. The i-th task taken (in queue order)
 -- gets the i-th of :lease_ids and :audit_ids. The transaction commits as soon as
--- statement 2 is done. Statement 2 also says why nothing was claimed, if nothing was.
+-- statement 3 is done. Statement 3 also says why nothing was claimed, if nothing was.
+-- As in lease_task, statement 2 locks the worker's agent address, and the capacity is
+-- that of the address: every name of one agent shares it.
 SELECT id FROM workers WHERE id = :worker_id FOR UPDATE;
+SELECT pg_advisory_xact_lock(hashtext('bloom-runtime:agent:' || address)) FROM workers WHERE id = :worker_id;
 WITH worker AS (
     SELECT w.* FROM workers w WHERE w.id = :worker_id
+), address AS (
+    SELECT count(l.id) AS active_leases,
+           count(l.id) FILTER (WHERE sibling.id = worker.id) AS own_active_leases,
+           min(COALESCE((sibling.capabilities ->> 'max_concurrency')::int, 1)) AS max_concurrency
+      FROM worker
+      JOIN workers sibling ON sibling.address = worker.address
+      LEFT JOIN leases l ON l.worker_id = sibling.id AND l.status = 'active'
 ), fit AS (
     UPDATE workers w
        SET last_heartbeat = :now, evidence_at = :now
-      FROM worker
+      FROM worker, address
      WHERE w.id = worker.id
        AND worker.status = 'online'
        AND COALESCE((worker.capabilities ->> 'claude_cli')::boolean, true)
-    RETURNING COALESCE((worker.capabilities ->> 'max_concurrency')::int, 1) AS max_concurrency
+    RETURNING address.max_concurrency
 ), capacity AS (
-    SELECT count(*) AS active_leases FROM leases WHERE worker_id = :worker_id AND status = 'active'
+    SELECT COALESCE((SELECT active_leases FROM address), 0) AS active_leases
 ), room AS (
-    SELECT GREATEST(0, LEAST(:max_tasks, (SELECT max_concurrency FROM fit) - (SELECT active_leases FROM capacity)))
+    -- No row in fit (unknown worker, not online, no claude_cli) is no room: COALESCE,
+    -- because LEAST and GREATEST ignore NULL and would read it as "no limit".
+    SELECT GREATEST(0, LEAST(:max_tasks,
+                             COALESCE((SELECT max_concurrency FROM fit), 0) - (SELECT active_leases FROM capacity)))
            AS tasks
 ), next_tasks AS (
     SELECT id, priority, created_at FROM llm_tasks
@@ -348,7 +407,8 @@ SELECT (SELECT jsonb_agg(to_jsonb(task) - 'position' ORDER BY task.position) FRO
        (SELECT jsonb_agg(to_jsonb(lease) ORDER BY task.position)
           FROM lease JOIN task ON task.id = lease.task_id) AS leases,
        (SELECT row_to_json(worker) FROM worker) AS worker,
-       (SELECT active_leases FROM capacity) + (SELECT count(*) FROM lease) AS active_leases;
+       (SELECT active_leases FROM capacity) AS address_active_leases,
+       (SELECT max_concurrency FROM address) AS address_capacity;
 
 -- name: claim_candidates
 -- The tasks a claim would take next, in its order: after a claim failed for a data
@@ -777,11 +837,18 @@ WITH incoming AS (
 ), inserted AS (
     INSERT INTO workers (id, node_id, url, status, capabilities, last_heartbeat, ip_addrs,
                          obs_count, db_sha, registered_at)
+    -- A new name for an agent the runtime already knows (same url) takes that agent's own
+    -- capabilities, not the defaults: the address's capacity is the smallest of its names'.
     SELECT i.id, i.id, i.url, CASE WHEN i.url IS NOT NULL THEN 'unknown' ELSE i.status END,
-           COALESCE(i.capabilities, CAST(:default_capabilities AS jsonb)),
+           COALESCE(i.capabilities,
+                    (SELECT known.capabilities FROM workers known
+                      WHERE known.address = rtrim(lower(i.url), '/')
+                      ORDER BY known.registered_at, known.id LIMIT 1),
+                    CAST(:default_capabilities AS jsonb)),
            i.last_heartbeat, COALESCE(i.ip_addrs, '[]'::jsonb), COALESCE(i.obs_count, 0), i.db_sha, :now
       FROM incoming i
      WHERE i.id NOT IN (SELECT id FROM updated)
+       AND i.id NOT IN (SELECT id FROM removed_workers)  -- removed by an operator: see delete_worker
     ON CONFLICT (id) DO NOTHING  -- registered by hand meanwhile: the next sync updates it
     RETURNING id
 )
@@ -839,6 +906,8 @@ WITH ended AS (
       FROM ended e
      WHERE t.id = e.task_id AND t.lease_id = e.id AND t.status IN ('leased', 'running')
     RETURNING t.id, t.status, e.id AS lease_id, e.worker_id
+), before AS (
+    SELECT id, status FROM workers WHERE id = ANY(CAST(:worker_ids AS text[]))
 ), taken_out AS (
     UPDATE workers w
        SET status = CASE WHEN :claude_cli_missing THEN w.status ELSE 'offline' END,
@@ -854,13 +923,21 @@ WITH ended AS (
            jsonb_build_object('reason', :reason,
                               'requeued', (SELECT COALESCE(jsonb_agg(r.id), '[]'::jsonb)
                                              FROM requeued r WHERE r.worker_id = o.id))
-      FROM taken_out o
+      FROM taken_out o JOIN before b ON b.id = o.id
+     -- Once per going out, not every round that finds it still out.
+     WHERE b.status <> 'offline' OR :claude_cli_missing OR EXISTS (SELECT 1 FROM requeued r WHERE r.worker_id = o.id)
 )
 SELECT (SELECT count(*) FROM taken_out) AS workers,
        (SELECT count(*) FROM requeued WHERE status = 'queued') AS requeued,
        (SELECT count(*) FROM requeued WHERE status = 'dead') AS dead,
        CASE WHEN EXISTS (SELECT 1 FROM requeued WHERE status = 'queued')
             THEN pg_notify('bloom_task_queued', '') IS NULL END AS notified;
+
+-- name: current_delivery
+-- The task's live delivery to an agent: its current lease, active, granted by a dispatch.
+SELECT l.id AS lease_id, l.worker_id
+  FROM llm_tasks t JOIN leases l ON l.id = t.lease_id
+ WHERE t.id = :task_id AND t.status IN ('leased', 'running') AND l.status = 'active' AND l.dispatched;
 
 -- name: dispatch_candidates
 -- The next queued tasks (priority, then age), while some online push worker has room.
@@ -874,8 +951,10 @@ SELECT t.id
         SELECT 1 FROM workers w
          WHERE w.url IS NOT NULL AND w.status = 'online'
            AND COALESCE((w.capabilities ->> 'claude_cli')::boolean, true)
-           AND (SELECT count(*) FROM leases l WHERE l.worker_id = w.id AND l.status = 'active')
-               < COALESCE((w.capabilities ->> 'max_concurrency')::int, 1))
+           AND (SELECT count(l.id) < min(COALESCE((sibling.capabilities ->> 'max_concurrency')::int, 1))
+                  FROM workers sibling
+                  LEFT JOIN leases l ON l.worker_id = sibling.id AND l.status = 'active'
+                 WHERE sibling.address = w.address))
  ORDER BY t.priority DESC, t.created_at, t.id
  LIMIT :limit;
 

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 import uuid
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError
@@ -64,6 +65,10 @@ class _TrialGrant(Exception):
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _iso(epoch_ms: int) -> str:
+    return datetime.fromtimestamp(epoch_ms / 1000, tz=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def new_id() -> str:
@@ -237,14 +242,16 @@ class RuntimeService:
         return {"lease": granted["lease"], "worker": granted["worker"]}
 
     def grant_lease(
-        self, task_id: str, *, worker_id: str | None, ttl_seconds: int | None, push_only: bool
+        self, task_id: str, *, worker_id: str | None, ttl_seconds: int | None, push_only: bool,
+        actor: str = API_ACTOR,
     ) -> dict[str, Any]:
-        """Lease a queued task to a worker (the one asked for, or the best eligible one);
-        returns {lease, worker, task}. With push_only (a dispatch) only workers with a url
-        qualify, and without ttl_seconds the lease lasts policy.timeout_sec + 60 s."""
+        """Lease a queued, due task to a worker (the one asked for, or the best eligible
+        one); returns {lease, worker, task}. With push_only (a dispatch) only workers with
+        a url qualify, and without ttl_seconds the lease lasts policy.timeout_sec + 60 s."""
         for _ in range(LEASE_PICK_ATTEMPTS):
             try:
-                outcome = self._grant(ttl_seconds, task_id=task_id, worker_id=worker_id, push_only=push_only)
+                outcome = self._grant(ttl_seconds, task_id=task_id, worker_id=worker_id, push_only=push_only,
+                                      actor=actor)
             except DBAPIError as error:
                 if not is_data_error(error):
                     raise
@@ -265,6 +272,9 @@ class RuntimeService:
                 raise NotFound("Task not found")
             if task_status != "queued":
                 raise Conflict(f"Task status is '{task_status}', expected 'queued'")
+            if outcome["not_before"] > now_ms():
+                raise Conflict(f"Task is not due until {_iso(outcome['not_before'])} "
+                               f"({outcome['not_before']} ms, its run_at or retry_at)")
             if worker_id is not None:
                 self._check_worker_fit(worker_id, outcome["worker"])
                 if push_only and not outcome["worker"]["url"]:
@@ -280,8 +290,7 @@ class RuntimeService:
         the time; its one row says what was granted, or why not. (A claim names its ids
         itself, one per task it may take: claim_tasks.)"""
         return self.db.script(
-            "lease_task", lease_id=new_id(), ttl_seconds=ttl_seconds, now=now_ms(), audit_id=new_id(),
-            actor=API_ACTOR, **params,
+            "lease_task", lease_id=new_id(), ttl_seconds=ttl_seconds, now=now_ms(), audit_id=new_id(), **params,
         )
 
     @staticmethod
@@ -320,8 +329,8 @@ class RuntimeService:
                     "tasks": [task_json(task) for task in claimed["tasks"]],
                     "leases": [lease_json(lease) for lease in claimed["leases"]],
                 }
-            capabilities = self._check_worker_fit(worker_id, claimed["worker"])
-            if claimed["active_leases"] >= capabilities["max_concurrency"]:
+            self._check_worker_fit(worker_id, claimed["worker"])
+            if claimed["address_active_leases"] >= (claimed["address_capacity"] or 0):
                 raise Conflict(f"Worker '{worker_id}' has no free capacity")
             return None
         raise Unavailable("The queue holds several tasks that cannot be granted; they are being set aside")

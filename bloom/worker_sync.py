@@ -164,6 +164,21 @@ def sync_workers(client: MembridgeClient, database: Database, *, liveness_s: flo
     return outcome
 
 
+def offline_silent_workers(database: Database, *, liveness_s: float) -> int:
+    """Without an answer from Membridge (down, or none configured), the runtime's own
+    evidence still counts: an online worker that has not called for `liveness_s` goes
+    offline, and its next call or registration brings it back. Its leases are left to
+    their own expiry: a long run may heartbeat rarely."""
+    silent_since = now_ms() - int(liveness_s * 1000)
+    with database.autocommit() as tx:
+        offlined = tx.all(
+            "offline_stale_workers", seen_ids=[], stale_before=silent_since, evidence_since=silent_since,
+        )
+    if offlined:
+        log.info("worker sync: %d silent worker(s) marked offline", len(offlined))
+    return len(offlined)
+
+
 def run_worker_sync(client: MembridgeClient, database: Database, *, liveness_s: float = 60.0) -> None:
     """The scheduled job. Its outcome reaches every process's health through the
     client's status, which the runtime config store shares."""
@@ -171,4 +186,5 @@ def run_worker_sync(client: MembridgeClient, database: Database, *, liveness_s: 
         sync_workers(client, database, liveness_s=liveness_s)
     except SyncFailed as failure:
         # The client logs the start and the end of an outage; not every failed round.
-        log.debug("worker sync failed, nothing changed: %s", failure)
+        log.debug("worker sync failed, nothing changed upstream's way: %s", failure)
+        offline_silent_workers(database, liveness_s=liveness_s)

@@ -10,6 +10,7 @@ import pytest
 from bloom import create_app
 from bloom.config import Settings
 
+from .fake_agent import AGENT_KEY, FakeAgent
 from .fake_membridge import ADMIN_KEY, FakeMembridge
 from .support import GunicornServer, PostgresCluster, SeaweedS3, start_embedded_cluster
 
@@ -111,3 +112,37 @@ def membridge_app(database_url, membridge):
     app = create_app(make_settings(database_url, MEMBRIDGE_SERVER_URL=membridge.url, MEMBRIDGE_ADMIN_KEY=ADMIN_KEY))
     yield app
     app.extensions["bloom.database"].dispose()
+
+
+@pytest.fixture
+def agents():
+    started: list[FakeAgent] = []
+
+    def start(name: str, **options) -> FakeAgent:
+        agent = FakeAgent(name, **options)
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        agent.kill()
+
+
+@pytest.fixture
+def fleet_server(database_url, membridge):
+    """gunicorn that pushes tasks: BLOOM_PUBLIC_URL is its own address; fast sync rounds."""
+    servers: list[GunicornServer] = []
+
+    def start(**env) -> GunicornServer:
+        served = GunicornServer(
+            {"DATABASE_URL": database_url, "MEMBRIDGE_SERVER_URL": membridge.url, "MEMBRIDGE_ADMIN_KEY": ADMIN_KEY,
+             "MEMBRIDGE_AGENT_KEY": AGENT_KEY, "WORKER_SYNC_INTERVAL_S": "0.5", **env},
+            workers=2, public=True,
+        )
+        servers.append(served)
+        return served
+
+    yield start
+    for served in servers:
+        served.stop()
+        assert AGENT_KEY not in served.log() and ADMIN_KEY not in served.log()

@@ -11,6 +11,9 @@
   (the process is gone: its port refuses connections, its open requests are cut);
   `fail_next` answers the next delivery 500, then runs normally again.
 - `GET /health` answers 200 while it lives.
+- `freeze()` is a SIGSTOP (a partition, an overloaded host): the agent still accepts
+  connections but answers nothing and calls nobody; its runs stand still. `thaw()`
+  resumes it where it stopped: late answers, late callbacks, as the real one would.
 """
 from __future__ import annotations
 
@@ -56,6 +59,14 @@ class FakeAgent:
         self._server = _Server(("127.0.0.1", self.port), _handler(self))
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         self.alive = True
+        self.awake = threading.Event()
+        self.awake.set()
+
+    def freeze(self) -> None:
+        self.awake.clear()
+
+    def thaw(self) -> None:
+        self.awake.set()
 
     # What the real agent does once, at its start.
     def register(self, runtime_url: str) -> requests.Response:
@@ -69,6 +80,7 @@ class FakeAgent:
 
     def kill(self) -> None:
         """Gone: its port refuses connections and its open requests are cut."""
+        self.awake.set()  # frozen handlers run out, into a closed server
         if self.alive:
             self.alive = False
             self._server.shutdown()
@@ -84,6 +96,7 @@ class FakeAgent:
         return {"X-Runtime-API-Key": key} if key else {}
 
     def callback(self, runtime_url: str, task_id: str, kind: str, body: Any = None) -> None:
+        self.awake.wait()
         url = f"{runtime_url}/api/runtime/llm-tasks/{quote(task_id, safe='')}/{kind}"
         try:
             status = self._http.post(url, json=body, headers=self._headers(), timeout=10).status_code
@@ -103,6 +116,7 @@ def _handler(agent: FakeAgent):
             return
 
         def _send(self, status: int, body: Any) -> None:
+            agent.awake.wait()
             payload = json.dumps(body).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -111,6 +125,7 @@ def _handler(agent: FakeAgent):
             self.wfile.write(payload)
 
         def do_GET(self):
+            agent.awake.wait()
             if self.path == "/health":
                 return self._send(200, {"status": "ok", "node": agent.name})
             self._send(404, {"detail": "Not Found"})
@@ -145,6 +160,7 @@ def _handler(agent: FakeAgent):
                 state.running += 1
                 state.most_running = max(state.most_running, state.running)
             time.sleep(state.run_seconds)
+            agent.awake.wait()  # a frozen run stands still
             output = f"{agent.name} ran {task_id}"
             if task.get("desired_format") == "json":  # as the CLI would, asked for JSON
                 output = json.dumps({"result": output})

@@ -12,70 +12,8 @@ from urllib.parse import quote
 import pytest
 import requests
 
-from .fake_agent import AGENT_KEY, FakeAgent
-from .fake_membridge import ADMIN_KEY
-from .helpers import TASK, create_task
-from .support import GunicornServer, free_port, wait_until
-
-
-def api(server: GunicornServer, path: str) -> str:
-    return server.url(f"/api/runtime{path}")
-
-
-def new_task(server: GunicornServer, **fields) -> dict:
-    response = requests.post(api(server, "/llm-tasks"), json={**TASK, **fields}, timeout=10)
-    assert response.status_code == 201, response.text
-    return response.json()
-
-
-def task_of(server: GunicornServer, task_id: str) -> dict:
-    return requests.get(api(server, f"/llm-tasks/{task_id}"), timeout=10).json()
-
-
-def worker_of(server: GunicornServer, worker_id: str) -> dict:
-    return requests.get(api(server, f"/workers/{quote(worker_id, safe='')}"), timeout=10).json()
-
-
-def results_of(server: GunicornServer, task_id: str) -> list[dict]:
-    return requests.get(api(server, f"/artifacts?task_id={task_id}"), timeout=10).json()
-
-
-def actions(server: GunicornServer) -> list[str]:
-    return [entry["action"] for entry in requests.get(api(server, "/audit?limit=1000"), timeout=10).json()]
-
-
-@pytest.fixture
-def agents():
-    started: list[FakeAgent] = []
-
-    def start(name: str, **options) -> FakeAgent:
-        agent = FakeAgent(name, **options)
-        started.append(agent)
-        return agent
-
-    yield start
-    for agent in started:
-        agent.kill()
-
-
-@pytest.fixture
-def fleet_server(database_url, membridge):
-    """gunicorn that pushes tasks: BLOOM_PUBLIC_URL is its own address; fast sync rounds."""
-    servers: list[GunicornServer] = []
-
-    def start(**env) -> GunicornServer:
-        served = GunicornServer(
-            {"DATABASE_URL": database_url, "MEMBRIDGE_SERVER_URL": membridge.url, "MEMBRIDGE_ADMIN_KEY": ADMIN_KEY,
-             "MEMBRIDGE_AGENT_KEY": AGENT_KEY, "WORKER_SYNC_INTERVAL_S": "0.5", **env},
-            workers=2, public=True,
-        )
-        servers.append(served)
-        return served
-
-    yield start
-    for served in servers:
-        served.stop()
-        assert AGENT_KEY not in served.log() and ADMIN_KEY not in served.log()
+from .helpers import actions, api, create_task, new_task, results_of, task_of, worker_of
+from .support import free_port, wait_until
 
 
 # Callbacks as the agent sends them -------------------------------------------------------
@@ -170,7 +108,9 @@ def test_dispatch_delivers_the_task_to_the_agent_which_runs_and_completes_it(fle
         "task_id": task["id"], "prompt": task["prompt"], "context_id": task["context_id"],
         "agent_slug": task["agent_slug"], "desired_format": "json", "context_hints": [],
         "policy": {"timeout_sec": 30, "budget": 1.5},
-        "runtime_url": served.base_url,  # from configuration, never from Host or X-Forwarded-Host
+        # From configuration, never from Host or X-Forwarded-Host; naming the delivery's
+        # lease, so that the agent's callbacks are fenced by it.
+        "runtime_url": f"{served.base_url}/api/runtime/deliveries/{answer['lease_id']}",
     }
     done = wait_until(lambda: (t := task_of(served, task["id"]))["status"] == "completed" and t, timeout=10,
                       what=f"the agent's completion (callbacks so far: {agent.state.callbacks})")

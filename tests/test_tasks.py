@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from sqlalchemy import text
 
 from .helpers import DONE, TASK, audit_actions, create_task, lease, register_worker
 
@@ -279,19 +280,28 @@ def test_error_completion_of_the_last_attempt_fails_the_task(client):
     assert body["result"]["error_message"] == "model timeout"
 
 
-def test_a_failed_run_is_retried_with_exponential_backoff_until_its_attempts_are_spent(client):
+def _make_due(app, task_id: str) -> None:
+    """Time passes: the task's retry_at is now behind it."""
+    with app.extensions["bloom.database"].engine.begin() as connection:
+        connection.execute(text("UPDATE llm_tasks SET retry_at = 1 WHERE id = :id"), {"id": task_id})
+
+
+def test_a_failed_run_is_retried_with_exponential_backoff_until_its_attempts_are_spent(app, client):
     register_worker(client, "w1")
     task = create_task(client, max_attempts=3)
     backoffs = []
     for attempt in (1, 2):
-        assert lease(client, task["id"]).status_code == 201  # an explicit lease may come early
+        assert lease(client, task["id"]).status_code == 201
         before = int(time.time() * 1000)
         body = complete(client, task["id"], status="error", output=None, error_message=f"crash {attempt}").get_json()
         assert (body["task"]["status"], body["task"]["attempts"], body["task"]["lease_id"]) == ("queued", attempt, None)
         assert body["result"]["status"] == "error"
         backoffs.append(body["task"]["retry_at"] - before)
-        # Not claimable before retry_at.
+        # Neither claimable nor leasable before retry_at.
         assert client.post("/api/runtime/workers/w1/claim", json={}).status_code == 204
+        early = lease(client, task["id"])
+        assert early.status_code == 409 and "not due until" in early.get_json()["error"]
+        _make_due(app, task["id"])
     assert 7_500 <= backoffs[0] <= 12_600 and 15_000 <= backoffs[1] <= 25_100  # 10 s, then 20 s, ±25 %
     lease(client, task["id"])
     last = complete(client, task["id"], status="error", output=None, error_message="crash 3").get_json()
@@ -307,6 +317,9 @@ def test_a_task_with_run_at_in_the_future_is_not_claimed_before(client):
     claimed = client.post("/api/runtime/workers/w1/claim", json={}).get_json()
     assert claimed["task"]["id"] == now["id"]
     assert client.post("/api/runtime/workers/w1/claim", json={}).status_code in (204, 409)
+    early = client.post(f"/api/runtime/llm-tasks/{later['id']}/lease", json={"worker_id": "w1"})
+    assert early.status_code == 409 and "not due until" in early.get_json()["error"]
+    assert client.get(f"/api/runtime/llm-tasks/{later['id']}").get_json()["status"] == "queued"
     assert client.post("/api/runtime/llm-tasks", json={**TASK, "run_at": "soon"}).status_code == 400
 
 

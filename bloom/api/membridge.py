@@ -24,7 +24,7 @@ def _client() -> MembridgeClient:
 
 def _forward(method: str, path: str, body: Any = None):
     try:
-        response = _client().request(method, path, json_body=body)
+        response = _client().request(method, path, json_body=body, caller_input=True)
     except UpstreamUnreachable as error:
         raise BadGateway(str(error)) from None
     return _relay(response)

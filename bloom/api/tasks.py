@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, request
 
-from ..errors import ValidationFailed
+from ..errors import Conflict, ValidationFailed
 from ..http import json_body
 from ..schemas import (
     CompleteTaskSchema,
@@ -133,3 +133,38 @@ def requeue_task(task_id: str):
 @documented("The 50 newest tasks", responses={200: "LLMTask[]"})
 def runs():
     return jsonify(service().list_tasks(status=None, limit=RUNS_SHOWN, offset=0))
+
+
+# Callbacks of one delivery to a Membridge agent. The agent calls
+# `{runtime_url}/api/runtime/llm-tasks/<id>/heartbeat|complete`, and the runtime_url it was
+# given names the lease of that delivery (dispatch.delivery_callback_url): the lease
+# fences the callback, as a body's lease_id does, so an agent that froze, was taken out
+# and woke up late cannot touch the task another worker now holds.
+
+@bp.post("/deliveries/<lease_id>/api/runtime/llm-tasks/<task_id>/heartbeat")
+@documented(
+    "An agent's task heartbeat, fenced by the lease of the delivery that sent it the task",
+    body=FencingSchema,
+    responses={200: "HeartbeatReply", 404: "Error", 409: "Error"},
+)
+def delivery_heartbeat(lease_id: str, task_id: str):
+    body = load(FencingSchema, json_body())
+    _check_same_lease(lease_id, body.get("lease_id"))
+    return jsonify(service().heartbeat(task_id, lease_id=lease_id, worker_id=body["worker_id"]))
+
+
+@bp.post("/deliveries/<lease_id>/api/runtime/llm-tasks/<task_id>/complete")
+@documented(
+    "An agent's completion, fenced by the lease of the delivery that sent it the task",
+    body=CompleteTaskSchema,
+    responses={200: "Completion", 404: "Error", 409: "Error"},
+)
+def delivery_complete(lease_id: str, task_id: str):
+    body = load(CompleteTaskSchema, json_body())
+    _check_same_lease(lease_id, body.get("lease_id"))
+    return jsonify(service().complete_task(task_id, {**body, "lease_id": lease_id}))
+
+
+def _check_same_lease(in_path: str, in_body: str | None) -> None:
+    if in_body is not None and in_body != in_path:
+        raise Conflict(f"Lease '{in_body}' is not the lease of this delivery")
