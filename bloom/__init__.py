@@ -150,10 +150,14 @@ def start_background_jobs(app: Flask) -> None:
 
 
 def stop_background_jobs(app: Flask) -> None:
-    """Stop this process's scheduler (gunicorn's worker_exit calls this)."""
-    scheduler = app.extensions.get("bloom.scheduler") if hasattr(app, "extensions") else None
+    """Stop this process's scheduler and dispatcher (gunicorn's worker_exit calls this,
+    once the process has served its last request)."""
+    extensions = getattr(app, "extensions", {})
+    scheduler = extensions.get("bloom.scheduler")
     if scheduler is not None and scheduler.running:
         scheduler.shutdown(wait=False)
+    if "bloom.dispatcher" in extensions:
+        extensions["bloom.dispatcher"].stop()
 
 
 def _register_cli(app: Flask, database: Database) -> None:

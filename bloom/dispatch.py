@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import quote
 
 from sqlalchemy.exc import DBAPIError
@@ -77,12 +77,15 @@ class _Delivery:
         self.worker = granted["worker"]
         self.settled = threading.Event()
         self.outcome: DispatchOutcome | None = None
+        self.on_settled: Callable[[_Delivery], None] | None = None
 
     def settle(self, error: str | None = None) -> None:
         self.outcome = DispatchOutcome(
             error is None, self.task["id"], self.worker["id"], self.lease["id"], error
         )
         self.settled.set()
+        if self.on_settled is not None:
+            self.on_settled(self)
 
 
 class Dispatcher:
@@ -102,6 +105,12 @@ class Dispatcher:
         self._public_url = public_url
         self._in_flight = threading.BoundedSemaphore(MAX_IN_FLIGHT)
         self._thread: threading.Thread | None = None
+        # Shutdown: no grant after `_stopping`; a grant under way finishes first (`_granting`),
+        # and deliveries not yet taken or refused (`_unsettled`) are waited for.
+        self._stopping = threading.Event()
+        self._granting = threading.Lock()
+        self._unsettled: set[_Delivery] = set()
+        self._unsettled_lock = threading.Lock()
 
     # The route --------------------------------------------------------------------
 
@@ -110,7 +119,7 @@ class Dispatcher:
         taken the request or refused it."""
         if not self._public_url:
             raise Conflict("Dispatch is not configured: set BLOOM_PUBLIC_URL to the address agents call back")
-        if not self._in_flight.acquire(blocking=False):
+        if self._stopping.is_set() or not self._in_flight.acquire(blocking=False):
             raise Unavailable("Too many dispatches in flight; try again later")
         try:
             granted = self._service.grant_lease(task_id, worker_id=worker_id, ttl_seconds=ttl_seconds, push_only=True)
@@ -177,29 +186,52 @@ class Dispatcher:
             candidates = [row["id"] for row in tx.all("dispatch_candidates", limit=CANDIDATES_PER_ROUND, now=now_ms())]
         started = 0
         for task_id in candidates:
-            if not self._in_flight.acquire(blocking=False):
-                break
-            try:
-                granted = self._service.grant_lease(
-                    task_id, worker_id=None, ttl_seconds=None, push_only=True, actor=DISPATCH_ACTOR
-                )
-            except (Conflict, NotFound):  # taken by a pull worker or another dispatcher meanwhile
-                self._in_flight.release()
-                continue
-            except Unavailable:  # no push worker has room
-                self._in_flight.release()
-                break
-            except BaseException:
-                self._in_flight.release()
-                raise
-            self._start(granted)
+            with self._granting:
+                if self._stopping.is_set() or not self._in_flight.acquire(blocking=False):
+                    break
+                try:
+                    granted = self._service.grant_lease(
+                        task_id, worker_id=None, ttl_seconds=None, push_only=True, actor=DISPATCH_ACTOR
+                    )
+                except (Conflict, NotFound):  # taken by a pull worker or another dispatcher meanwhile
+                    self._in_flight.release()
+                    continue
+                except Unavailable:  # no push worker has room
+                    self._in_flight.release()
+                    break
+                except BaseException:
+                    self._in_flight.release()
+                    raise
+                self._start(granted)
             started += 1
         return started
 
+    def stop(self, *, timeout_s: float = CONNECT_TIMEOUT_S * 2 + ACCEPT_WINDOW_S + 1.0) -> None:
+        """Before this process exits (a reload, a stop): grant nothing more, and wait until
+        every task already granted has been taken by its agent or refused (and queued
+        again). A lease granted here and never delivered would hold its task until the
+        lease expired, and the run would wait for nothing. Runs the agents have taken go
+        on without us: their callbacks reach whichever process serves next."""
+        self._stopping.set()
+        with self._granting:
+            pass
+        deadline = time.monotonic() + timeout_s
+        with self._unsettled_lock:
+            waiting = list(self._unsettled)
+        for delivery in waiting:
+            delivery.settled.wait(max(0.0, deadline - time.monotonic()))
+
     # One delivery -------------------------------------------------------------------
+
+    def _forget(self, delivery: _Delivery) -> None:
+        with self._unsettled_lock:
+            self._unsettled.discard(delivery)
 
     def _start(self, granted: dict[str, Any]) -> _Delivery:
         delivery = _Delivery(granted)
+        with self._unsettled_lock:
+            self._unsettled.add(delivery)
+        delivery.on_settled = self._forget
         threading.Thread(
             target=self._deliver, args=(delivery,), name=f"bloom-deliver-{delivery.task['id'][:8]}", daemon=True
         ).start()

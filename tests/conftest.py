@@ -133,11 +133,11 @@ def fleet_server(database_url, membridge):
     """gunicorn that pushes tasks: BLOOM_PUBLIC_URL is its own address; fast sync rounds."""
     servers: list[GunicornServer] = []
 
-    def start(**env) -> GunicornServer:
+    def start(listen_socket=None, **env) -> GunicornServer:
         served = GunicornServer(
             {"DATABASE_URL": database_url, "MEMBRIDGE_SERVER_URL": membridge.url, "MEMBRIDGE_ADMIN_KEY": ADMIN_KEY,
              "MEMBRIDGE_AGENT_KEY": AGENT_KEY, "WORKER_SYNC_INTERVAL_S": "0.5", **env},
-            workers=2, public=True,
+            workers=2, public=True, listen_socket=listen_socket,
         )
         servers.append(served)
         return served

@@ -86,12 +86,31 @@ def start_embedded_cluster() -> tuple[str, object]:
     return server.get_uri(database="postgres", driver="psycopg2"), server
 
 
+_SOCKET_ACTIVATED = (
+    "import os, sys; os.dup2(int(sys.argv[1]), 3); os.environ['LISTEN_FDS'] = '1'; "
+    "os.environ['LISTEN_PID'] = str(os.getpid()); os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
+def listening_socket() -> socket.socket:
+    """A listening TCP socket on a free local port, as systemd's socket unit holds one."""
+    held = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    held.bind(("127.0.0.1", 0))
+    held.listen(256)
+    return held
+
+
 class GunicornServer:
     """The service as production runs it: gunicorn, several workers, real PostgreSQL."""
 
-    def __init__(self, env: dict[str, str], *, workers: int = 3, threads: int = 4, public: bool = False) -> None:
-        """With `public`, agents are told to call back this server (BLOOM_PUBLIC_URL)."""
-        self.port = free_port()
+    def __init__(self, env: dict[str, str], *, workers: int = 3, threads: int = 4, public: bool = False,
+                 listen_socket: socket.socket | None = None) -> None:
+        """With `public`, agents are told to call back this server (BLOOM_PUBLIC_URL).
+        With `listen_socket`, gunicorn serves a socket it inherits, as from systemd's
+        socket activation (LISTEN_FDS): the socket outlives this server, so a stop and a
+        new start lose no connection made in between."""
+        self.port = listen_socket.getsockname()[1] if listen_socket is not None else free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         if public:
             env = {"BLOOM_PUBLIC_URL": self.base_url, **env}
@@ -107,13 +126,21 @@ class GunicornServer:
             **env,
         }
         self._log = open(self.log_path, "wb")
+        command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
+        inherited: tuple[int, ...] = ()
+        if listen_socket is not None:
+            # What systemd does: the socket as fd 3, LISTEN_FDS=1 and LISTEN_PID = the pid
+            # of the process it executes (kept across exec).
+            inherited = (listen_socket.fileno(),)
+            command = [sys.executable, "-c", _SOCKET_ACTIVATED, str(listen_socket.fileno()), *command]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+            command,
             cwd=REPO_ROOT,
             env=full_env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            pass_fds=inherited,
         )
         try:
             wait_until(self._healthy, timeout=30, interval=0.1, what="gunicorn to serve /health")

@@ -19,7 +19,7 @@ from bloom.worker_sync import offline_silent_workers, sync_workers
 
 from .fake_membridge import ADMIN_KEY
 from .helpers import api, audit_actions, create_task, lease, new_task, register_worker, results_of, task_of, worker_of
-from .support import GunicornServer, wait_until
+from .support import GunicornServer, listening_socket, wait_until
 
 # 1. Who may claim --------------------------------------------------------------------
 
@@ -236,6 +236,33 @@ def test_a_reload_mid_run_loses_no_callback_and_runs_nothing_twice(fleet_server,
     assert {status for _, _, status in callbacks} == {200}, callbacks
     assert all(len(results_of(served, task_id)) == 1 for task_id in created)
     assert "Handling signal: hup" in served.log().lower() or "hang up" in served.log().lower()
+
+
+def test_a_full_stop_and_start_on_a_held_socket_loses_no_callback_and_runs_nothing_twice(fleet_server, agents):
+    """systemd's socket activation (README: bloom-runtime.socket): the listening socket
+    outlives the service, so callbacks sent while it is down wait in the socket's
+    backlog and are served by the next start, instead of being refused and lost."""
+    held = listening_socket()
+    try:
+        first = fleet_server(listen_socket=held, WORKER_SYNC_INTERVAL_S="1")
+        fleet = [agents(f"agent-{n}", run_seconds=2.0, max_concurrency=2) for n in range(2)]
+        for agent in fleet:
+            agent.register(first.base_url)
+        created = [new_task(first)["id"] for _ in range(4)]
+        wait_until(lambda: sum(len([c for c in a.state.callbacks if c[0] == "heartbeat"]) for a in fleet) == 4,
+                   timeout=10, what="four runs in flight")
+        first.stop()  # a full stop: every process of the service is gone
+        time.sleep(2.5)  # the runs end meanwhile; their completions wait in the backlog
+        stopped_for = time.monotonic()
+        second = fleet_server(listen_socket=held, WORKER_SYNC_INTERVAL_S="1")
+        wait_until(lambda: all(task_of(second, t)["status"] == "completed" for t in created), timeout=15,
+                   interval=0.2, what="every task to complete after the start")
+        assert time.monotonic() - stopped_for < 15  # not a lease TTL (timeout_sec + 60 s) later
+        ran = Counter(task_id for agent in fleet for task_id in agent.outputs())
+        assert sorted(ran) == sorted(created) and set(ran.values()) == {1}
+        assert {status for agent in fleet for _, _, status in agent.state.callbacks} == {200}
+    finally:
+        held.close()
 
 
 # 8. The caller's mistake is not an outage ----------------------------------------------

@@ -6,8 +6,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 
+import psutil
 import pytest
 import requests
 
@@ -25,12 +27,13 @@ def server(module_database_url):
 
 
 class WorkerProcess:
-    def __init__(self, server, name, command, *, slug, ttl=30, grace=10):
+    def __init__(self, server, name, command, *, slug, ttl=30, grace=10, wait=2, concurrency=1):
         self.name = name
         self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bloom.worker", "--server", server.base_url, "--name", name,
-             "--ttl", str(ttl), "--wait", "2", "--grace", str(grace), "--agent-slug", slug, "--", *command],
+             "--ttl", str(ttl), "--wait", str(wait), "--grace", str(grace), "--agent-slug", slug,
+             "--concurrency", str(concurrency), "--", *command],
             cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
@@ -180,3 +183,87 @@ def test_a_failed_run_is_retried_after_its_backoff_and_every_result_stays_readab
         assert len(artifacts) == 2
     finally:
         assert worker.terminate() == 0
+
+
+def _sleeps_running(seconds: str) -> list[psutil.Process]:
+    """Live `sleep <seconds>` processes (a zombie is not running)."""
+    return [process for process in psutil.process_iter(["cmdline", "status"])
+            if process.info["cmdline"] == ["sleep", seconds] and process.info["status"] != psutil.STATUS_ZOMBIE]
+
+
+def test_cancel_ends_every_process_the_command_started_not_only_the_command(server):
+    slug = f"group-{uuid.uuid4().hex[:6]}"
+    [task_id] = new_tasks(server, slug, 1)
+    marker = f"117.{uuid.uuid4().int % 10**6}"  # a sleep no one else runs
+    worker = WorkerProcess(server, f"w-{slug}", ["sh", "-c", f"sleep {marker}; echo done"], slug=slug, ttl=3,
+                           grace=1)
+    try:
+        wait_until(lambda: task(server, task_id)["status"] == "running" and _sleeps_running(marker), timeout=20,
+                   what="the command and its child to run")
+        assert requests.post(server.url(f"/api/runtime/llm-tasks/{task_id}/cancel"), timeout=10).status_code == 200
+        wait_until(lambda: not _sleeps_running(marker), timeout=10, what="the grandchild `sleep` to end too")
+        [next_task] = new_tasks(server, slug, 1)  # the worker is free again at once, not in 105 s
+        wait_until(lambda: task(server, next_task)["status"] in ("leased", "running"), timeout=10,
+                   what="the next claim")
+    finally:
+        assert worker.terminate() == 0  # the grace (1 s) ends the next task's whole group too
+    assert not _sleeps_running(marker)
+
+
+def test_the_first_heartbeat_comes_as_the_command_starts(server):
+    slug = f"beat-{uuid.uuid4().hex[:6]}"
+    [task_id] = new_tasks(server, slug, 1)
+    slow = [sys.executable, "-c", "import time; time.sleep(4); print('ok', end='')"]
+    worker = WorkerProcess(server, f"w-{slug}", slow, slug=slug, ttl=60)  # the next beat only in 20 s
+    try:
+        leased = wait_until(lambda: (t := task(server, task_id))["status"] in ("leased", "running") and t,
+                            timeout=20, interval=0.05, what="the claim")
+        running = wait_until(lambda: (t := task(server, task_id))["status"] == "running" and t, timeout=2,
+                             interval=0.05, what="the task to show running")
+        assert running["updated_at"] - leased["updated_at"] < 2000
+        wait_until(lambda: task(server, task_id)["status"] == "completed", timeout=20, what="the run")
+    finally:
+        assert worker.terminate() == 0
+
+
+def test_concurrency_runs_several_tasks_at_once_under_one_heartbeat(server):
+    slug = f"many-{uuid.uuid4().hex[:6]}"
+    journal = tempfile.mktemp(prefix="bloom-journal-")
+    record = [sys.executable, "-c",
+              "import time, sys; f = open(sys.argv[1], 'a'); f.write(f'start {time.time()}\\n'); f.flush(); "
+              "time.sleep(1.5); f.write(f'end {time.time()}\\n'); print('ok', end='')", journal]
+    task_ids = new_tasks(server, slug, 6)
+    worker = WorkerProcess(server, f"w-{slug}", record, slug=slug, ttl=6, concurrency=3)
+    try:
+        wait_until(lambda: all_finished(server, task_ids), timeout=60, interval=0.3, what="the six tasks")
+    finally:
+        assert worker.terminate() == 0
+    assert {task(server, t)["status"] for t in task_ids} == {"completed"}
+    events = sorted((float(line.split()[1]), line.split()[0]) for line in open(journal))
+    running = most = 0
+    for _, kind in events:
+        running += 1 if kind == "start" else -1
+        most = max(most, running)
+    assert most == 3  # several at once, never more than asked
+    worker_row = requests.get(server.url(f"/api/runtime/workers/w-{slug}"), timeout=10).json()
+    assert worker_row["capabilities"]["max_concurrency"] == 3
+    assert "/claim" in server.log() and f"/workers/w-{slug}/heartbeat" in server.log()
+
+
+def test_a_429_slows_the_worker_down_and_never_ends_it(module_database_url):
+    limited = GunicornServer({"DATABASE_URL": module_database_url, "BLOOM_RATE_LIMIT": "4 per second"}, workers=1)
+    slug = f"limited-{uuid.uuid4().hex[:6]}"
+    worker = WorkerProcess(limited, f"w-{slug}", UPPERCASE, slug=slug, wait=0)  # polls as fast as allowed
+    try:
+        wait_until(lambda: "HTTP 429" in worker.output(), timeout=20, what="the limit to bite")
+        time.sleep(3)
+        assert worker.process.poll() is None, worker.output()
+        other_client = {"X-Forwarded-For": "192.0.2.7"}  # counted apart from the worker (a trusted local proxy)
+        task_id = requests.post(limited.url("/api/runtime/llm-tasks"), headers=other_client, timeout=10,
+                                json={"context_id": "c", "agent_slug": slug, "prompt": "go"}).json()["id"]
+        wait_until(lambda: requests.get(limited.url(f"/api/runtime/llm-tasks/{task_id}"), headers=other_client,
+                                        timeout=10).json().get("status") == "completed",
+                   timeout=30, interval=0.5, what="the task to run despite the limit")
+    finally:
+        worker.kill()
+        limited.stop()
