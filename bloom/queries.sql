@@ -210,27 +210,43 @@ WITH requeued AS (
 SELECT requeued.*, pg_notify('bloom_task_queued', left(agent_slug, 1000)) IS NULL AS notified FROM requeued;
 
 -- name: cancel_task
--- A queued, leased or running task becomes 'cancelled'; its active lease is released
--- (lease, then task: the lock order of heartbeat and complete), so the worker's next
--- heartbeat is refused and a late completion stores nothing.
+-- A queued, leased or running task becomes 'cancelled' and its active lease is released,
+-- so the worker's next heartbeat is refused and a late completion stores nothing. Locks
+-- in the order every statement takes them, lease then task (no deadlock with heartbeat,
+-- complete or a worker heartbeat): statement 1 locks the lease the task holds now (if
+-- any), statement 2, in a new snapshot, locks the task. A claim or lease that gave the
+-- task a new lease between the two is seen there: nothing changes, the row says
+-- `retry`, and the caller runs the script again (which then locks that lease). So a
+-- cancelled task never keeps an active lease, whoever races it.
+SELECT set_config('bloom.cancel_locked_lease',
+                  COALESCE((SELECT l.id FROM llm_tasks t JOIN leases l ON l.id = t.lease_id
+                             WHERE t.id = :task_id
+                               FOR UPDATE OF l), ''), true);
 WITH current AS (
-    SELECT id, status, lease_id FROM llm_tasks WHERE id = :task_id
+    -- The task as it is once locked (a racing grant's committed version, if there was one).
+    SELECT t.id, t.status, t.lease_id FROM llm_tasks t WHERE t.id = :task_id FOR UPDATE OF t
+), settled AS (
+    -- Still on the lease statement 1 locked (or on none): safe to change.
+    SELECT c.* FROM current c
+     WHERE c.lease_id IS NOT DISTINCT FROM NULLIF(current_setting('bloom.cancel_locked_lease'), '')
 ), ended AS (
     UPDATE leases l SET status = 'released'
-      FROM current c
+      FROM settled c
      WHERE l.id = c.lease_id AND l.task_id = c.id AND l.status = 'active'
     RETURNING l.id
 ), cancelled AS (
     UPDATE llm_tasks t
        SET status = 'cancelled', retry_at = NULL, updated_at = :now
-     WHERE t.id = :task_id AND t.status IN ('queued', 'leased', 'running')
+      FROM settled c
+     WHERE t.id = c.id AND c.status IN ('queued', 'leased', 'running')
     RETURNING t.*
 ), audit AS (
     INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
     SELECT :audit_id, :now, 'task_cancelled', 'task', id, :actor,
            jsonb_build_object('lease_id', lease_id, 'worker_id', worker_id) FROM cancelled
 )
-SELECT (SELECT row_to_json(cancelled) FROM cancelled) AS task, (SELECT status FROM current) AS status;
+SELECT (SELECT row_to_json(cancelled) FROM cancelled) AS task, (SELECT status FROM current) AS status,
+       EXISTS (SELECT 1 FROM current) AND NOT EXISTS (SELECT 1 FROM settled) AS retry;
 
 -- Leases --------------------------------------------------------------------
 
@@ -484,9 +500,12 @@ SELECT c.*, (SELECT row_to_json(renewed) FROM renewed) AS lease
 -- the caller named (:lease_ids) it has lost, and why. Lock order as everywhere: leases,
 -- tasks, worker.
 WITH renewed AS (
+    -- Only leases whose task is still on them (not cancelled, not moved on).
     UPDATE leases l
        SET expires_at = :now + l.ttl_seconds * 1000, last_heartbeat = :now
+      FROM llm_tasks t
      WHERE l.worker_id = :worker_id AND l.status = 'active' AND l.expires_at >= :now
+       AND t.id = l.task_id AND t.lease_id = l.id AND t.status IN ('leased', 'running')
     RETURNING l.id, l.task_id, l.expires_at
 ), running AS (
     UPDATE llm_tasks t

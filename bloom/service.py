@@ -40,6 +40,8 @@ SWEEP_ACTOR = "lease-sweeper"
 LEASE_PICK_ATTEMPTS = 5
 # Past this many tasks, /stats estimates the finished counts instead of counting them.
 STATS_EXACT_BELOW_ROWS = 200_000
+# A cancel racing grants locks the task's newest lease and tries again (cancel_task).
+CANCEL_ATTEMPTS = 5
 # Tasks a claim may set aside (see set_task_aside) before it gives up for this call.
 POISONED_SKIPS_PER_CLAIM = 5
 
@@ -180,20 +182,24 @@ class RuntimeService:
             }
             for position, item in enumerate(items)
         ]
-        with self.db.autocommit() as tx:
+        # With keys, one transaction: a key that a racing request took meanwhile is read back
+        # in a new snapshot, and if that request was another one, nothing of this batch
+        # stays. Without keys nothing can race: one statement in autocommit, one round trip.
+        with self.db.transaction() if keys else self.db.autocommit() as tx:
             outcome = tx.one("create_tasks", tasks=json.dumps(rows), now=now_ms(), actor=API_ACTOR)
-        if outcome["mismatched"]:
-            raise Unprocessable("Idempotency-Key reused with a different request")
-        by_key = {row["idempotency_key"]: row for row in [*outcome["created"], *outcome["earlier"]]
-                  if row["idempotency_key"] is not None}
-        by_id = {row["id"]: row for row in outcome["created"]}
-        answered = []
-        for row in rows:
-            task = by_key.get(row["idempotency_key"]) if row["idempotency_key"] else by_id.get(row["id"])
-            if task is None:  # its key was taken by a request racing this one: read it now
-                with self.db.autocommit() as tx:
+            if outcome["mismatched"]:
+                raise Unprocessable("Idempotency-Key reused with a different request")
+            by_key = {row["idempotency_key"]: row for row in [*outcome["created"], *outcome["earlier"]]
+                      if row["idempotency_key"] is not None}
+            by_id = {row["id"]: row for row in outcome["created"]}
+            answered = []
+            for row in rows:
+                task = by_key.get(row["idempotency_key"]) if row["idempotency_key"] else by_id.get(row["id"])
+                if task is None:  # its key was taken by a request racing this one
                     task = tx.one("get_task_by_idempotency_key", idempotency_key=row["idempotency_key"])
-            answered.append(task_json(task))
+                    if task["idempotency_fingerprint"] != row["idempotency_fingerprint"]:
+                        raise Unprocessable("Idempotency-Key reused with a different request")
+                answered.append(task_json(task))
         return answered, bool(outcome["created"])
 
     def list_tasks(self, *, status: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
@@ -224,8 +230,12 @@ class RuntimeService:
     def cancel_task(self, task_id: str) -> dict[str, Any]:
         """Cancel a queued, leased or running task; its lease ends. Cancelling a cancelled
         task again answers it as it is."""
-        with self.db.autocommit() as tx:
-            row = tx.one("cancel_task", task_id=task_id, now=now_ms(), audit_id=new_id(), actor=API_ACTOR)
+        for _ in range(CANCEL_ATTEMPTS):
+            row = self.db.script("cancel_task", task_id=task_id, now=now_ms(), audit_id=new_id(), actor=API_ACTOR)
+            if not row["retry"]:
+                break
+        else:
+            raise Unavailable("The task kept changing hands; try the cancel again")
         if row["task"] is not None:
             return task_json(row["task"])
         if row["status"] is None:
