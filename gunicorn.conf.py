@@ -43,8 +43,17 @@ def on_starting(server):
     """Set up the host's rate-limit counters, and without DATABASE_URL start the
     embedded PostgreSQL once, in the master.
 
-    The workers inherit its URL; the master stops the server when it exits.
+    The workers inherit its URL; the master stops the server when it exits. A setting
+    the service cannot use stops the start here, with one clear line.
     """
+    from bloom.config import ConfigError, Settings
+
+    try:
+        Settings.from_env()
+    except ConfigError as problem:
+        server.log.error("configuration error: %s", problem)
+        raise SystemExit(2) from None
+
     # Before anything imports prometheus_client: its multiprocess mode, with a fresh
     # directory for this instance's per-process files (bloom/metrics.py).
     metrics_dir = os.path.join(_data_dir, f"metrics-{os.environ.get('BLOOM_RUNTIME_PORT', '3002')}")

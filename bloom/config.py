@@ -31,6 +31,24 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
 
 
+def _at_least(value: float, name: str, minimum: float, meaning: str) -> float:
+    if value < minimum:
+        raise ConfigError(f"{name} must be {meaning}, got {value:g}")
+    return value
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    """A period or an interval: more than zero (a zero interval would spin a thread)."""
+    value = _float(env, name, default)
+    if not value > 0:
+        raise ConfigError(f"{name} must be a number of seconds above 0, got {value:g}")
+    return value
+
+
+def _count(env: Mapping[str, str], name: str, default: int, *, minimum: int = 1) -> int:
+    return int(_at_least(_int(env, name, default), name, minimum, f"an integer of at least {minimum}"))
+
+
 def _switch(env: Mapping[str, str], name: str) -> bool:
     """On unless set to off, 0 or false."""
     return env.get(name, "on").strip().lower() not in ("off", "0", "false")
@@ -52,6 +70,13 @@ def _trusted_proxies(env: Mapping[str, str]) -> dict[str, object]:
         except ValueError:
             raise ConfigError(f"BLOOM_TRUSTED_PROXIES: {network!r} is not an address or CIDR") from None
     return {"trusted_proxy_networks": networks, "proxy_hops": _int(env, "BLOOM_PROXY_HOPS", 1)}
+
+
+def _port(env: Mapping[str, str]) -> int:
+    port = _int(env, "BLOOM_RUNTIME_PORT", 3002)
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"BLOOM_RUNTIME_PORT must be a port from 1 to 65535, got {port}")
+    return port
 
 
 def normalize_database_url(url: str) -> str:
@@ -127,8 +152,11 @@ class Settings:
                 bucket=env.get("MINIO_ARTIFACT_BUCKET", "").strip() or "bloom-artifacts",
             )
         deployment = (env.get("BLOOM_ENV") or env.get("NODE_ENV") or "").strip().lower()
+        proxies = _trusted_proxies(env)
+        if proxies["proxy_hops"] < 0:
+            raise ConfigError(f"BLOOM_PROXY_HOPS must be 0 or more, got {proxies['proxy_hops']}")
         return cls(
-            port=_int(env, "BLOOM_RUNTIME_PORT", 3002),
+            port=_port(env),
             database_url=normalize_database_url(database_url) if database_url else None,
             data_dir=env.get("BLOOM_DATA_DIR", "").strip() or "./.bloom",
             runtime_api_key=env.get("RUNTIME_API_KEY") or None,
@@ -138,27 +166,28 @@ class Settings:
             ratelimit_storage_uri=env.get("RATELIMIT_STORAGE_URI", "").strip() or "memory://",
             rate_limit=env.get("BLOOM_RATE_LIMIT", "").strip() or "100 per minute",
             test_connection_rate_limit=env.get("BLOOM_TEST_CONNECTION_RATE_LIMIT", "").strip() or "20 per minute",
-            **_trusted_proxies(env),
+            **proxies,
             production=deployment == "production",
-            max_body_bytes=_int(env, "BLOOM_MAX_BODY_BYTES", 16 * 1024 * 1024),
-            worker_sync_interval_s=_float(env, "WORKER_SYNC_INTERVAL_S", 10.0),
-            lease_sweep_interval_s=_float(env, "LEASE_SWEEP_INTERVAL_S", 30.0),
+            max_body_bytes=_count(env, "BLOOM_MAX_BODY_BYTES", 16 * 1024 * 1024),
+            worker_sync_interval_s=_seconds(env, "WORKER_SYNC_INTERVAL_S", 10.0),
+            lease_sweep_interval_s=_seconds(env, "LEASE_SWEEP_INTERVAL_S", 30.0),
             run_scheduler=_switch(env, "BLOOM_SCHEDULER"),
             # Short requests hold a connection for a few ms, long-polling claims none while
             # they wait, so the pool is not sized by threads: 8, plus the scheduler's lock,
             # the queue listener and the dispatcher's leadership (and up to 8 overflow).
-            db_pool_size=_int(env, "BLOOM_DB_POOL_SIZE", 11),
-            max_waiting_claims=_int(env, "BLOOM_MAX_WAITING_CLAIMS", max(1, _int(env, "GUNICORN_THREADS", 128) - 8)),
-            db_connect_timeout_s=_int(env, "BLOOM_DB_CONNECT_TIMEOUT_S", 2),
-            db_statement_timeout_ms=_int(env, "BLOOM_DB_STATEMENT_TIMEOUT_MS", 15000),
-            db_lock_timeout_ms=_int(env, "BLOOM_DB_LOCK_TIMEOUT_MS", 5000),
-            retention_completed_s=_int(env, "BLOOM_RETENTION_COMPLETED_S", 7 * 86400),
-            retention_failed_s=_int(env, "BLOOM_RETENTION_FAILED_S", 30 * 86400),
-            retention_audit_s=_int(env, "BLOOM_RETENTION_AUDIT_S", 30 * 86400),
-            prune_interval_s=_float(env, "BLOOM_PRUNE_INTERVAL_S", 300.0),
+            db_pool_size=_count(env, "BLOOM_DB_POOL_SIZE", 11),
+            max_waiting_claims=_count(env, "BLOOM_MAX_WAITING_CLAIMS", max(1, _count(env, "GUNICORN_THREADS", 128) - 8),
+                                      minimum=0),
+            db_connect_timeout_s=_count(env, "BLOOM_DB_CONNECT_TIMEOUT_S", 2),
+            db_statement_timeout_ms=_count(env, "BLOOM_DB_STATEMENT_TIMEOUT_MS", 15000),
+            db_lock_timeout_ms=_count(env, "BLOOM_DB_LOCK_TIMEOUT_MS", 5000),
+            retention_completed_s=_count(env, "BLOOM_RETENTION_COMPLETED_S", 7 * 86400, minimum=0),
+            retention_failed_s=_count(env, "BLOOM_RETENTION_FAILED_S", 30 * 86400, minimum=0),
+            retention_audit_s=_count(env, "BLOOM_RETENTION_AUDIT_S", 30 * 86400, minimum=0),
+            prune_interval_s=_seconds(env, "BLOOM_PRUNE_INTERVAL_S", 300.0),
             public_url=(env.get("BLOOM_PUBLIC_URL", "").strip().rstrip("/") or None),
             metrics_key=env.get("BLOOM_METRICS_KEY") or None,
             agent_key=env.get("MEMBRIDGE_AGENT_KEY", ""),
             dispatch_enabled=_switch(env, "BLOOM_DISPATCH"),
-            worker_liveness_s=_float(env, "BLOOM_WORKER_LIVENESS_S", 60.0),
+            worker_liveness_s=_seconds(env, "BLOOM_WORKER_LIVENESS_S", 60.0),
         )

@@ -29,11 +29,12 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from . import metrics
 from .agents import ACCEPT_WINDOW_S, ANSWER_GRACE_S, CONNECT_TIMEOUT_S, AgentAnswer, AgentClient, AgentUnreachable
 from .db import Database
-from .errors import ApiError, Conflict, NotFound, Unavailable
+from .errors import ApiError, Conflict, NotFound, Unavailable, is_transient
 from .liveness import take_workers_out
 from .queue_events import QueueEvents
 from .service import RuntimeService, now_ms
@@ -47,6 +48,8 @@ DELIVERY_PREFIX = "/api/runtime/deliveries"
 LEADER_RETRY_S = 2.0
 LEADER_CHECK_S = 10.0
 CANDIDATES_PER_ROUND = 32
+# How long an agent's answer is held while the database is away (see _complete_holding_on).
+RESULT_HOLD_S = 300.0
 # Deliveries (each a thread waiting for its agent's answer) in flight in this process.
 MAX_IN_FLIGHT = 256
 
@@ -324,14 +327,36 @@ class Dispatcher:
             "lease_id": delivery.lease["id"],
             "worker_id": worker["id"],
         }
-        try:
-            self._service.complete_task(task_id, completion, actor=DISPATCH_ACTOR)
-        except (Conflict, NotFound):
-            return  # the agent's own completion came first (the usual case), or the task moved on
-        except (ApiError, DBAPIError) as error:
-            log.warning("task %s: could not complete from the agent's answer: %s", task_id, error)
-            return
-        log.info("task %s completed from its agent's answer (no completion callback arrived)", task_id)
+        if self._complete_holding_on(task_id, completion):
+            log.info("task %s completed from its agent's answer (no completion callback arrived)", task_id)
+
+    def _complete_holding_on(self, task_id: str, completion: dict[str, Any]) -> bool:
+        """Store the agent's answer as the task's completion. While the database is away
+        (its callback got 503 too, and agents never retry), hold the answer and try again,
+        with backoff, for up to RESULT_HOLD_S: a short outage loses no result. Fenced by the
+        lease, so at most once."""
+        deadline = time.monotonic() + RESULT_HOLD_S
+        wait = 0.5
+        while True:
+            try:
+                self._service.complete_task(task_id, completion, actor=DISPATCH_ACTOR)
+                return True
+            except (Conflict, NotFound):
+                return False  # the agent's own completion came first (the usual case), or the task moved on
+            except (Unavailable, DBAPIError, PoolTimeoutError) as error:
+                if isinstance(error, DBAPIError) and not is_transient(error):
+                    log.warning("task %s: the agent's result was refused by the database: %s",
+                                task_id, getattr(error.orig, "pgcode", None))
+                    return False
+                if self._stopping.is_set() or time.monotonic() + wait > deadline:
+                    log.warning("task %s: the agent's result could not be stored (%s); its lease will expire",
+                                task_id, type(error).__name__)
+                    return False
+                time.sleep(wait)
+                wait = min(wait * 2, 10.0)
+            except ApiError as error:
+                log.warning("task %s: could not complete from the agent's answer: %s", task_id, error)
+                return False
 
 
 def delivery_callback_url(public_url: str, lease_id: str) -> str:

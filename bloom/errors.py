@@ -124,6 +124,13 @@ def _is_connection_failure(error: DBAPIError) -> bool:
     return getattr(orig, "pgcode", None) in {"57P01", "57P02", "57P03"}
 
 
+def is_transient(error: DBAPIError) -> bool:
+    """The database is away or busy (not the data): the same call may succeed later."""
+    if is_data_error(error):
+        return False
+    return _is_timeout(error) or error.connection_invalidated or _is_connection_failure(error)
+
+
 def is_data_error(error: DBAPIError) -> bool:
     """A value PostgreSQL refuses to hold (class 22, data exception) or cannot index
     (class 54, program limit exceeded: an index row too large). psycopg2 files the

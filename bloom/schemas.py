@@ -64,8 +64,14 @@ def _no_control_characters(value: str) -> None:
 
 def _http_url(value: str) -> None:
     parsed = urlsplit(value)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or any(c.isspace() for c in value):
         raise ValidationError("Must be an http:// or https:// URL.")
+    try:
+        port = parsed.port
+    except ValueError:
+        port = 0
+    if port == 0:  # out of range, or not a number: no agent listens there
+        raise ValidationError("Must have a port from 1 to 65535.")
 
 
 class OsInfo(fields.Raw):

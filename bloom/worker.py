@@ -344,6 +344,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="tasks run at once (1..32): claimed together, one heartbeat for all")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS…")
     args = parser.parse_args(argv)
+    if not 1 <= args.ttl <= 86400:
+        parser.error("--ttl must be from 1 to 86400 seconds")
+    if not 0 <= args.wait <= 30:
+        parser.error("--wait must be from 0 to 30 seconds")
+    if args.grace < 0:
+        parser.error("--grace must be 0 or more seconds")
     args.api_key = getattr(args, "api_key", None) or os.environ.get("RUNTIME_API_KEY")
     if args.command and args.command[0] == "--":
         args.command = args.command[1:]

@@ -1,0 +1,61 @@
+"""Configuration a process cannot live with is refused at start, with one clear line."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from bloom.config import ConfigError, Settings
+
+from .support import REPO_ROOT, free_port
+
+
+@pytest.mark.parametrize("name, value", [
+    ("WORKER_SYNC_INTERVAL_S", "0"),
+    ("WORKER_SYNC_INTERVAL_S", "-5"),
+    ("LEASE_SWEEP_INTERVAL_S", "0"),
+    ("BLOOM_PRUNE_INTERVAL_S", "-1"),
+    ("BLOOM_WORKER_LIVENESS_S", "0"),
+    ("BLOOM_RETENTION_COMPLETED_S", "-1"),
+    ("BLOOM_RETENTION_AUDIT_S", "-86400"),
+    ("BLOOM_DB_POOL_SIZE", "0"),
+    ("BLOOM_MAX_BODY_BYTES", "0"),
+    ("BLOOM_RUNTIME_PORT", "70000"),
+    ("BLOOM_PROXY_HOPS", "-1"),
+    ("BLOOM_DB_STATEMENT_TIMEOUT_MS", "abc"),
+])
+def test_a_setting_the_service_cannot_use_is_refused_by_name(name, value):
+    env = {name: value}
+    if name == "BLOOM_PROXY_HOPS":
+        env["BLOOM_TRUSTED_PROXIES"] = "10.0.0.5"
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env(env)
+    assert name in str(refused.value)
+
+
+def test_zero_retention_still_means_keep_for_ever():
+    assert Settings.from_env({"BLOOM_RETENTION_FAILED_S": "0"}).retention_failed_s == 0
+
+
+def test_gunicorn_refuses_to_start_with_a_zero_interval_and_says_why(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "WORKER_SYNC_INTERVAL_S": "0", "BLOOM_RUNTIME_PORT": str(free_port()),
+             "BLOOM_DATA_DIR": str(tmp_path), "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"},
+    )
+    assert result.returncode != 0
+    assert "configuration error: WORKER_SYNC_INTERVAL_S must be a number of seconds above 0" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("option, value", [("--ttl", "0"), ("--ttl", "-3"), ("--wait", "-1"), ("--wait", "31"),
+                                           ("--grace", "-1"), ("--concurrency", "0")])
+def test_the_worker_client_refuses_intervals_that_would_spin(option, value):
+    result = subprocess.run(
+        [sys.executable, "-m", "bloom.worker", "--server", "http://127.0.0.1:9", "--name", "w", option, value,
+         "--", "true"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2 and option in result.stderr

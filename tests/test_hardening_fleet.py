@@ -1,0 +1,128 @@
+"""Hostile, broken and slow agents cost bounded resources; results survive a short
+database outage. gunicorn on PostgreSQL, stand-in agents over real sockets."""
+from __future__ import annotations
+
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+from bloom.agents import AgentClient
+
+from .fake_agent import AGENT_KEY
+from .helpers import api, new_task, results_of, task_of, worker_of
+from .support import GunicornServer, free_port, wait_until
+
+
+class _OddHealthServer:
+    """A /health that answers after `delay` seconds, trickles its answer a byte a second,
+    or sends a huge body."""
+
+    def __init__(self, behaviour: str, delay: float = 0.0) -> None:
+        self.behaviour, self.delay = behaviour, delay
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.served = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+
+    def _answer(self, connection: socket.socket) -> None:
+        with connection:
+            try:
+                connection.recv(4096)
+                time.sleep(self.delay)
+                if self.behaviour == "trickle":
+                    for byte in b"HTTP/1.1 200 OK\r\n\r\n":
+                        connection.sendall(bytes([byte]))
+                        time.sleep(1.0)
+                elif self.behaviour == "huge":
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 536870912\r\n\r\n")
+                    chunk = b"x" * 65536
+                    for _ in range(8192):
+                        connection.sendall(chunk)
+                else:
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                self.served += 1
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_slow_health_is_an_answer_and_a_trickle_or_a_flood_costs_one_bounded_probe():
+    client = AgentClient("key")
+    slow = _OddHealthServer("plain", delay=2.5)
+    trickle = _OddHealthServer("trickle")
+    huge = _OddHealthServer("huge")
+    try:
+        assert client.probe(slow.url) is True  # 2.5 s: slow, not dead
+        for odd in (trickle, huge):
+            started = time.monotonic()
+            threads_before = threading.active_count()
+            alive = client.probe(odd.url)
+            took = time.monotonic() - started
+            if odd is huge:
+                assert alive is True and took < 1.0  # the status line was enough; the body was never read
+            else:
+                assert alive is False and took < 2 * 3.0 + 0.5  # every try ends at its deadline
+            assert threading.active_count() <= threads_before + 2  # nothing left running
+    finally:
+        for odd in (slow, trickle, huge):
+            odd.close()
+
+
+def test_a_worker_url_with_an_impossible_port_is_refused(client):
+    for url in ("http://127.0.0.1:99999", "http://127.0.0.1:0", "http://127.0.0.1:abc", "http://a b:80"):
+        response = client.post("/api/runtime/workers", json={"name": "w", "url": url})
+        assert response.status_code == 400 and "url" in response.get_json()["error"]["fieldErrors"], url
+    assert client.get("/api/runtime/workers").get_json() == []
+
+
+def test_an_agents_result_survives_a_short_database_outage(agents):
+    from bloom.embedded_postgres import import_pgserver
+
+    data_dir = Path(tempfile.mkdtemp(prefix="bloom-outage-pg-"))
+    pg = import_pgserver().get_server(data_dir / "pgdata", cleanup_mode="delete")
+    served = GunicornServer({"DATABASE_URL": pg.get_uri(driver="psycopg2"), "MEMBRIDGE_AGENT_KEY": AGENT_KEY,
+                             "WORKER_SYNC_INTERVAL_S": "600"}, workers=2, public=True)
+    try:
+        agent = agents("agent", run_seconds=2.0)
+        agent.register(served.base_url)
+        task = new_task(served)
+        wait_until(lambda: [c for c in agent.state.callbacks if c[0] == "heartbeat"], timeout=10,
+                   what="the run to start")
+        pg.stop()  # down as the run ends: the agent's completion gets 503, and agents never retry
+        lost = wait_until(lambda: [c for c in agent.state.callbacks if c[0] == "complete"], timeout=10,
+                          what="the agent's completion")[0]
+        assert lost[2] == 503
+        time.sleep(1.0)
+        pg.ensure_postgres_running()
+        done = wait_until(lambda: (t := task_of(served, task["id"]))["status"] == "completed" and t, timeout=30,
+                          interval=0.5, what="the held result to be stored")
+        assert done["attempts"] == 1 and agent.outputs() == [task["id"]]  # ran once
+        assert [a["content"] for a in results_of(served, task["id"])] == [f"agent ran {task['id']}"]
+    finally:
+        served.stop()
+        pg.cleanup()
+
+
+def test_a_refused_dispatch_to_a_dead_url_leaves_nothing_leased(fleet_server):
+    served = fleet_server(BLOOM_DISPATCH="off", WORKER_SYNC_INTERVAL_S="600")
+    dead = f"http://127.0.0.1:{free_port()}"
+    requests.post(api(served, "/workers"), json={"name": "dead", "url": dead}, timeout=10)
+    task = new_task(served)
+    response = requests.post(api(served, f"/llm-tasks/{task['id']}/dispatch"), timeout=15)
+    assert response.status_code == 502
+    assert (task_of(served, task["id"])["status"], task_of(served, task["id"])["attempts"]) == ("queued", 0)
+    assert worker_of(served, "dead")["active_leases"] == 0
