@@ -18,6 +18,7 @@ import re
 import select
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -33,8 +34,14 @@ PROBE_READ_BYTES = 4096
 _STATUS_LINE = re.compile(rb"^HTTP/\d(?:\.\d)? (\d{3})[ \r]")
 # A refusal comes at once; an agent still silent after this has taken the request.
 ACCEPT_WINDOW_S = 0.5
+# An answer that starts within the accept window (a refusal, or a very short run) must be
+# complete this soon: a trickle does not hold a delivery slot.
+QUICK_ANSWER_S = 3.0
+# What of an agent's (or any target's) error text is repeated: one short line.
+REASON_CHARS = 120
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
 # Beyond the timeout_sec + 10 s the agent promises, before we stop waiting for its answer.
-ANSWER_GRACE_S = 30.0
+ANSWER_GRACE_S = 5.0
 MAX_ANSWER_BYTES = 32 * 1024 * 1024
 
 
@@ -55,18 +62,26 @@ class AgentAnswer:
         return self.status is not None and 200 <= self.status < 300
 
     @property
+    def timed_out(self) -> bool:
+        """No answer by the time the agent promised one (its run's time + 10 s, and our grace)."""
+        return self.status is None and self.problem == "timed out"
+
+    @property
     def says_no_cli(self) -> bool:
         """The agent's 503 "Claude CLI is not installed on this node": it cannot run anything."""
         detail = self.body.get("detail") if isinstance(self.body, dict) else self.body
         return self.status == 503 and isinstance(detail, str) and "cli" in detail.lower()
 
     def describe(self) -> str:
+        """The status and a short reason, one line: never more of a target's body (a
+        registered url may point anywhere, and this text reaches API callers)."""
         if self.status is None:
             return f"agent gave no answer: {self.problem}"
         if isinstance(self.body, dict):
             for key in ("detail", "error", "error_message"):
                 if isinstance(self.body.get(key), str):
-                    return f"agent answered {self.status}: {self.body[key][:500]}"
+                    reason = " ".join(_UNPRINTABLE.sub(" ", self.body[key]).split())[:REASON_CHARS]
+                    return f"agent answered {self.status}: {reason}"
         return f"agent answered {self.status}"
 
 
@@ -85,11 +100,19 @@ class PendingRun:
         readable, _, _ = select.select([sock], [], [], seconds)
         return bool(readable)
 
-    def answer(self) -> AgentAnswer:
-        """Wait for the end of the run (bounded), then close the connection."""
+    def answer(self, within_s: float | None = None) -> AgentAnswer:
+        """Wait for the end of the run, then close the connection. The wait is bounded in
+        all (`within_s`, else the run's promised time): an agent that trickles its answer
+        a byte at a time is cut off at the deadline like a silent one."""
+        deadline_s = within_s if within_s is not None else self._answer_timeout_s
+        sock = self._connection.sock
+        cutoff = threading.Timer(deadline_s, _cut, args=(sock,))
+        cutoff.daemon = True
+        cutoff.start()
+        started = time.monotonic()
         try:
-            if self._connection.sock is not None:
-                self._connection.sock.settimeout(self._answer_timeout_s)
+            if sock is not None:
+                sock.settimeout(deadline_s)
             response = self._connection.getresponse()
             raw = response.read(MAX_ANSWER_BYTES + 1)
             if len(raw) > MAX_ANSWER_BYTES:
@@ -100,8 +123,11 @@ class PendingRun:
                 body = raw[:500].decode("utf-8", errors="replace")
             return AgentAnswer(response.status, body)
         except (OSError, http.client.HTTPException) as error:
+            if time.monotonic() - started >= deadline_s - 0.05:
+                return AgentAnswer(None, None, "timed out")
             return AgentAnswer(None, None, _describe(error))
         finally:
+            cutoff.cancel()
             self._connection.close()
 
 
@@ -141,6 +167,15 @@ class AgentClient:
             connection.close()
             raise AgentUnreachable(_describe(error)) from None
         return PendingRun(connection, answer_timeout_s)
+
+
+def _cut(sock: socket.socket | None) -> None:
+    """End a read that outlived its deadline (the reading thread then fails at once)."""
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def status_line_of(url: str, path: str, *, deadline_s: float) -> int | None:

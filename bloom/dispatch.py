@@ -32,7 +32,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from . import metrics
-from .agents import ACCEPT_WINDOW_S, ANSWER_GRACE_S, CONNECT_TIMEOUT_S, AgentAnswer, AgentClient, AgentUnreachable
+from .agents import (
+    ACCEPT_WINDOW_S, ANSWER_GRACE_S, CONNECT_TIMEOUT_S, QUICK_ANSWER_S, AgentAnswer, AgentClient, AgentUnreachable,
+)
 from .db import Database
 from .errors import ApiError, Conflict, NotFound, Unavailable, is_transient
 from .liveness import take_workers_out
@@ -262,7 +264,7 @@ class Dispatcher:
         except AgentUnreachable as error:
             return self._refused(delivery, AgentAnswer(None, None, str(error)))
         if run.answered_within(ACCEPT_WINDOW_S):
-            answer = run.answer()
+            answer = run.answer(within_s=QUICK_ANSWER_S)
             if not answer.ok:
                 return self._refused(delivery, answer)
         else:
@@ -304,6 +306,13 @@ class Dispatcher:
     def _follow_up(self, delivery: _Delivery, answer: AgentAnswer) -> None:
         """After the run: complete from the answer if the agent's own completion never came."""
         task_id, worker = delivery.task["id"], delivery.worker
+        if answer.timed_out:
+            # It took the task and kept silent past the time it promised, whatever its
+            # /health says: it gets nothing more until it registers again, and the task
+            # goes elsewhere now (not after its lease, and not back to the same black hole).
+            take_workers_out(self._db, [worker["id"]], until_registered=True,
+                             reason="took a task and gave no answer within its timeout_sec + 10 s")
+            return
         if answer.status is None:
             # The connection broke mid-run: the agent may have died. Ask it now.
             if not self._agents.probe(worker["url"]):

@@ -8,8 +8,11 @@ sends its tasks back to the queue, without waiting for their leases to expire.
 from __future__ import annotations
 
 import logging
+import threading
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from .agents import PROBE_DEADLINE_S, PROBE_TRIES, AgentClient
 from .db import Database
@@ -19,6 +22,7 @@ log = logging.getLogger(__name__)
 
 LIVENESS_ACTOR = "liveness"
 MAX_PARALLEL_PROBES = 128
+PROBES_PER_HOST = 4
 
 
 @dataclass(frozen=True)
@@ -30,18 +34,20 @@ class ProbeOutcome:
 
 
 def take_workers_out(
-    database: Database, worker_ids: list[str], *, reason: str, alive: bool = False, claude_cli_missing: bool = False
+    database: Database, worker_ids: list[str], *, reason: str, alive: bool = False, claude_cli_missing: bool = False,
+    until_registered: bool = False,
 ) -> dict[str, int]:
     """Out of the rotation now (offline, or not leasable when its Claude CLI is missing);
     their tasks back to the queue: all of them for a worker found dead, only those that
-    never started for one that is `alive` (it answered). One statement: see
+    never started for one that is `alive` (it answered). `until_registered`: out (status
+    'error') until the agent registers again, whatever its probes say. One statement: see
     take_workers_out in queries.sql."""
     if not worker_ids:
         return {"workers": 0, "requeued": 0, "dead": 0}
     with database.autocommit() as tx:
         row = tx.one(
             "take_workers_out", worker_ids=worker_ids, reason=reason, requeue_started=not alive,
-            claude_cli_missing=claude_cli_missing,
+            claude_cli_missing=claude_cli_missing, out_status="error" if until_registered else "offline",
             now=now_ms(), actor=LIVENESS_ACTOR,
         )
     counts = {key: int(row[key]) for key in ("workers", "requeued", "dead")}
@@ -66,21 +72,37 @@ def probe_push_workers(database: Database, agents: AgentClient, *, budget_s: flo
     either way. No database connection is held while the probes run.
     """
     with database.autocommit() as tx:
-        targets = {row["id"]: row["url"] for row in tx.all("push_workers")}
-    if not targets:
+        rows = tx.all("push_workers")
+    if not rows:
         return ProbeOutcome(0, 0, 0, 0)
-    pool = ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_PROBES, len(targets)), thread_name_prefix="bloom-probe")
+    # One probe per agent address however many names point at it, and a few at a time
+    # per host: registered urls must not turn the runtime into an amplifier.
+    names_by_address: dict[str, list[str]] = defaultdict(list)
+    url_of: dict[str, str] = {}
+    for row in rows:
+        names_by_address[row["address"]].append(row["id"])
+        url_of[row["address"]] = row["url"]
+    per_host: dict[str, threading.Semaphore] = defaultdict(lambda: threading.Semaphore(PROBES_PER_HOST))
+
+    def probe(url: str) -> bool:
+        with per_host[(urlsplit(url).hostname or "").lower()]:
+            return agents.probe(url)
+
+    for url in url_of.values():
+        per_host[(urlsplit(url).hostname or "").lower()]  # made before the threads share the dict
+    pool = ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_PROBES, len(url_of)), thread_name_prefix="bloom-probe")
     try:
-        futures = {pool.submit(agents.probe, url): worker_id for worker_id, url in targets.items()}
+        futures = {pool.submit(probe, url): address for address, url in url_of.items()}
         done, not_done = wait(futures, timeout=budget_s)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
-    alive = sorted(futures[future] for future in done if future.result())
-    dead = sorted(futures[future] for future in done if not future.result())
+    alive = sorted(name for future in done if future.result() for name in names_by_address[futures[future]])
+    dead = sorted(name for future in done if not future.result() for name in names_by_address[futures[future]])
     if alive:
         with database.autocommit() as tx:
             tx.all("mark_workers_alive", worker_ids=alive, now=now_ms())
     counts = take_workers_out(database, dead, reason="health probe failed")
     if not_done:
-        log.warning("liveness: %d of %d probes unfinished within %.1fs", len(not_done), len(targets), budget_s)
-    return ProbeOutcome(len(alive), len(dead), len(not_done), counts["requeued"])
+        log.warning("liveness: %d of %d probes unfinished within %.1fs", len(not_done), len(url_of), budget_s)
+    unprobed = sum(len(names_by_address[futures[future]]) for future in not_done)
+    return ProbeOutcome(len(alive), len(dead), unprobed, counts["requeued"])

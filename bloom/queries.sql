@@ -636,6 +636,13 @@ WITH expired AS (
       FROM expired e
      WHERE t.id = e.task_id AND t.lease_id = e.id AND t.status IN ('leased', 'running')
     RETURNING t.id, t.status, e.id AS lease_id, e.worker_id
+), died AS (
+    -- A task that dies says why (GET /llm-tasks/<id> shows it as its result).
+    INSERT INTO llm_results (id, task_id, worker_id, artifact_id, status, output, error_message, metrics,
+                             completed_at)
+    SELECT gen_random_uuid()::text, r.id, r.worker_id, NULL, 'error', NULL,
+           'dead: its last attempt''s lease expired on worker ' || r.worker_id || ' with no result', '{}'::jsonb, :now
+      FROM recovered r WHERE r.status = 'dead'
 ), audit AS (
     INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
     SELECT gen_random_uuid()::text, :now, 'lease_expired', 'task', id, :actor,
@@ -842,7 +849,7 @@ WITH incoming AS (
 ), updated AS (
     UPDATE workers w
        SET url = COALESCE(i.url, w.url),
-           status = CASE WHEN COALESCE(w.evidence_at, 0) >= :evidence_since THEN w.status
+           status = CASE WHEN COALESCE(w.evidence_at, 0) >= :evidence_since OR w.status = 'error' THEN w.status
                          WHEN COALESCE(i.url, w.url) IS NOT NULL AND w.evidence_at IS NULL THEN 'unknown'
                          ELSE i.status END,
            capabilities = COALESCE(i.capabilities, w.capabilities),
@@ -887,14 +894,16 @@ RETURNING id;
 
 -- name: push_workers
 -- Workers the runtime pushes tasks to (they have a url), to probe.
-SELECT id, url FROM workers WHERE url IS NOT NULL ORDER BY id;
+SELECT id, url, address FROM workers WHERE url IS NOT NULL ORDER BY id;
 
 -- name: mark_workers_alive
 -- Push workers whose url answered a probe: online (still not leasable if they said
 -- they have no Claude CLI: capabilities.claude_cli stays false until they register again).
+-- A worker held out for taking tasks and never answering ('error') stays out: its
+-- /health answered all along.
 UPDATE workers
    SET status = 'online', evidence_at = :now, last_heartbeat = :now
- WHERE id = ANY(CAST(:worker_ids AS text[])) AND url IS NOT NULL
+ WHERE id = ANY(CAST(:worker_ids AS text[])) AND url IS NOT NULL AND status <> 'error'
 RETURNING id;
 
 -- name: take_workers_out
@@ -906,9 +915,11 @@ RETURNING id;
 -- answered, so it lives: it refused one task) only tasks that never started are
 -- requeued, and the runs it has started go on. With :claude_cli_missing (it answered
 -- that it cannot run anything) the worker stays online but is not leasable (claude_cli
--- false) until it registers again. Each row is
--- changed under its precondition (lease active, task still on that lease), so a racing
--- completion or heartbeat either wins or finds the task requeued.
+-- false) until it registers again. :out_status is 'offline' (found dead: an answer to a
+-- probe brings it back) or 'error' (it takes tasks and never answers while its /health
+-- says ok: out until it registers again). Each row is changed under its precondition
+-- (lease active, task still on that lease), so a racing completion or heartbeat either
+-- wins or finds the task requeued. A task that dies here gets a result saying why.
 WITH ended AS (
     UPDATE leases l
        SET status = CASE WHEN t.status = 'leased' THEN 'released' ELSE 'failed' END
@@ -925,11 +936,18 @@ WITH ended AS (
       FROM ended e
      WHERE t.id = e.task_id AND t.lease_id = e.id AND t.status IN ('leased', 'running')
     RETURNING t.id, t.status, e.id AS lease_id, e.worker_id
+), died AS (
+    INSERT INTO llm_results (id, task_id, worker_id, artifact_id, status, output, error_message, metrics,
+                             completed_at)
+    SELECT gen_random_uuid()::text, r.id, r.worker_id, NULL, 'error', NULL,
+           'dead: its last attempt was on worker ' || r.worker_id || ', taken out of rotation (' || :reason || ')',
+           '{}'::jsonb, :now
+      FROM requeued r WHERE r.status = 'dead'
 ), before AS (
     SELECT id, status FROM workers WHERE id = ANY(CAST(:worker_ids AS text[]))
 ), taken_out AS (
     UPDATE workers w
-       SET status = CASE WHEN :claude_cli_missing THEN w.status ELSE 'offline' END,
+       SET status = CASE WHEN :claude_cli_missing THEN w.status ELSE :out_status END,
            capabilities = CASE WHEN :claude_cli_missing
                                THEN jsonb_set(w.capabilities, '{claude_cli}', 'false'::jsonb)
                                ELSE w.capabilities END,
@@ -944,7 +962,7 @@ WITH ended AS (
                                              FROM requeued r WHERE r.worker_id = o.id))
       FROM taken_out o JOIN before b ON b.id = o.id
      -- Once per going out, not every round that finds it still out.
-     WHERE b.status <> 'offline' OR :claude_cli_missing OR EXISTS (SELECT 1 FROM requeued r WHERE r.worker_id = o.id)
+     WHERE b.status <> :out_status OR :claude_cli_missing OR EXISTS (SELECT 1 FROM requeued r WHERE r.worker_id = o.id)
 )
 SELECT (SELECT count(*) FROM taken_out) AS workers,
        (SELECT count(*) FROM requeued WHERE status = 'queued') AS requeued,

@@ -9,7 +9,9 @@
 - Modes: `no_cli` answers 503 "Claude CLI is not installed on this node" at once;
   `drop_callback` runs but never calls back; `die_mid_run` dies after its heartbeat
   (the process is gone: its port refuses connections, its open requests are cut);
-  `fail_next` answers the next delivery 500, then runs normally again.
+  `fail_next` answers the next delivery 500, then runs normally again; `black_hole`
+  takes the task (heartbeat) and never answers nor completes, while its /health says ok;
+  `trickle` answers a delivery one byte a second.
 - `GET /health` answers 200 while it lives.
 - `freeze()` is a SIGSTOP (a partition, an overloaded host): the agent still accepts
   connections but answers nothing and calls nobody; its runs stand still. `thaw()`
@@ -38,6 +40,7 @@ class AgentState:
     agent_key: str
     runtime_api_key: str | None
     mode: str = "normal"
+    fail_detail: str = "agent error"  # what `fail_next` says
     run_seconds: float = 0.05
     executed: list[str] = field(default_factory=list)
     deliveries: list[dict[str, Any]] = field(default_factory=list)
@@ -145,13 +148,25 @@ def _handler(agent: FakeAgent):
             if mode == "fail_next":
                 with state.lock:
                     state.mode = "normal"
-                return self._send(500, {"detail": "agent error"})
+                return self._send(500, {"detail": state.fail_detail})
+            if mode == "trickle":
+                for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}":
+                    if not agent.alive:
+                        return
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(1.0)
+                return
             self._run(task, mode)
 
         def _run(self, task: dict[str, Any], mode: str) -> None:
             runtime_url, task_id = task["runtime_url"], task["task_id"]
             started = time.monotonic()
             agent.callback(runtime_url, task_id, "heartbeat")
+            if mode == "black_hole":
+                while agent.alive:  # holds the request open for ever, says nothing
+                    time.sleep(0.2)
+                return
             if mode == "die_mid_run":
                 threading.Thread(target=agent.kill, daemon=True).start()
                 time.sleep(1.0)

@@ -126,3 +126,82 @@ def test_a_refused_dispatch_to_a_dead_url_leaves_nothing_leased(fleet_server):
     assert response.status_code == 502
     assert (task_of(served, task["id"])["status"], task_of(served, task["id"])["attempts"]) == ("queued", 0)
     assert worker_of(served, "dead")["active_leases"] == 0
+
+
+def test_an_agent_that_takes_tasks_and_never_answers_is_held_out_and_a_task_that_dies_says_why(
+    fleet_server, agents
+):
+    served = fleet_server(WORKER_SYNC_INTERVAL_S="0.5")
+    hole = agents("black-hole", mode="black_hole", max_concurrency=2)  # its /health says ok throughout
+    hole.register(served.base_url)
+    quick = {"policy": {"timeout_sec": 1, "budget": 0}}
+    last_chance = new_task(served, max_attempts=1, **quick)
+    retried = new_task(served, **quick)
+    wait_until(lambda: len(hole.state.deliveries) == 2, timeout=10, what="both tasks delivered to the black hole")
+    honest = agents("honest")
+    honest.register(served.base_url)
+    done = wait_until(lambda: (t := task_of(served, retried["id"]))["status"] == "completed" and t, timeout=30,
+                      interval=0.3, what="the task to run on the honest agent")
+    assert done["worker_id"] == "honest"
+    dead = task_of(served, last_chance["id"])
+    assert dead["status"] == "dead"
+    assert "taken out of rotation" in dead["result"]["error_message"]
+    assert "no answer" in dead["result"]["error_message"]
+    time.sleep(1.5)  # several probe rounds: its /health answers, yet it stays out
+    assert worker_of(served, "black-hole")["status"] == "error"
+    assert len(hole.state.deliveries) == 2  # never given the same task again
+    hole.register(served.base_url)  # its own registration brings it back
+    assert worker_of(served, "black-hole")["status"] == "online"
+
+
+def test_an_agent_that_trickles_its_answer_is_refused_within_seconds(fleet_server, agents):
+    served = fleet_server(BLOOM_DISPATCH="off", WORKER_SYNC_INTERVAL_S="600")
+    slow = agents("trickler", mode="trickle")
+    slow.register(served.base_url)
+    task = new_task(served)
+    started = time.monotonic()
+    response = requests.post(api(served, f"/llm-tasks/{task['id']}/dispatch"), timeout=30)
+    assert time.monotonic() - started < 6
+    assert response.status_code == 502 and response.json()["dispatched"] is False
+    after = task_of(served, task["id"])
+    assert (after["status"], after["attempts"], after["lease_id"]) == ("queued", 0, None)
+    assert worker_of(served, "trickler")["status"] == "offline"
+
+
+def test_an_agents_error_text_is_cut_to_one_short_line(fleet_server, agents):
+    served = fleet_server(BLOOM_DISPATCH="off", WORKER_SYNC_INTERVAL_S="600")
+    chatty = agents("chatty", mode="fail_next")
+    chatty.state.fail_detail = "internal page of the target\n<secret-looking line>\n" * 500
+    chatty.register(served.base_url)
+    task = new_task(served)
+    response = requests.post(api(served, f"/llm-tasks/{task['id']}/dispatch"), timeout=15)
+    error = response.json()["error"]
+    assert response.status_code == 502 and error.startswith("agent answered 500: internal page of the target")
+    assert len(error) <= len("agent answered 500: ") + 120 and "\n" not in error
+    audit = requests.get(api(served, "/audit?limit=1000"), timeout=10).json()
+    assert all(len(str(entry["detail"])) < 600 for entry in audit)
+
+
+def test_many_names_for_one_url_cost_one_probe_a_round(fleet_server, agents, database_url):
+    target = _OddHealthServer("plain")
+    try:
+        served = fleet_server(BLOOM_DISPATCH="off", WORKER_SYNC_INTERVAL_S="0.5")
+        for n in range(50):
+            requests.post(api(served, "/workers"), json={"name": f"name-{n}", "url": target.url}, timeout=10)
+        before = target.served
+        time.sleep(3.0)  # about six probe rounds
+        assert 1 <= target.served - before <= 8  # one probe a round, not fifty
+        audit = requests.get(api(served, "/audit?limit=1000"), timeout=10).json()
+        assert not [e for e in audit if e["action"] == "worker_out_of_rotation"]
+    finally:
+        target.close()
+
+
+def test_a_dead_worker_is_audited_out_of_rotation_once_not_every_round(fleet_server):
+    served = fleet_server(BLOOM_DISPATCH="off", WORKER_SYNC_INTERVAL_S="0.5")
+    requests.post(api(served, "/workers"), json={"name": "gone", "url": f"http://127.0.0.1:{free_port()}"},
+                  timeout=10)
+    wait_until(lambda: worker_of(served, "gone")["status"] == "offline", timeout=10, what="the probe")
+    time.sleep(2.5)  # several more rounds that find it still dead
+    audit = requests.get(api(served, "/audit?limit=1000"), timeout=10).json()
+    assert [e["action"] for e in audit].count("worker_out_of_rotation") == 1
