@@ -8,7 +8,7 @@ import click
 from flask import Flask
 from sqlalchemy.exc import DBAPIError
 
-from .agents import AgentClient
+from .agents import AgentClient, AgentNetworks
 from .artifacts import MinioArtifactStore
 from .config import Settings
 from .db import Database, apply_schema
@@ -80,7 +80,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["bloom.service"] = runtime
     queue_events = app.extensions["bloom.queue_events"] = QueueEvents(database.engine)
     app.extensions["bloom.waiting_room"] = WaitingRoom(settings.max_waiting_claims)
-    agents = app.extensions["bloom.agents"] = AgentClient(settings.agent_key)
+    agents = app.extensions["bloom.agents"] = AgentClient(settings.agent_key, AgentNetworks(settings.agent_networks))
     app.extensions["bloom.dispatcher"] = Dispatcher(
         runtime, database, agents, queue_events, public_url=settings.public_url
     )

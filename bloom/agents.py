@@ -13,6 +13,7 @@ never part of an error message.
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import re
 import select
@@ -131,9 +132,84 @@ class PendingRun:
             self._connection.close()
 
 
+class AddressNotAllowed(Exception):
+    """The url's host is, or resolves to, an address outside BLOOM_AGENT_NETWORKS."""
+
+
+class AgentNetworks:
+    """Where agent urls may point (BLOOM_AGENT_NETWORKS). The runtime sends the agent key
+    and prompts to an agent's url, and probes it: a url that leads anywhere else (the
+    internet, cloud metadata, another tenant) is neither registered nor ever called."""
+
+    def __init__(self, networks) -> None:
+        self._networks = tuple(networks)
+
+    def allows(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return False
+        return any(ip.version == network.version and ip in network for network in self._networks)
+
+    def literal_outside(self, url: str) -> bool:
+        """True when the url's host is an IP address outside the networks (a name is
+        checked when it is resolved, at each call: resolve_allowed)."""
+        host = urlsplit(url).hostname or ""
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return not self.allows(host)
+
+    def resolve_allowed(self, host: str, port: int, timeout_s: float) -> tuple:
+        """The first address of `host` to connect to; every address it resolves to must
+        be inside the networks (a name that also points outside is refused whole)."""
+        infos = _resolve(host, port, timeout_s)
+        if not infos:
+            raise AddressNotAllowed("host not found")
+        for info in infos:
+            if not self.allows(info[4][0]):
+                raise AddressNotAllowed("address not allowed (BLOOM_AGENT_NETWORKS)")
+        return infos[0]
+
+
+def _resolve(host: str, port: int, timeout_s: float) -> list:
+    """getaddrinfo, bounded: a slow resolver must not hold a probe past its deadline."""
+    try:
+        ipaddress.ip_address(host)
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except ValueError:
+        pass
+    result: list = []
+
+    def lookup() -> None:
+        try:
+            result.extend(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=lookup, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return list(result)
+
+
+def _connect(info: tuple, timeout_s: float) -> socket.socket:
+    family, kind, proto, _, address = info
+    sock = socket.socket(family, kind, proto)
+    sock.settimeout(timeout_s)
+    try:
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class AgentClient:
-    def __init__(self, agent_key: str) -> None:
+    def __init__(self, agent_key: str, networks: AgentNetworks) -> None:
         self._agent_key = agent_key
+        self.networks = networks
 
     def probe(self, url: str) -> bool:
         """Does the agent's /health answer 2xx, each try within PROBE_DEADLINE_S all told?
@@ -141,9 +217,8 @@ class AgentClient:
         its runs elsewhere. A slow answer (within the deadline) is an answer."""
         return any(self._probe_once(url) for _ in range(PROBE_TRIES))
 
-    @staticmethod
-    def _probe_once(url: str) -> bool:
-        status = status_line_of(url, "/health", deadline_s=PROBE_DEADLINE_S)
+    def _probe_once(self, url: str) -> bool:
+        status = status_line_of(url, "/health", deadline_s=PROBE_DEADLINE_S, networks=self.networks)
         return status is not None and 200 <= status < 300
 
     def send_task(self, url: str, body: dict[str, Any], *, answer_timeout_s: float) -> PendingRun:
@@ -155,10 +230,17 @@ class AgentClient:
             raise AgentUnreachable("worker url has an invalid port") from None
         if target.scheme not in ("http", "https") or not host:
             raise AgentUnreachable("worker url is not an http(s) URL")
-        connection_class = http.client.HTTPSConnection if target.scheme == "https" else http.client.HTTPConnection
-        connection = connection_class(host, port, timeout=CONNECT_TIMEOUT_S)
+        port = port or (443 if target.scheme == "https" else 80)
+        try:  # checked here, at each delivery: a name may point elsewhere since it was registered
+            checked = self.networks.resolve_allowed(host, port, CONNECT_TIMEOUT_S)
+        except AddressNotAllowed as refused:
+            raise AgentUnreachable(str(refused)) from None
+        if target.scheme == "https":  # by name, for the certificate
+            connection = http.client.HTTPSConnection(host, port, timeout=CONNECT_TIMEOUT_S)
+        else:  # to the very address that was checked
+            connection = http.client.HTTPConnection(checked[4][0], checked[4][1], timeout=CONNECT_TIMEOUT_S)
         payload = json.dumps(body).encode("utf-8")
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        headers = {"Content-Type": "application/json", "Accept": "application/json", "Host": target.netloc}
         if self._agent_key:
             headers[AGENT_HEADER] = self._agent_key
         try:
@@ -178,7 +260,7 @@ def _cut(sock: socket.socket | None) -> None:
             pass
 
 
-def status_line_of(url: str, path: str, *, deadline_s: float) -> int | None:
+def status_line_of(url: str, path: str, *, deadline_s: float, networks: AgentNetworks) -> int | None:
     """The HTTP status of `GET {url}{path}`, or None when there is none within `deadline_s`
     in all (connect, TLS, send and every read together) or the answer is not HTTP.
 
@@ -194,7 +276,8 @@ def status_line_of(url: str, path: str, *, deadline_s: float) -> int | None:
         return None
     request_path = f"{target.path.rstrip('/')}{path}"
     try:
-        with socket.create_connection((host, port), timeout=_left(deadline)) as raw:
+        checked = networks.resolve_allowed(host, port, _left(deadline))
+        with _connect(checked, _left(deadline)) as raw:
             sock = raw
             if target.scheme == "https":
                 sock = ssl.create_default_context().wrap_socket(raw, server_hostname=host)
@@ -208,7 +291,7 @@ def status_line_of(url: str, path: str, *, deadline_s: float) -> int | None:
                 if not chunk:
                     break
                 received += chunk
-    except (OSError, ValueError):
+    except (OSError, ValueError, AddressNotAllowed):
         return None
     match = _STATUS_LINE.match(received)
     return int(match.group(1)) if match else None

@@ -55,6 +55,21 @@ def _switch(env: Mapping[str, str], name: str) -> bool:
 
 
 LOOPBACK_PROXIES = ("127.0.0.1", "::1")
+# Loopback and the private ranges; not link-local (169.254.0.0/16 holds cloud metadata).
+DEFAULT_AGENT_NETWORKS = "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7"
+
+
+def _networks(env: Mapping[str, str], name: str, default: str) -> tuple:
+    raw = env.get(name, "").strip() or default
+    networks = []
+    for part in (part.strip() for part in raw.split(",")):
+        if not part:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ConfigError(f"{name}: {part!r} is not an address or CIDR") from None
+    return tuple(networks)
 
 
 def _trusted_proxies(env: Mapping[str, str]) -> dict[str, object]:
@@ -135,6 +150,11 @@ class Settings:
     agent_key: str
     dispatch_enabled: bool
     worker_liveness_s: float
+    # Who may do what (README "Security"): with an operator key, the runtime key is the
+    # workers' and agents' credential only (register, claim, heartbeats, completions).
+    operator_key: str | None
+    # Where agent urls may point: the runtime sends the agent key and prompts there.
+    agent_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -190,4 +210,6 @@ class Settings:
             agent_key=env.get("MEMBRIDGE_AGENT_KEY", ""),
             dispatch_enabled=_switch(env, "BLOOM_DISPATCH"),
             worker_liveness_s=_seconds(env, "BLOOM_WORKER_LIVENESS_S", 60.0),
+            operator_key=env.get("BLOOM_OPERATOR_KEY") or None,
+            agent_networks=_networks(env, "BLOOM_AGENT_NETWORKS", DEFAULT_AGENT_NETWORKS),
         )

@@ -35,6 +35,10 @@ class Unprocessable(ApiError):
     status = 422
 
 
+class Forbidden(ApiError):
+    status = 403
+
+
 class Unavailable(ApiError):
     status = 503
 

@@ -9,6 +9,7 @@ from typing import Any
 from flask import Flask, current_app, g, jsonify, redirect, request
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
+from limits import parse as parse_limit
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .config import Settings
@@ -90,6 +91,19 @@ def _exempt_from_shared_limit() -> bool:
     return not request.path.startswith(PROTECTED_PREFIXES)
 
 
+def within_failed_auth_limit() -> bool:
+    """Count one refused credential of this client on a path the limits exempt (/metrics),
+    against the configured limit: guesses are throttled like any other calls, while a
+    scraper with the right key is never counted. False once over the limit."""
+    limiter = current_app.extensions["bloom.limiter"]
+    limit = parse_limit(current_app.extensions["bloom.settings"].rate_limit)
+    try:
+        return limiter.limiter.hit(limit, "bloom-runtime", "failed-auth", get_remote_address())
+    except Exception as error:  # the store is away: refuse the guess rather than count nothing
+        log.warning("rate-limit store unavailable for a refused credential: %s", type(error).__name__)
+        return False
+
+
 def _limit_storage_uri(configured: str) -> str:
     """memory:// is this host's shared memory under gunicorn, else this process's memory
     (bloom/rate_limit_store.py, no timer threads); any other URI (redis://...) goes to
@@ -158,23 +172,54 @@ def install_request_guards(app: Flask, config: Settings) -> None:
         return response
 
 
+# What a worker or agent does with the runtime key when an operator key is set: register,
+# claim, heartbeat, complete (and an agent's fenced delivery callbacks). Everything else
+# (creating and reading tasks, config, removing workers, Membridge) is an operator's.
+WORKER_ENDPOINTS = frozenset({
+    "workers.register_worker", "workers.claim", "workers.heartbeat_worker",
+    "tasks.heartbeat", "tasks.complete_task", "tasks.delivery_heartbeat", "tasks.delivery_complete",
+})
+OPERATOR, WORKER = "operator", "worker"
+
+
+def caller_is_operator() -> bool:
+    """Whether this request carries the operator's credential (or no split is configured)."""
+    return g.get("caller_role", OPERATOR) == OPERATOR
+
+
 def install_api_key_check(app: Flask, config: Settings) -> None:
     """Call after init_limiter: a request with a wrong key still counts against its
-    client's limit, so a key cannot be guessed at line speed."""
+    client's limit, so a key cannot be guessed at line speed.
+
+    One key (RUNTIME_API_KEY) opens everything, as the Express service did. With
+    BLOOM_OPERATOR_KEY set as well, that key opens the operator's routes, and the runtime
+    key only the workers' (WORKER_ENDPOINTS): a worker's or agent's key cannot read other
+    callers' prompts, change the config, or point an existing worker somewhere else."""
+    worker_key = config.runtime_api_key
+    operator_key = config.operator_key
 
     @app.before_request
     def _api_key():
-        expected = config.runtime_api_key
-        if not expected:
+        if not worker_key and not operator_key:
             return None
         path = request.path
         if path in OPEN_PATHS or not path.startswith(PROTECTED_PREFIXES):
             return None
-        given = request.headers.get("X-Runtime-API-Key", "")
-        if not hmac.compare_digest(given.encode(), expected.encode()):
+        given = request.headers.get("X-Runtime-API-Key", "").encode()
+        if operator_key and hmac.compare_digest(given, operator_key.encode()):
+            g.caller_role = OPERATOR
+        elif worker_key and hmac.compare_digest(given, worker_key.encode()):
+            g.caller_role = WORKER if operator_key else OPERATOR
+        elif not worker_key and request.endpoint in WORKER_ENDPOINTS:
+            g.caller_role = WORKER  # only an operator key is set: the workers' routes are open
+        else:
             log.warning("unauthorized request from %s: %s %s (%s)", request.remote_addr, request.method,
                         printable(request.path), "no key" if not given else "wrong key")
             return jsonify(error_body("Unauthorized")), 401
+        if g.caller_role == WORKER and request.endpoint not in WORKER_ENDPOINTS:
+            log.warning("worker key refused on an operator route from %s: %s %s", request.remote_addr,
+                        request.method, printable(request.path))
+            return jsonify(error_body("Forbidden: this route needs the operator key")), 403
         return None
 
 

@@ -54,10 +54,14 @@ WITH upserted AS (
            os_info = COALESCE(EXCLUDED.os_info, workers.os_info),
            install_method = COALESCE(EXCLUDED.install_method, workers.install_method),
            evidence_at = EXCLUDED.evidence_at
+     -- Who may point an existing worker at another agent: an operator (:may_move), or
+     -- Membridge through the sync. Anyone else's re-registration keeps the url it has.
+     WHERE CAST(:may_move AS boolean) OR EXCLUDED.url IS NULL
+        OR rtrim(lower(EXCLUDED.url), '/') IS NOT DISTINCT FROM rtrim(lower(workers.url), '/')
     RETURNING workers.*, (xmax = 0) AS inserted
 ), unremembered AS (
     -- Its own registration brings back a worker an operator removed.
-    DELETE FROM removed_workers WHERE id = :worker_id
+    DELETE FROM removed_workers WHERE id IN (SELECT id FROM upserted)
 ), audit AS (
     INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
     SELECT :audit_id, :now,

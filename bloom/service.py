@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError
 from . import metrics
 from .artifacts import MinioArtifactStore
 from .db import Database
-from .errors import Conflict, NotFound, Unavailable, Unprocessable, ValidationFailed, is_data_error
+from .errors import Conflict, Forbidden, NotFound, Unavailable, Unprocessable, ValidationFailed, is_data_error
 from .schemas import TASK_STATUSES
 from .serialize import (
     DEFAULT_CAPABILITIES,
@@ -96,13 +96,14 @@ class RuntimeService:
             leases = tx.all("list_active_leases_of_worker", worker_id=worker_id)
         return {**worker_json(row), "leases": [lease_json(lease) for lease in leases]}
 
-    def register_worker(self, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-        """Create or re-register a worker; returns (worker, created)."""
+    def register_worker(self, body: dict[str, Any], *, may_move: bool = True) -> tuple[dict[str, Any], bool]:
+        """Create or re-register a worker; returns (worker, created). Without `may_move`
+        (not an operator), an existing worker's url cannot change."""
         capabilities = body.get("capabilities")
         ip_addrs = body.get("ip_addrs")
         os_info = body.get("os_info")
         with self.db.autocommit() as tx:
-            row = tx.one(
+            row = tx.one_or_none(
                 "register_worker",
                 worker_id=body["name"],
                 url=body.get("url"),
@@ -116,7 +117,10 @@ class RuntimeService:
                 now=now_ms(),
                 audit_id=new_id(),
                 actor=API_ACTOR,
+                may_move=may_move,
             )
+        if row is None:
+            raise Forbidden(f"Only an operator may change the url of worker '{body['name']}'")
         return worker_json(row), bool(row["inserted"])
 
     def remove_worker(self, worker_id: str) -> dict[str, Any]:

@@ -59,3 +59,20 @@ def test_the_worker_client_refuses_intervals_that_would_spin(option, value):
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=30,
     )
     assert result.returncode == 2 and option in result.stderr
+
+
+def test_wrong_metrics_tokens_are_throttled_and_the_right_one_never_is(database_url):
+    from bloom import create_app
+
+    from .conftest import make_settings
+
+    app = create_app(make_settings(database_url, BLOOM_METRICS_KEY="scrape-secret", BLOOM_RATE_LIMIT="5 per minute"))
+    try:
+        client = app.test_client()
+        guesses = [client.get("/metrics", headers={"Authorization": f"Bearer guess-{n}"}).status_code
+                   for n in range(8)]
+        assert guesses == [401] * 5 + [429] * 3
+        for _ in range(8):  # the scraper with the key is not counted, nor held back by the guesser
+            assert client.get("/metrics", headers={"Authorization": "Bearer scrape-secret"}).status_code == 200
+    finally:
+        app.extensions["bloom.database"].dispose()

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import requests
 
-from bloom.agents import AgentClient
+from bloom.agents import AgentClient, AgentNetworks
+from bloom.config import Settings
 
 from .fake_agent import AGENT_KEY
 from .helpers import api, new_task, results_of, task_of, worker_of
@@ -61,7 +62,7 @@ class _OddHealthServer:
 
 
 def test_a_slow_health_is_an_answer_and_a_trickle_or_a_flood_costs_one_bounded_probe():
-    client = AgentClient("key")
+    client = AgentClient("key", AgentNetworks(Settings.from_env({}).agent_networks))
     slow = _OddHealthServer("plain", delay=2.5)
     trickle = _OddHealthServer("trickle")
     huge = _OddHealthServer("huge")

@@ -7,6 +7,7 @@ from flask import Blueprint, Response, current_app, request
 
 from .. import metrics
 from ..errors import ApiError
+from ..http import within_failed_auth_limit
 from ..openapi import documented
 from . import service
 
@@ -17,12 +18,18 @@ class MetricsUnauthorized(ApiError):
     status = 401
 
 
+class TooManyAttempts(ApiError):
+    status = 429
+
+
 @bp.get("/metrics")
-@documented("Prometheus metrics (text format 0.0.4)", responses={200: "Text", 401: "Error"})
+@documented("Prometheus metrics (text format 0.0.4)", responses={200: "Text", 401: "Error", 429: "Error"})
 def scrape():
     key = current_app.extensions["bloom.settings"].metrics_key
     if key:
         given = request.headers.get("Authorization", "").removeprefix("Bearer ")
         if not hmac.compare_digest(given.encode(), key.encode()):
+            if not within_failed_auth_limit():
+                raise TooManyAttempts("Too many requests, please try again later")
             raise MetricsUnauthorized("Unauthorized")
     return Response(metrics.exposition(service().queue_state), content_type=metrics.CONTENT_TYPE)

@@ -8,7 +8,8 @@ import time
 from flask import Blueprint, Response, current_app, g, jsonify
 
 from .. import metrics
-from ..http import json_body
+from ..errors import ValidationFailed
+from ..http import caller_is_operator, json_body
 from ..schemas import ClaimSchema, PageQuery, RegisterWorkerSchema, WorkerHeartbeatSchema, load
 from ..openapi import documented
 from . import query, service
@@ -30,10 +31,12 @@ def get_worker(worker_id: str):
 
 
 @bp.post("")
-@documented("Register (201) or re-register (200) a worker", body=RegisterWorkerSchema, responses={200: "WorkerNode", 201: "WorkerNode"})
+@documented("Register (201) or re-register (200) a worker", body=RegisterWorkerSchema, responses={200: "WorkerNode", 201: "WorkerNode", 403: "Error"})
 def register_worker():
     body = load(RegisterWorkerSchema, json_body())
-    worker, created = service().register_worker(body)
+    if body["url"] is not None and current_app.extensions["bloom.agents"].networks.literal_outside(body["url"]):
+        raise ValidationFailed([], {"url": ["Must point inside BLOOM_AGENT_NETWORKS (where agents may live)."]})
+    worker, created = service().register_worker(body, may_move=caller_is_operator())
     return jsonify(worker), 201 if created else 200
 
 
