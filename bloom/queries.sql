@@ -745,6 +745,8 @@ WITH doomed AS (
      WHERE status IN ('completed', 'failed', 'dead', 'cancelled')
        AND updated_at < CASE WHEN status = 'completed' THEN CAST(:completed_before AS bigint)
                              ELSE CAST(:failed_before AS bigint) END
+       -- Its Idempotency-Key is honoured for the whole window (retention.IDEMPOTENCY_WINDOW_S).
+       AND (idempotency_key IS NULL OR created_at < :keyed_before)
      ORDER BY updated_at
      LIMIT :batch
        FOR UPDATE SKIP LOCKED

@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 
 BATCH = 500
 RUN_BUDGET_S = 20.0
+# A task created with an Idempotency-Key is kept at least this long, whatever its
+# retention: a retried request within the window answers with it instead of making a
+# second task.
+IDEMPOTENCY_WINDOW_S = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,7 @@ def prune(database: Database, store: MinioArtifactStore | None, policy: Retentio
     while (completed_before or failed_before) and time.monotonic() < deadline:
         with database.autocommit() as tx:
             row = tx.one("prune_finished_tasks", completed_before=completed_before, failed_before=failed_before,
-                         batch=batch)
+                         keyed_before=now - IDEMPOTENCY_WINDOW_S * 1000, batch=batch)
         tasks += int(row["tasks"])
         # After the rows are gone: a failure leaves an orphan object, never a row pointing nowhere.
         for url in row["object_urls"] or []:

@@ -7,7 +7,7 @@ from sqlalchemy import create_engine, text
 
 from bloom.retention import RetentionPolicy, prune
 
-from .helpers import DONE, create_task, lease, register_worker
+from .helpers import DONE, TASK, create_task, lease, register_worker
 from .test_artifacts import objects_of
 
 DAY_MS = 86_400_000
@@ -97,3 +97,27 @@ def test_the_retention_job_runs_under_gunicorn(database_url):
         assert requests.get(f"{api}/artifacts?task_id={task['id']}", timeout=10).json() == []
     finally:
         served.stop()
+
+
+def test_an_idempotency_key_outlives_a_short_retention_for_its_window(app, client, database_url):
+    register_worker(client, "w1")
+    keyed = client.post("/api/runtime/llm-tasks", json={**TASK, "prompt": "once"},
+                        headers={"Idempotency-Key": "order-42"}).get_json()
+    granted = lease(client, keyed["id"]).get_json()["lease"]
+    client.post(f"/api/runtime/llm-tasks/{keyed['id']}/complete", json={**DONE, "lease_id": granted["id"]})
+    plain = finished(client)
+    age(database_url, keyed["id"], days=2)
+    age(database_url, plain["id"], days=2)
+    prune(app.extensions["bloom.database"], None, RetentionPolicy(completed_s=86_400, failed_s=86_400, audit_s=0))
+    assert client.get(f"/api/runtime/llm-tasks/{plain['id']}").status_code == 404  # gone after its retention
+    # Created less than a day ago: the key's task stays, so a retry of the request finds it.
+    retried = client.post("/api/runtime/llm-tasks", json={**TASK, "prompt": "once"},
+                          headers={"Idempotency-Key": "order-42"})
+    assert retried.status_code == 200 and retried.get_json()["id"] == keyed["id"]
+    engine = create_engine(database_url)
+    with engine.begin() as connection:  # a day and more since it was created
+        connection.execute(text("UPDATE llm_tasks SET created_at = created_at - :day WHERE id = :id"),
+                           {"day": 2 * DAY_MS, "id": keyed["id"]})
+    engine.dispose()
+    prune(app.extensions["bloom.database"], None, RetentionPolicy(completed_s=86_400, failed_s=86_400, audit_s=0))
+    assert client.get(f"/api/runtime/llm-tasks/{keyed['id']}").status_code == 404
