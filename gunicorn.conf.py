@@ -46,6 +46,13 @@ def on_starting(server):
     The workers inherit its URL; the master stops the server when it exits. A setting
     the service cannot use stops the start here, with one clear line.
     """
+    # Before anything imports prometheus_client: its multiprocess mode, with a fresh
+    # directory for this instance's per-process files (bloom/metrics.py).
+    metrics_dir = os.path.join(_data_dir, f"metrics-{os.environ.get('BLOOM_RUNTIME_PORT', '3002')}")
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    os.makedirs(metrics_dir)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+
     from bloom.config import ConfigError, Settings
 
     try:
@@ -53,13 +60,6 @@ def on_starting(server):
     except ConfigError as problem:
         server.log.error("configuration error: %s", problem)
         raise SystemExit(2) from None
-
-    # Before anything imports prometheus_client: its multiprocess mode, with a fresh
-    # directory for this instance's per-process files (bloom/metrics.py).
-    metrics_dir = os.path.join(_data_dir, f"metrics-{os.environ.get('BLOOM_RUNTIME_PORT', '3002')}")
-    shutil.rmtree(metrics_dir, ignore_errors=True)
-    os.makedirs(metrics_dir)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
 
     from bloom.rate_limit_store import share_counters_across_workers
 
