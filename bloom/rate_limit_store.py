@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import multiprocessing
+import os
 import struct
 import threading
 import time
@@ -113,13 +114,53 @@ class SharedCountersBusy(Exception):
     """A stripe lock of the host table could not be taken in time (its holder died?)."""
 
 
+class _StripeLock:
+    """One of the table's process-shared locks, with its holder's pid beside it in shared
+    memory: a worker killed while holding it (SIGKILL, OOM) must not wedge its stripe, so
+    a waiter that times out and finds the holder gone releases the lock for it."""
+
+    def __init__(self, lock, holders: mmap.mmap, index: int) -> None:
+        self._lock, self._holders, self._offset = lock, holders, index * 8
+
+    def acquire(self, timeout: float) -> bool:
+        if not self._lock.acquire(timeout=timeout):
+            holder = struct.unpack_from("<q", self._holders, self._offset)[0]
+            if holder <= 0 or _alive(holder):
+                return False
+            try:
+                self._lock.release()  # for the dead holder
+            except ValueError:  # another waiter did it first
+                pass
+            if not self._lock.acquire(timeout=timeout):
+                return False
+        struct.pack_into("<q", self._holders, self._offset, os.getpid())
+        return True
+
+    def release(self) -> None:
+        struct.pack_into("<q", self._holders, self._offset, 0)
+        self._lock.release()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class HostCounters:
     """Fixed-window counters in anonymous shared memory, inherited by forked workers.
 
     A hash table of SLOTS slots (key digest, window end, count), in groups of GROUP
     slots: a key lives in the group its digest names, and a group is changed under one
-    of LOCKS process-shared locks. A full group gives up the slot whose window ends
-    first. 16,384 slots are 384 KiB, room for thousands of clients' windows at once.
+    of LOCKS process-shared locks. 16,384 slots are 384 KiB, room for thousands of
+    clients' windows at once. A live window is never given up for another key: when
+    every slot of a group holds one (a flood of distinct addresses), a new key is refused
+    (its count reads as over any limit) until a window ends: the limiter fails closed
+    for the newcomers, never open for the clients it already counts.
     """
 
     SLOT = struct.Struct("<Qdq")  # key digest (0 = empty), window end (epoch s), count
@@ -127,23 +168,26 @@ class HostCounters:
     GROUP = 16
     LOCKS = 64
     LOCK_TIMEOUT_S = 0.05
+    # The count of a key that found no room: over any configured limit.
+    NO_ROOM = 2**62
 
     def __init__(self) -> None:
         self._memory = mmap.mmap(-1, self.SLOTS * self.SLOT.size)  # MAP_SHARED: survives fork()
-        self._locks = [multiprocessing.Lock() for _ in range(self.LOCKS)]
+        holders = mmap.mmap(-1, self.LOCKS * 8)
+        self._locks = [_StripeLock(multiprocessing.Lock(), holders, index) for index in range(self.LOCKS)]
 
     def _group(self, key: str) -> tuple[int, int]:
         digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") or 1
         return digest, digest % (self.SLOTS // self.GROUP)
 
-    def _locked(self, group: int):
+    def _locked(self, group: int) -> _StripeLock:
         lock = self._locks[group % self.LOCKS]
         if not lock.acquire(timeout=self.LOCK_TIMEOUT_S):
             raise SharedCountersBusy("rate-limit table busy")
         return lock
 
     def _find(self, digest: int, group: int, now: float) -> tuple[int | None, int | None, int]:
-        """(offset of the key's slot, offset of a reusable slot, offset of the slot ending first)."""
+        """(offset of the key's slot, offset of a free or ended slot, offset of the slot ending first)."""
         own = reusable = None
         soonest, soonest_end = group * self.GROUP * self.SLOT.size, float("inf")
         for index in range(group * self.GROUP, (group + 1) * self.GROUP):
@@ -169,8 +213,10 @@ class HostCounters:
                     window_end, count = now + expiry, 0
                 self.SLOT.pack_into(self._memory, own, digest, window_end, count + amount)
                 return count + amount, window_end
-            target = reusable if reusable is not None else soonest
-            self.SLOT.pack_into(self._memory, target, digest, now + expiry, amount)
+            if reusable is None:  # every slot holds a live window: no room, refused
+                _, soonest_end, _ = self.SLOT.unpack_from(self._memory, soonest)
+                return self.NO_ROOM, soonest_end
+            self.SLOT.pack_into(self._memory, reusable, digest, now + expiry, amount)
             return amount, now + expiry
         finally:
             lock.release()

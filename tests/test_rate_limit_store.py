@@ -2,12 +2,14 @@
 and no timer threads, driven through the `limits` strategy Flask-Limiter uses."""
 from __future__ import annotations
 
+import os
 import threading
+import time
 
 from limits import parse
 from limits.strategies import FixedWindowRateLimiter
 
-from bloom.rate_limit_store import ProcessMemoryStorage
+from bloom.rate_limit_store import HostCounters, ProcessMemoryStorage
 
 
 class Clock:
@@ -78,3 +80,43 @@ def test_the_default_memory_uri_is_served_by_this_store(database_url):
     assert isinstance(app.extensions["bloom.limiter"].storage, ProcessMemoryStorage)
     with_redis = create_app(make_settings(database_url, RATELIMIT_STORAGE_URI="redis://127.0.0.1:1/0"))
     assert not isinstance(with_redis.extensions["bloom.limiter"].storage, ProcessMemoryStorage)
+
+
+def _colliding_keys(counters: HostCounters, count: int) -> list[str]:
+    """`count` keys that all land in one group of the table (as a flood eventually does)."""
+    wanted, keys, n = None, [], 0
+    while len(keys) < count:
+        key = f"203.0.113.{n}/flood"
+        group = counters._group(key)[1]
+        if wanted is None:
+            wanted = group
+        if group == wanted:
+            keys.append(key)
+        n += 1
+    return keys
+
+
+def test_a_flood_of_distinct_addresses_never_resets_a_counted_client():
+    counters = HostCounters()
+    victim, *flood = _colliding_keys(counters, HostCounters.GROUP + 20)
+    for _ in range(90):
+        counters.incr(victim, 60, 1, now=1000.0)
+    refused = [counters.incr(key, 60, 1, now=1001.0)[0] for key in flood]
+    assert refused[: HostCounters.GROUP - 1] == [1] * (HostCounters.GROUP - 1)  # room for some
+    assert set(refused[HostCounters.GROUP - 1:]) == {HostCounters.NO_ROOM}  # then closed for newcomers
+    assert counters.incr(victim, 60, 1, now=1002.0)[0] == 91  # the victim's window was kept
+    assert counters.incr(flood[-1], 60, 1, now=1061.0)[0] == 1  # room again once windows end
+
+
+def test_a_worker_killed_holding_a_stripe_lock_does_not_wedge_it():
+    counters = HostCounters()
+    key = "198.51.100.7/limit"
+    group = counters._group(key)[1]
+    child = os.fork()
+    if child == 0:  # takes the lock and dies holding it, as a SIGKILLed worker would
+        counters._locked(group)
+        os._exit(0)
+    os.waitpid(child, 0)
+    started = time.monotonic()
+    assert counters.incr(key, 60, 1, now=1000.0)[0] == 1
+    assert time.monotonic() - started < 1.0
