@@ -153,6 +153,8 @@ class Settings:
     # Who may do what (README "Security"): with an operator key, the runtime key is the
     # workers' and agents' credential only (register, claim, heartbeats, completions).
     operator_key: str | None
+    # Bodies over 1 MiB handled at once per process (bloom/http.py, LargeBodies).
+    large_bodies_at_once: int
     # Where agent urls may point: the runtime sends the agent key and prompts there.
     agent_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
@@ -211,5 +213,6 @@ class Settings:
             dispatch_enabled=_switch(env, "BLOOM_DISPATCH"),
             worker_liveness_s=_seconds(env, "BLOOM_WORKER_LIVENESS_S", 60.0),
             operator_key=env.get("BLOOM_OPERATOR_KEY") or None,
+            large_bodies_at_once=_count(env, "BLOOM_LARGE_BODIES_AT_ONCE", 2),
             agent_networks=_networks(env, "BLOOM_AGENT_NETWORKS", DEFAULT_AGENT_NETWORKS),
         )

@@ -1,9 +1,12 @@
 """Request-level concerns shared by every blueprint: JSON bodies, auth, rate limits, https."""
 from __future__ import annotations
 
+import ctypes
+import gc
 import hmac
 import json
 import logging
+import threading
 from typing import Any
 
 from flask import Flask, current_app, g, jsonify, redirect, request
@@ -13,7 +16,7 @@ from limits import parse as parse_limit
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .config import Settings
-from .errors import BadRequest, error_body
+from .errors import BadRequest, Unavailable, error_body
 from .rate_limit_store import memory_scheme
 from .schemas import unstorable_reason
 
@@ -39,6 +42,7 @@ MAX_JSON_DEPTH = 32
 def json_body() -> Any:
     """The request body as JSON; an empty body is {}; anything unparsable is a 400, a
     body over BLOOM_MAX_BODY_BYTES a 413 (chunked ones too), nesting past MAX_JSON_DEPTH a 400."""
+    _take_large_body_slot()
     raw = _body_bytes()
     if not raw.strip():
         return {}
@@ -51,6 +55,47 @@ def json_body() -> Any:
     if _nesting_exceeds(value, MAX_JSON_DEPTH):
         raise BadRequest(f"JSON body nested deeper than {MAX_JSON_DEPTH} levels")
     return value
+
+
+class LargeBodies:
+    """How many large bodies (over LARGE_BODY_BYTES, or of unknown length) this process
+    reads and handles at once. Parsed, validated and encoded again for SQL, a JSON body
+    costs several times its size in memory for the whole request: a dozen 14 MiB batches
+    at once would take most of a gigabyte per process. Past the limit a request waits a
+    little, then gets 503 with Retry-After; after each large request the process hands the
+    memory back (a full collection and malloc_trim), so its size does not stay at the peak."""
+
+    LARGE_BODY_BYTES = 1 << 20
+    WAIT_S = 10.0
+
+    def __init__(self, at_once: int) -> None:
+        self._slots = threading.BoundedSemaphore(at_once)
+
+    def take(self) -> bool:
+        return self._slots.acquire(timeout=self.WAIT_S)
+
+    def give_back(self) -> None:
+        self._slots.release()
+        gc.collect()
+        _malloc_trim()
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the collection alone
+        pass
+
+
+def _take_large_body_slot() -> None:
+    gate: LargeBodies | None = current_app.extensions.get("bloom.large_bodies")
+    length = request.content_length
+    if gate is None or (length is not None and length <= LargeBodies.LARGE_BODY_BYTES) or g.get("large_body"):
+        return
+    if not gate.take():
+        g.retry_after = "5"
+        raise Unavailable("Too many large requests at once; try again shortly")
+    g.large_body = gate
 
 
 def _body_bytes() -> bytes:
@@ -140,6 +185,14 @@ def init_limiter(app: Flask, config: Settings) -> Limiter:
 
 
 def install_request_guards(app: Flask, config: Settings) -> None:
+    app.extensions["bloom.large_bodies"] = LargeBodies(config.large_bodies_at_once)
+
+    @app.teardown_request
+    def _give_back_large_body_slot(_error):
+        gate = g.pop("large_body", None)
+        if gate is not None:
+            gate.give_back()
+
     @app.before_request
     def _https_redirect():
         if config.production and request.headers.get("X-Forwarded-Proto") == "http":

@@ -76,3 +76,26 @@ def test_wrong_metrics_tokens_are_throttled_and_the_right_one_never_is(database_
             assert client.get("/metrics", headers={"Authorization": "Bearer scrape-secret"}).status_code == 200
     finally:
         app.extensions["bloom.database"].dispose()
+
+
+def test_large_bodies_are_handled_a_few_at_a_time_and_the_rest_told_to_come_back(database_url):
+    from bloom import create_app
+
+    from .conftest import make_settings
+    from .helpers import TASK
+
+    app = create_app(make_settings(database_url, BLOOM_LARGE_BODIES_AT_ONCE="1"))
+    try:
+        client = app.test_client()
+        gate = app.extensions["bloom.large_bodies"]
+        gate.WAIT_S = 0.2
+        big = {"tasks": [{**TASK, "prompt": "x" * 600_000}, {**TASK, "prompt": "y" * 600_000}]}
+        assert gate.take()  # another request is handling a large body
+        busy = client.post("/api/runtime/llm-tasks/batch", json=big)
+        assert busy.status_code == 503 and busy.headers["Retry-After"] == "5"
+        assert client.post("/api/runtime/llm-tasks", json=TASK).status_code == 201  # small ones pass
+        gate.give_back()
+        assert client.post("/api/runtime/llm-tasks/batch", json=big).status_code == 201
+        assert client.post("/api/runtime/llm-tasks/batch", json=big).status_code == 201  # its slot came back
+    finally:
+        app.extensions["bloom.database"].dispose()
