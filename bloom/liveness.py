@@ -47,7 +47,7 @@ def take_workers_out(
     with database.autocommit() as tx:
         row = tx.one(
             "take_workers_out", worker_ids=worker_ids, reason=reason, requeue_started=not alive,
-            claude_cli_missing=claude_cli_missing, out_status="error" if until_registered else "offline",
+            claude_cli_missing=claude_cli_missing, out_status="error" if until_registered else "offline", audit_out=True,
             now=now_ms(), actor=LIVENESS_ACTOR,
         )
     counts = {key: int(row[key]) for key in ("workers", "requeued", "dead")}

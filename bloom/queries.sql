@@ -76,43 +76,20 @@ SELECT u.*,
   FROM upserted u;
 
 -- name: delete_worker
--- A removed worker's leases end now and their tasks go back to the queue (a task whose
--- run had not started gets its attempt back; a started one keeps it, and is 'dead' once
--- its attempts are spent, as in the sweep). Lock order as everywhere: leases, tasks,
--- worker. The id is remembered, so that the worker sync does not bring the worker back
--- while Membridge lists it; its own registration does (register_worker).
-WITH ended AS (
-    UPDATE leases l
-       SET status = CASE WHEN t.status = 'leased' THEN 'released' ELSE 'failed' END
-      FROM llm_tasks t
-     WHERE l.worker_id = :worker_id AND l.status = 'active' AND t.id = l.task_id
-    RETURNING l.id, l.task_id
-), requeued AS (
-    UPDATE llm_tasks t
-       SET status = CASE WHEN t.status = 'leased' OR t.attempts < t.max_attempts THEN 'queued' ELSE 'dead' END,
-           attempts = CASE WHEN t.status = 'leased' THEN GREATEST(t.attempts - 1, 0) ELSE t.attempts END,
-           lease_id = NULL, worker_id = NULL, updated_at = :now
-      FROM ended e
-     WHERE t.id = e.task_id AND t.lease_id = e.id AND t.status IN ('leased', 'running')
-    RETURNING t.id, t.status
-), removed AS (
+-- Run after take_workers_out in the same transaction (RuntimeService.remove_worker), which
+-- ended the worker's leases and queued its tasks again. The id is remembered, so that the
+-- worker sync does not bring the worker back while Membridge lists it; its own
+-- registration does (register_worker).
+WITH removed AS (
     DELETE FROM workers WHERE id = :worker_id RETURNING id
 ), remembered AS (
     INSERT INTO removed_workers (id, removed_at) SELECT id, :now FROM removed
     ON CONFLICT (id) DO UPDATE SET removed_at = EXCLUDED.removed_at
 ), audit AS (
     INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
-    SELECT :audit_id, :now, 'worker_removed', 'worker', id, :actor,
-           jsonb_build_object('requeued', (SELECT COALESCE(jsonb_agg(r.id), '[]'::jsonb)
-                                             FROM requeued r WHERE r.status = 'queued'),
-                              'dead', (SELECT COALESCE(jsonb_agg(r.id), '[]'::jsonb)
-                                         FROM requeued r WHERE r.status = 'dead'))
-      FROM removed
+    SELECT :audit_id, :now, 'worker_removed', 'worker', id, :actor, '{}'::jsonb FROM removed
 )
-SELECT id, (SELECT count(*) FROM requeued) AS requeued,
-       CASE WHEN EXISTS (SELECT 1 FROM requeued WHERE status = 'queued')
-            THEN pg_notify('bloom_task_queued', '') IS NULL END AS notified
-  FROM removed;
+SELECT id FROM removed;
 
 -- Tasks ---------------------------------------------------------------------
 
@@ -967,8 +944,10 @@ WITH ended AS (
                               'requeued', (SELECT COALESCE(jsonb_agg(r.id), '[]'::jsonb)
                                              FROM requeued r WHERE r.worker_id = o.id))
       FROM taken_out o JOIN before b ON b.id = o.id
-     -- Once per going out, not every round that finds it still out.
-     WHERE b.status <> :out_status OR :claude_cli_missing OR EXISTS (SELECT 1 FROM requeued r WHERE r.worker_id = o.id)
+     -- Once per going out, not every round that finds it still out; not at all when the
+     -- worker is being removed (its worker_removed entry says so).
+     WHERE CAST(:audit_out AS boolean)
+       AND (b.status <> :out_status OR :claude_cli_missing OR EXISTS (SELECT 1 FROM requeued r WHERE r.worker_id = o.id))
 )
 SELECT (SELECT count(*) FROM taken_out) AS workers,
        (SELECT count(*) FROM requeued WHERE status = 'queued') AS requeued,

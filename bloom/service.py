@@ -124,10 +124,13 @@ class RuntimeService:
         return worker_json(row), bool(row["inserted"])
 
     def remove_worker(self, worker_id: str) -> dict[str, Any]:
-        with self.db.autocommit() as tx:
-            row = tx.one_or_none(
-                "delete_worker", worker_id=worker_id, now=now_ms(), audit_id=new_id(), actor=API_ACTOR
-            )
+        """Remove a worker; its leases end now and their tasks go back to the queue (a run
+        that never started gets its attempt back), in the same transaction."""
+        now = now_ms()
+        with self.db.transaction() as tx:
+            tx.one("take_workers_out", worker_ids=[worker_id], reason="removed by an operator", requeue_started=True,
+                   claude_cli_missing=False, out_status="offline", audit_out=False, now=now, actor=API_ACTOR)
+            row = tx.one_or_none("delete_worker", worker_id=worker_id, now=now, audit_id=new_id(), actor=API_ACTOR)
         if row is None:
             raise NotFound("Worker not found")
         return {"removed": True, "id": row["id"]}
