@@ -16,16 +16,19 @@ from .dispatch import Dispatcher
 from .errors import register_error_handlers
 from .http import init_limiter, install_api_key_check, install_request_guards
 from .jsonio import OrjsonProvider
-from .liveness import probe_push_workers, probe_round_budget_s
 from .scheduler import Job, start_scheduler
 from .membridge import MembridgeClient, UpstreamHealth
 from .proxies import TrustedProxies
 from .queue_events import QueueEvents, WaitingRoom
 from .request_log import install_request_log
-from .retention import RetentionPolicy, prune
 from .runtime_config import RuntimeConfigStore
-from .service import RuntimeService
-from .worker_sync import run_worker_sync
+from .leases.service import LeaseService
+from .records.retention import RetentionPolicy, prune
+from .records.service import RecordService
+from .tasks.service import TaskService
+from .workers.liveness import probe_push_workers, probe_round_budget_s
+from .workers.service import WorkerService
+from .workers.sync import run_worker_sync
 from .api.converters import WorkerIdConverter
 
 log = logging.getLogger(__name__)
@@ -74,15 +77,19 @@ def create_app(settings: Settings | None = None) -> Flask:
         lock_timeout_ms=settings.db_lock_timeout_ms,
     )
     artifact_store = MinioArtifactStore(settings.minio) if settings.minio else None
-    runtime = RuntimeService(database, artifact_store)
+    leases = LeaseService(database, artifact_store)
+    records = RecordService(database, artifact_store)
     app.extensions["bloom.settings"] = settings
     app.extensions["bloom.database"] = database
-    app.extensions["bloom.service"] = runtime
+    app.extensions["bloom.tasks"] = TaskService(database)
+    app.extensions["bloom.leases"] = leases
+    app.extensions["bloom.workers"] = WorkerService(database)
+    app.extensions["bloom.records"] = records
     queue_events = app.extensions["bloom.queue_events"] = QueueEvents(database.engine)
     app.extensions["bloom.waiting_room"] = WaitingRoom(settings.max_waiting_claims)
     agents = app.extensions["bloom.agents"] = AgentClient(settings.agent_key, AgentNetworks(settings.agent_networks))
     app.extensions["bloom.dispatcher"] = Dispatcher(
-        runtime, database, agents, queue_events, public_url=settings.public_url
+        leases, records, database, agents, queue_events, public_url=settings.public_url
     )
     config_store = RuntimeConfigStore(
         database,
@@ -127,7 +134,8 @@ def start_background_jobs(app: Flask) -> None:
     settings: Settings = app.extensions["bloom.settings"]
     if not settings.run_scheduler or "bloom.scheduler" in app.extensions:
         return
-    runtime: RuntimeService = app.extensions["bloom.service"]
+    leases: LeaseService = app.extensions["bloom.leases"]
+    records: RecordService = app.extensions["bloom.records"]
     database: Database = app.extensions["bloom.database"]
     membridge_client: MembridgeClient = app.extensions["bloom.membridge"]
     agents: AgentClient = app.extensions["bloom.agents"]
@@ -136,12 +144,12 @@ def start_background_jobs(app: Flask) -> None:
     probe_budget_s = probe_round_budget_s(settings.worker_sync_interval_s)
     policy = RetentionPolicy(settings.retention_completed_s, settings.retention_failed_s, settings.retention_audit_s)
     jobs = [
-        Job("lease-sweep", settings.lease_sweep_interval_s, runtime.sweep_expired_leases),
+        Job("lease-sweep", settings.lease_sweep_interval_s, leases.sweep_expired_leases),
         Job("worker-sync", settings.worker_sync_interval_s,
             lambda: run_worker_sync(membridge_client, database, liveness_s=settings.worker_liveness_s)),
         Job("worker-probe", settings.worker_sync_interval_s,
             lambda: probe_push_workers(database, agents, budget_s=probe_budget_s)),
-        Job("retention", settings.prune_interval_s, lambda: prune(database, runtime.artifacts, policy)),
+        Job("retention", settings.prune_interval_s, lambda: prune(database, records.artifacts, policy)),
     ]
     app.extensions["bloom.scheduler"] = start_scheduler(database, jobs)
     app.extensions["bloom.runtime_config"].refresh_in_background()

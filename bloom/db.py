@@ -35,7 +35,7 @@ class Database:
 
     SQLAlchemy's engine owns the connections (pool, checkout check, recycling, the
     driver's settings); the named statements run on the pooled driver connection itself.
-    They are text written once in queries.sql with nothing to compile, and SQLAlchemy's
+    They are text written once in the .sql files with nothing to compile, and SQLAlchemy's
     Connection and Result around each call cost about as much CPU as the call itself
     (docs/PERFORMANCE.md). Driver errors are raised as SQLAlchemy's DBAPIError, as a
     Connection would raise them.

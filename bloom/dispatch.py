@@ -7,7 +7,7 @@ request thread and no database connection waits for a run. The route waits only
 until the agent has taken the request or refused it.
 
 - Refused (unreachable, 5xx, 503 without Claude CLI): the task goes back to the queue
-  without spending an attempt, and the worker leaves the rotation (liveness.py).
+  without spending an attempt, and the worker leaves the rotation (workers/liveness.py).
 - Taken: the agent heartbeats and completes through the API itself. If its answer
   reports an outcome and its completion never arrived, the task is completed from the
   answer, fenced by the lease (once: a second completion is refused by complete_task).
@@ -37,9 +37,11 @@ from .agents import (
 )
 from .db import Database
 from .errors import ApiError, Conflict, NotFound, Unavailable, is_transient
-from .liveness import take_workers_out
+from .workers.liveness import take_workers_out
 from .queue_events import QueueEvents
-from .service import RuntimeService, now_ms
+from .leases.service import LeaseService
+from .records.service import RecordService
+from .stamps import now_ms
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +98,16 @@ class _Delivery:
 class Dispatcher:
     def __init__(
         self,
-        service: RuntimeService,
+        leases: LeaseService,
+        records: RecordService,
         database: Database,
         agents: AgentClient,
         events: QueueEvents,
         *,
         public_url: str | None,
     ) -> None:
-        self._service = service
+        self._leases = leases
+        self._records = records
         self._db = database
         self._agents = agents
         self._events = events
@@ -127,7 +131,7 @@ class Dispatcher:
         if self._stopping.is_set() or not self._in_flight.acquire(blocking=False):
             raise Unavailable("Too many dispatches in flight; try again later")
         try:
-            granted = self._service.grant_lease(task_id, worker_id=worker_id, ttl_seconds=ttl_seconds, push_only=True)
+            granted = self._leases.grant_lease(task_id, worker_id=worker_id, ttl_seconds=ttl_seconds, push_only=True)
         except Conflict:
             self._in_flight.release()
             earlier = self._current_delivery(task_id)
@@ -195,7 +199,7 @@ class Dispatcher:
                 if self._stopping.is_set() or not self._in_flight.acquire(blocking=False):
                     break
                 try:
-                    granted = self._service.grant_lease(
+                    granted = self._leases.grant_lease(
                         task_id, worker_id=None, ttl_seconds=None, push_only=True, actor=DISPATCH_ACTOR
                     )
                 except (Conflict, NotFound):  # taken by a pull worker or another dispatcher meanwhile
@@ -295,7 +299,7 @@ class Dispatcher:
         worker_id = delivery.worker["id"]
         take_workers_out(self._db, [worker_id], reason=f"dispatch refused: {reason}",
                          alive=answer.status is not None, claude_cli_missing=answer.says_no_cli)
-        self._service.record_audit(
+        self._records.record_audit(
             "dispatch_failed", "task", delivery.task["id"],
             {"worker_id": worker_id, "lease_id": delivery.lease["id"], "error": reason}, actor=DISPATCH_ACTOR,
         )
@@ -348,7 +352,7 @@ class Dispatcher:
         wait = 0.5
         while True:
             try:
-                self._service.complete_task(task_id, completion, actor=DISPATCH_ACTOR)
+                self._leases.complete_task(task_id, completion, actor=DISPATCH_ACTOR)
                 return True
             except (Conflict, NotFound):
                 return False  # the agent's own completion came first (the usual case), or the task moved on

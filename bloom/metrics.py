@@ -67,7 +67,7 @@ class QueueCollector:
     """The queue's state, read from PostgreSQL at scrape time (one query)."""
 
     def __init__(self, read_queue_state) -> None:
-        self._read = read_queue_state  # () -> dict, see queue_state in queries.sql
+        self._read = read_queue_state  # () -> dict, see queue_state in records/queries.sql
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         state = self._read()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .db import Database
-from .service import new_id, now_ms
+from .stamps import new_id, now_ms
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Callable
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from .db import Database
-from .service import now_ms
+from .stamps import now_ms
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,23 @@
-"""Loads the named statements of `queries.sql` once: a reader sees the exact SQL that runs.
+"""Loads every named SQL statement once: a reader sees the exact SQL that runs.
 
-A query whose header reads `-- name: <name> (prepared)` is a hot path. Each of its
-statements is prepared once per pooled connection (PREPARE ... AS, with `:name`
-parameters numbered in order of first use), and every call sends EXECUTE with the
-arguments instead: PostgreSQL parses and plans the statement once per connection rather
-than on every call. Planning was most of PostgreSQL's CPU time on the lease path
-(docs/PERFORMANCE.md).
+Each area of the domain keeps its statements beside its service, in a `.sql` file of
+its own (`bloom/tasks/queries.sql`, `bloom/leases/queries.sql`, ...; the infrastructure's
+in `bloom/db.sql`, `bloom/scheduler.sql`, ...); names are unique across all of them.
+Conventions, everywhere:
+- Each statement sits under a `-- name: <name>` header; parameters are `:named`; times
+  are epoch milliseconds passed in by the caller.
+- Each state change is one statement whose precondition sits in its WHERE clause, so two
+  racing requests cannot both win.
+- A `-- fragment: <name>` section is a piece of SQL that several statements share (the
+  worker's "alive" update); a statement says `-- include: <name>` on a line of its own
+  where the fragment's text goes. One place to read it and to change it.
+- `(prepared)` marks a hot path. Each of its statements is prepared once per pooled
+  connection (PREPARE ... AS, with `:name` parameters numbered in order of first use),
+  and every call sends EXECUTE with the arguments instead: PostgreSQL parses and plans
+  the statement once per connection rather than on every call. Planning was most of
+  PostgreSQL's CPU time on the lease path (docs/PERFORMANCE.md). Its result is json or
+  named columns, never `*`: a prepared statement whose result columns changed (a column
+  added by an upgrade) would fail until its connection is replaced.
 """
 from __future__ import annotations
 
@@ -13,7 +25,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-_HEADER = re.compile(r"^--\s*name:\s*(\w+)(\s+\(prepared\))?\s*$", re.MULTILINE)
+_HEADER = re.compile(r"^--\s*(name|fragment):\s*(\w+)(\s+\(prepared\))?\s*$", re.MULTILINE)
+_INCLUDE = re.compile(r"^([ \t]*)--\s*include:\s*(\w+)\s*$", re.MULTILINE)
 _COMMENT_LINE = re.compile(r"^\s*--.*(?:\n|$)", re.MULTILINE)
 _STATEMENT_END = re.compile(r";\s*$", re.MULTILINE)
 # SQLAlchemy's own rule for a :named parameter (a `::type` cast is not one).
@@ -42,18 +55,35 @@ class NamedQuery:
     prepared: bool
 
 
-def parse_named_queries(source: str) -> dict[str, NamedQuery]:
-    """Split a file of `-- name: x` sections into {name: query}."""
+def parse_named_queries(*sources: str) -> dict[str, NamedQuery]:
+    """Split files of `-- name: x` (and `-- fragment: x`) sections into {name: query},
+    with every `-- include: x` line replaced by fragment x."""
     queries: dict[str, NamedQuery] = {}
-    parts = _HEADER.split(source)
-    for name, prepared, body in zip(parts[1::3], parts[2::3], parts[3::3]):
-        statement = body.strip()
-        if name in queries:
-            raise ValueError(f"query {name!r} is defined twice")
-        if not statement:
-            raise ValueError(f"query {name!r} is empty")
-        queries[name] = NamedQuery(name, statement, bool(prepared))
-    return queries
+    fragments: dict[str, str] = {}
+    for source in sources:
+        parts = _HEADER.split(source)
+        for kind, name, prepared, body in zip(parts[1::4], parts[2::4], parts[3::4], parts[4::4]):
+            text = body.strip()
+            if name in queries or name in fragments:
+                raise ValueError(f"query {name!r} is defined twice")
+            if not text:
+                raise ValueError(f"query {name!r} is empty")
+            if kind == "fragment":
+                fragments[name] = text
+            else:
+                queries[name] = NamedQuery(name, text, bool(prepared))
+    return {name: NamedQuery(name, _with_fragments(query.sql, fragments), query.prepared)
+            for name, query in queries.items()}
+
+
+def _with_fragments(sql: str, fragments: dict[str, str]) -> str:
+    def include(match: re.Match) -> str:
+        name = match.group(2)
+        if name not in fragments:
+            raise ValueError(f"fragment {name!r} is not defined")
+        return "\n".join(match.group(1) + line for line in fragments[name].splitlines())
+
+    return _INCLUDE.sub(include, sql)
 
 
 def prepared_form(query: NamedQuery) -> tuple[list[str], str]:
@@ -85,8 +115,8 @@ def driver_form(statement: str) -> str:
 
 
 def _load() -> tuple[dict[str, str], frozenset[str], str]:
-    source = (Path(__file__).with_name("queries.sql")).read_text(encoding="utf-8")
-    queries = parse_named_queries(source)
+    files = sorted(Path(__file__).parent.rglob("*.sql"))
+    queries = parse_named_queries(*(path.read_text(encoding="utf-8") for path in files))
     statements: dict[str, str] = {}
     prepares: list[str] = []
     for name, query in queries.items():

@@ -58,8 +58,8 @@ def client(app):
 
 
 @pytest.fixture
-def service(app):
-    return app.extensions["bloom.service"]
+def leases(app):
+    return app.extensions["bloom.leases"]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import create_engine, text
 
-from bloom.retention import RetentionPolicy, prune
+from bloom.records.retention import RetentionPolicy, prune
 
 from .helpers import DONE, TASK, create_task, lease, register_worker
 from .test_artifacts import objects_of
@@ -50,7 +50,7 @@ def test_finished_tasks_go_after_their_retention_with_everything_they_own(app, c
     age(database_url, still_queued["id"], 400)  # never finished: never pruned
     assert objects_of(s3, bucket, old_done["id"])
 
-    outcome = prune(app.extensions["bloom.database"], app.extensions["bloom.service"].artifacts,
+    outcome = prune(app.extensions["bloom.database"], app.extensions["bloom.records"].artifacts,
                     RetentionPolicy(completed_s=7 * 86400, failed_s=30 * 86400, audit_s=30 * 86400), batch=1)
 
     assert (outcome.tasks, outcome.objects) == (2, 2)

@@ -62,7 +62,8 @@ def statements(app):
 def test_hot_statements_are_prepared_once_per_connection(client, statements):
     with statements() as sent:
         create_task(client)
-    assert len(sent) == 2 and sent[0].startswith("DEALLOCATE ALL;\nPREPARE bloom_create_task_0")
+    assert len(sent) == 2 and sent[0].startswith("DEALLOCATE ALL;\nPREPARE ")  # every hot statement, at once
+    assert "\nPREPARE bloom_create_task_0 " in sent[0] and "\nPREPARE bloom_lease_task_0 " in sent[0]
     assert sent[1].startswith("EXECUTE bloom_create_task_0")
     with statements() as sent:
         create_task(client)

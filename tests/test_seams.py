@@ -15,7 +15,7 @@ from collections import Counter
 import pytest
 import requests
 
-from bloom.worker_sync import offline_silent_workers, sync_workers
+from bloom.workers.sync import offline_silent_workers, sync_workers
 
 from .fake_membridge import ADMIN_KEY
 from .helpers import api, audit_actions, create_task, lease, new_task, register_worker, results_of, task_of, worker_of

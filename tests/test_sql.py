@@ -1,4 +1,4 @@
-"""The loader of queries.sql: named sections, and the prepared form of hot queries."""
+"""The loader of the named SQL files: sections, shared fragments, and the prepared form of hot queries."""
 from __future__ import annotations
 
 import pytest
@@ -50,3 +50,33 @@ def test_the_driver_form_names_parameters_for_psycopg2_and_doubles_percent_signs
     )
     # As in SQLAlchemy's text(): a name followed by a :: cast is no parameter (write CAST).
     assert driver_form("SELECT :a::text") == "SELECT :a::text"
+
+
+def test_a_fragment_is_written_once_and_included_where_a_statement_says():
+    source_a = """
+-- fragment: touch
+-- Why it is shared.
+UPDATE workers SET seen = :now WHERE id IN (SELECT id FROM who)
+
+-- name: one
+WITH who AS (SELECT :id AS id), touched AS (
+    -- include: touch
+)
+SELECT 1;
+"""
+    source_b = """
+-- name: two
+WITH who AS (SELECT :other AS id), touched AS (
+    -- include: touch
+)
+SELECT 2;
+"""
+    queries = parse_named_queries(source_a, source_b)
+    assert set(queries) == {"one", "two"}  # a fragment is not a statement
+    for name in ("one", "two"):
+        assert "    UPDATE workers SET seen = :now WHERE id IN (SELECT id FROM who)" in queries[name].sql
+        assert "include:" not in queries[name].sql
+    with pytest.raises(ValueError, match="not defined"):
+        parse_named_queries("-- name: x\nWITH a AS (\n  -- include: nowhere\n) SELECT 1;")
+    with pytest.raises(ValueError, match="defined twice"):
+        parse_named_queries(source_a, source_a)

@@ -412,7 +412,7 @@ def test_requeue_only_from_failed_or_dead(client):
     assert client.post("/api/runtime/llm-tasks/no-such-task/requeue").status_code == 404
 
 
-def test_sweep_requeues_leased_and_running_tasks_whose_lease_expired(client, service):
+def test_sweep_requeues_leased_and_running_tasks_whose_lease_expired(client, leases):
     register_worker(client, "w1", max_concurrency=3)
     leased_task = create_task(client)
     running_task = create_task(client)
@@ -422,7 +422,7 @@ def test_sweep_requeues_leased_and_running_tasks_whose_lease_expired(client, ser
     heartbeat(client, running_task["id"])
     lease(client, live_task["id"], ttl_seconds=300)
     time.sleep(1.1)
-    assert service.sweep_expired_leases() == {"expired": 2, "requeued": 2, "dead": 0}
+    assert leases.sweep_expired_leases() == {"expired": 2, "requeued": 2, "dead": 0}
     for task in (leased_task, running_task):
         swept = client.get(f"/api/runtime/llm-tasks/{task['id']}").get_json()
         assert (swept["status"], swept["lease_id"], swept["worker_id"], swept["attempts"]) == ("queued", None, None, 1)
@@ -434,23 +434,23 @@ def test_sweep_requeues_leased_and_running_tasks_whose_lease_expired(client, ser
     assert lease(client, running_task["id"]).status_code == 201
 
 
-def test_sweep_kills_a_task_that_used_its_attempts(client, service):
+def test_sweep_kills_a_task_that_used_its_attempts(client, leases):
     register_worker(client, "w1")
     task = create_task(client, max_attempts=1)
     lease(client, task["id"], ttl_seconds=1)
     time.sleep(1.1)
-    assert service.sweep_expired_leases() == {"expired": 1, "requeued": 0, "dead": 1}
+    assert leases.sweep_expired_leases() == {"expired": 1, "requeued": 0, "dead": 1}
     dead = client.get(f"/api/runtime/llm-tasks/{task['id']}").get_json()
     assert dead["status"] == "dead"
     assert client.post(f"/api/runtime/llm-tasks/{task['id']}/requeue").status_code == 200
 
 
-def test_a_worker_that_lost_its_lease_cannot_complete_the_new_holders_task(client, service):
+def test_a_worker_that_lost_its_lease_cannot_complete_the_new_holders_task(client, leases):
     register_worker(client, "slow")
     task = create_task(client)
     old = lease(client, task["id"], worker_id="slow", ttl_seconds=1).get_json()["lease"]
     time.sleep(1.1)
-    service.sweep_expired_leases()
+    leases.sweep_expired_leases()
     register_worker(client, "fresh")
     new = lease(client, task["id"], worker_id="fresh").get_json()["lease"]
     late = complete(client, task["id"], lease_id=old["id"], worker_id="slow")
@@ -519,9 +519,9 @@ def test_stats_past_the_threshold_estimate_finished_counts_and_stay_exact_for_li
 ):
     from sqlalchemy import create_engine, text
 
-    import bloom.service
+    import bloom.records.service
 
-    monkeypatch.setattr(bloom.service, "STATS_EXACT_BELOW_ROWS", 1000)
+    monkeypatch.setattr(bloom.records.service, "STATS_EXACT_BELOW_ROWS", 1000)
     engine = create_engine(database_url)
     with engine.begin() as connection:
         connection.execute(text(

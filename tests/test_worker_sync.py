@@ -6,7 +6,7 @@ import time
 import pytest
 import requests
 
-from bloom.worker_sync import SyncFailed, run_worker_sync, sync_workers
+from bloom.workers.sync import SyncFailed, run_worker_sync, sync_workers
 
 from .fake_membridge import ADMIN_KEY
 from .support import GunicornServer, wait_until

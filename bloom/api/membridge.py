@@ -82,7 +82,7 @@ def select_leader(cid: str):
     response = _forward("POST", f"/projects/{encode_segment(cid)}/leadership/select", body)
     if 200 <= response[1] < 300:
         chosen = body.get("primary_node_id") if isinstance(body, dict) else None
-        current_app.extensions["bloom.service"].record_audit(
+        current_app.extensions["bloom.records"].record_audit(
             "leadership_promote", "project", cid, {"primary_node_id": chosen}
         )
     return response

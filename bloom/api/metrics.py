@@ -9,7 +9,7 @@ from .. import metrics
 from ..errors import ApiError
 from ..http import within_failed_auth_limit
 from ..openapi import documented
-from . import service
+from . import record_service
 
 bp = Blueprint("metrics", __name__)
 
@@ -32,4 +32,4 @@ def scrape():
             if not within_failed_auth_limit():
                 raise TooManyAttempts("Too many requests, please try again later")
             raise MetricsUnauthorized("Unauthorized")
-    return Response(metrics.exposition(service().queue_state), content_type=metrics.CONTENT_TYPE)
+    return Response(metrics.exposition(record_service().queue_state), content_type=metrics.CONTENT_TYPE)

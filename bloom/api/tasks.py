@@ -16,7 +16,7 @@ from ..schemas import (
     load,
 )
 from ..openapi import documented
-from . import query, service
+from . import lease_service, query, task_service
 
 bp = Blueprint("tasks", __name__, url_prefix="/api/runtime")
 
@@ -37,7 +37,7 @@ def create_task():
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX:
         raise ValidationFailed([f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters"], {})
-    task, created = service().create_task(body, idempotency_key=key)
+    task, created = task_service().create_task(body, idempotency_key=key)
     return jsonify(task), 201 if created else 200
 
 
@@ -49,7 +49,7 @@ def create_task():
 )
 def create_tasks():
     body = load(CreateTasksSchema, json_body())
-    tasks, created = service().create_tasks(body["tasks"])
+    tasks, created = task_service().create_tasks(body["tasks"])
     return jsonify({"tasks": tasks}), 201 if created else 200
 
 
@@ -57,13 +57,13 @@ def create_tasks():
 @documented("Tasks, newest first", query=TaskListQuery, responses={200: "LLMTask[]"})
 def list_tasks():
     params = query(TaskListQuery)
-    return jsonify(service().list_tasks(status=params["status"], limit=params["limit"], offset=params["offset"]))
+    return jsonify(task_service().list_tasks(status=params["status"], limit=params["limit"], offset=params["offset"]))
 
 
 @bp.get("/llm-tasks/<task_id>")
 @documented("One task, with its latest result", responses={200: "TaskDetail", 404: "Error"})
 def get_task(task_id: str):
-    return jsonify(service().get_task(task_id))
+    return jsonify(task_service().get_task(task_id))
 
 
 @bp.post("/llm-tasks/<task_id>/lease")
@@ -74,7 +74,7 @@ def get_task(task_id: str):
 )
 def lease_task(task_id: str):
     body = load(LeaseTaskSchema, json_body())
-    granted = service().lease_task(task_id, worker_id=body["worker_id"], ttl_seconds=body["ttl_seconds"])
+    granted = lease_service().lease_task(task_id, worker_id=body["worker_id"], ttl_seconds=body["ttl_seconds"])
     return jsonify(granted), 201
 
 
@@ -100,7 +100,7 @@ def dispatch_task(task_id: str):
 )
 def heartbeat(task_id: str):
     body = load(FencingSchema, json_body())
-    return jsonify(service().heartbeat(task_id, lease_id=body["lease_id"], worker_id=body["worker_id"]))
+    return jsonify(lease_service().heartbeat(task_id, lease_id=body["lease_id"], worker_id=body["worker_id"]))
 
 
 @bp.post("/llm-tasks/<task_id>/complete")
@@ -111,7 +111,7 @@ def heartbeat(task_id: str):
 )
 def complete_task(task_id: str):
     body = load(CompleteTaskSchema, json_body())
-    return jsonify(service().complete_task(task_id, body))
+    return jsonify(lease_service().complete_task(task_id, body))
 
 
 @bp.post("/llm-tasks/<task_id>/cancel")
@@ -120,19 +120,19 @@ def complete_task(task_id: str):
     responses={200: "LLMTask", 404: "Error", 409: "Error"},
 )
 def cancel_task(task_id: str):
-    return jsonify(service().cancel_task(task_id))
+    return jsonify(task_service().cancel_task(task_id))
 
 
 @bp.post("/llm-tasks/<task_id>/requeue")
 @documented("Queue a failed or dead task again", responses={200: "LLMTask", 404: "Error", 409: "Error"})
 def requeue_task(task_id: str):
-    return jsonify(service().requeue_task(task_id))
+    return jsonify(task_service().requeue_task(task_id))
 
 
 @bp.get("/runs")
 @documented("The 50 newest tasks", responses={200: "LLMTask[]"})
 def runs():
-    return jsonify(service().list_tasks(status=None, limit=RUNS_SHOWN, offset=0))
+    return jsonify(task_service().list_tasks(status=None, limit=RUNS_SHOWN, offset=0))
 
 
 # Callbacks of one delivery to a Membridge agent. The agent calls
@@ -150,7 +150,7 @@ def runs():
 def delivery_heartbeat(lease_id: str, task_id: str):
     body = load(FencingSchema, json_body())
     _check_same_lease(lease_id, body.get("lease_id"))
-    return jsonify(service().heartbeat(task_id, lease_id=lease_id, worker_id=body["worker_id"]))
+    return jsonify(lease_service().heartbeat(task_id, lease_id=lease_id, worker_id=body["worker_id"]))
 
 
 @bp.post("/deliveries/<lease_id>/api/runtime/llm-tasks/<task_id>/complete")
@@ -162,7 +162,7 @@ def delivery_heartbeat(lease_id: str, task_id: str):
 def delivery_complete(lease_id: str, task_id: str):
     body = load(CompleteTaskSchema, json_body())
     _check_same_lease(lease_id, body.get("lease_id"))
-    return jsonify(service().complete_task(task_id, {**body, "lease_id": lease_id}))
+    return jsonify(lease_service().complete_task(task_id, {**body, "lease_id": lease_id}))
 
 
 def _check_same_lease(in_path: str, in_body: str | None) -> None:

@@ -12,7 +12,7 @@ from ..errors import ValidationFailed
 from ..http import caller_is_operator, json_body
 from ..schemas import ClaimSchema, PageQuery, RegisterWorkerSchema, WorkerHeartbeatSchema, load
 from ..openapi import documented
-from . import query, service
+from . import lease_service, query, worker_service
 
 bp = Blueprint("workers", __name__, url_prefix="/api/runtime/workers")
 
@@ -21,13 +21,13 @@ bp = Blueprint("workers", __name__, url_prefix="/api/runtime/workers")
 @documented("Workers, each with its live active_leases", query=PageQuery, responses={200: "WorkerNode[]"})
 def list_workers():
     page = query(PageQuery)
-    return jsonify(service().list_workers(limit=page["limit"], offset=page["offset"]))
+    return jsonify(worker_service().list_workers(limit=page["limit"], offset=page["offset"]))
 
 
 @bp.get("/<worker_id:worker_id>")
 @documented("A worker and its active leases", responses={200: "WorkerDetail", 404: "Error"})
 def get_worker(worker_id: str):
-    return jsonify(service().get_worker(worker_id))
+    return jsonify(worker_service().get_worker(worker_id))
 
 
 @bp.post("")
@@ -36,14 +36,14 @@ def register_worker():
     body = load(RegisterWorkerSchema, json_body())
     if body["url"] is not None and current_app.extensions["bloom.agents"].networks.literal_outside(body["url"]):
         raise ValidationFailed([], {"url": ["Must point inside BLOOM_AGENT_NETWORKS (where agents may live)."]})
-    worker, created = service().register_worker(body, may_move=caller_is_operator())
+    worker, created = worker_service().register_worker(body, may_move=caller_is_operator())
     return jsonify(worker), 201 if created else 200
 
 
 @bp.delete("/<worker_id:worker_id>")
 @documented("Remove a worker", responses={200: "Removed", 404: "Error"})
 def remove_worker(worker_id: str):
-    return jsonify(service().remove_worker(worker_id))
+    return jsonify(worker_service().remove_worker(worker_id))
 
 
 @bp.post("/<worker_id:worker_id>/heartbeat")
@@ -54,7 +54,7 @@ def remove_worker(worker_id: str):
 )
 def heartbeat_worker(worker_id: str):
     body = load(WorkerHeartbeatSchema, json_body())
-    return jsonify(service().heartbeat_worker(worker_id, lease_ids=body["lease_ids"]))
+    return jsonify(lease_service().heartbeat_worker(worker_id, lease_ids=body["lease_ids"]))
 
 
 @bp.post("/<worker_id:worker_id>/claim")
@@ -76,7 +76,7 @@ def claim(worker_id: str):
     it; with max_tasks (1 to 32) it is {tasks, leases}, in queue order, from one statement."""
     body = load(ClaimSchema, json_body())
     claim_now = functools.partial(
-        service().claim_tasks, worker_id, ttl_seconds=body["ttl_seconds"], agent_slugs=body["agent_slugs"],
+        lease_service().claim_tasks, worker_id, ttl_seconds=body["ttl_seconds"], agent_slugs=body["agent_slugs"],
         max_tasks=body["max_tasks"] or 1,
     )
     if body["wait_seconds"] <= 0:

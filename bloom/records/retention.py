@@ -14,9 +14,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-from .artifacts import MinioArtifactStore
-from .db import Database
-from .service import now_ms
+from ..artifacts import MinioArtifactStore
+from ..db import Database
+from ..stamps import now_ms
 
 log = logging.getLogger(__name__)
 

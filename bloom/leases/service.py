@@ -1,47 +1,32 @@
-"""The runtime's operations on tasks, leases and workers. Knows nothing of Flask.
+"""Leases and claims: a task granted to one worker at a time, renewed while it runs,
+completed once, expired when its worker goes silent.
 
-Every operation is one unit of work, and every state change one statement whose
-precondition is in its WHERE clause (see queries.sql), so concurrent requests and
-several processes cannot leave a task, lease or worker half updated.
+Every grant, renewal and completion is one statement (or one statement list sent as one
+query) whose preconditions (status, lease, worker, capacity) are in its WHERE clause
+(bloom/leases/queries.sql): under any concurrency a task has at most one active lease and
+an agent never holds more than its capacity. Knows nothing of Flask.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import time
-import uuid
-from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
-from . import metrics
-from .artifacts import MinioArtifactStore
-from .db import Database
-from .errors import Conflict, Forbidden, NotFound, Unavailable, Unprocessable, ValidationFailed, is_data_error
-from .schemas import TASK_STATUSES
-from .serialize import (
-    DEFAULT_CAPABILITIES,
-    artifact_json,
-    audit_json,
-    capabilities_json,
-    lease_json,
-    result_json,
-    task_json,
-    worker_json,
-)
+from .. import metrics
+from ..artifacts import MinioArtifactStore
+from ..db import Database
+from ..errors import Conflict, NotFound, Unavailable, is_data_error
+from ..shapes import artifact_json, capabilities_json, lease_json, result_json, task_json, worker_json
+from ..stamps import API_ACTOR, iso, new_id, now_ms
+from ..tasks.service import task_status
 
 log = logging.getLogger(__name__)
 
-API_ACTOR = "api"
 SWEEP_ACTOR = "lease-sweeper"
 # A picked worker can fill up between the pick and its lock; picking again is cheap.
 LEASE_PICK_ATTEMPTS = 5
-# Past this many tasks, /stats estimates the finished counts instead of counting them.
-STATS_EXACT_BELOW_ROWS = 200_000
-# A cancel racing grants locks the task's newest lease and tries again (cancel_task).
-CANCEL_ATTEMPTS = 5
 # Tasks a claim may set aside (see set_task_aside) before it gives up for this call.
 POISONED_SKIPS_PER_CLAIM = 5
 
@@ -56,203 +41,14 @@ def _is_json(output: str | None) -> bool:
     return True
 
 
-def _fingerprint(body: dict[str, Any]) -> str:
-    """The validated request (defaults filled in), canonically encoded and hashed."""
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
 class _TrialGrant(Exception):
     """Rolls back a grant made only to see whether it would fail."""
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def _iso(epoch_ms: int) -> str:
-    return datetime.fromtimestamp(epoch_ms / 1000, tz=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def new_id() -> str:
-    return str(uuid.uuid4())
-
-
-class RuntimeService:
+class LeaseService:
     def __init__(self, database: Database, artifacts: MinioArtifactStore | None = None) -> None:
         self.db = database
         self.artifacts = artifacts
-
-    # Workers ---------------------------------------------------------------
-
-    def list_workers(self, *, limit: int, offset: int) -> list[dict[str, Any]]:
-        with self.db.autocommit() as tx:
-            return [worker_json(row) for row in tx.all("list_workers", limit=limit, offset=offset)]
-
-    def get_worker(self, worker_id: str) -> dict[str, Any]:
-        with self.db.autocommit() as tx:
-            row = tx.one_or_none("get_worker", worker_id=worker_id)
-            if row is None:
-                raise NotFound("Worker not found")
-            leases = tx.all("list_active_leases_of_worker", worker_id=worker_id)
-        return {**worker_json(row), "leases": [lease_json(lease) for lease in leases]}
-
-    def register_worker(self, body: dict[str, Any], *, may_move: bool = True) -> tuple[dict[str, Any], bool]:
-        """Create or re-register a worker; returns (worker, created). Without `may_move`
-        (not an operator), an existing worker's url cannot change."""
-        capabilities = body.get("capabilities")
-        ip_addrs = body.get("ip_addrs")
-        os_info = body.get("os_info")
-        with self.db.autocommit() as tx:
-            row = tx.one_or_none(
-                "register_worker",
-                worker_id=body["name"],
-                url=body.get("url"),
-                status=body["status"],
-                capabilities=json.dumps(capabilities) if capabilities is not None else None,
-                default_capabilities=json.dumps(DEFAULT_CAPABILITIES),
-                ip_addrs=json.dumps(ip_addrs) if ip_addrs is not None else None,
-                agent_version=body.get("agent_version"),
-                os_info=json.dumps(os_info) if os_info is not None else None,
-                install_method=body.get("install_method"),
-                now=now_ms(),
-                audit_id=new_id(),
-                actor=API_ACTOR,
-                may_move=may_move,
-            )
-        if row is None:
-            raise Forbidden(f"Only an operator may change the url of worker '{body['name']}'")
-        return worker_json(row), bool(row["inserted"])
-
-    def remove_worker(self, worker_id: str) -> dict[str, Any]:
-        """Remove a worker; its leases end now and their tasks go back to the queue (a run
-        that never started gets its attempt back), in the same transaction."""
-        now = now_ms()
-        with self.db.transaction() as tx:
-            tx.one("take_workers_out", worker_ids=[worker_id], reason="removed by an operator", requeue_started=True,
-                   claude_cli_missing=False, out_status="offline", audit_out=False, now=now, actor=API_ACTOR)
-            row = tx.one_or_none("delete_worker", worker_id=worker_id, now=now, audit_id=new_id(), actor=API_ACTOR)
-        if row is None:
-            raise NotFound("Worker not found")
-        return {"removed": True, "id": row["id"]}
-
-    # Tasks -----------------------------------------------------------------
-
-    def create_task(self, body: dict[str, Any], *, idempotency_key: str | None = None) -> tuple[dict[str, Any], bool]:
-        """Create a task; returns (task, created). A reused Idempotency-Key returns the
-        task created with it earlier, also when two such requests race; reused with
-        another request, it is refused (422), as payment APIs do."""
-        fingerprint = _fingerprint(body) if idempotency_key is not None else None
-        with self.db.autocommit() as tx:
-            row = tx.one_or_none(
-                "create_task",
-                task_id=new_id(),
-                context_id=body["context_id"],
-                agent_slug=body["agent_slug"],
-                prompt=body["prompt"],
-                context_hints=json.dumps(body["context_hints"]),
-                policy=json.dumps(body["policy"]),
-                desired_format=body["desired_format"],
-                max_attempts=body["max_attempts"],
-                priority=body["priority"],
-                run_at=body["run_at"],
-                idempotency_key=idempotency_key,
-                idempotency_fingerprint=fingerprint,
-                now=now_ms(),
-                audit_id=new_id(),
-                actor=API_ACTOR,
-            )
-            if row is not None:
-                return task_json(row["task"]), True
-            earlier = tx.one("get_task_by_idempotency_key", idempotency_key=idempotency_key)
-        if earlier["idempotency_fingerprint"] not in (None, fingerprint):
-            raise Unprocessable("Idempotency-Key reused with a different request")
-        return task_json(earlier), False
-
-    def create_tasks(self, items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:
-        """Create up to 1,000 tasks in one statement, all or nothing; returns (tasks in the
-        order given, whether any was created). An item whose idempotency key was used
-        before is answered by the earlier task; one used with another request fails all."""
-        keys = [item["idempotency_key"] for item in items if item["idempotency_key"] is not None]
-        if len(keys) != len(set(keys)):
-            raise ValidationFailed(["idempotency_key appears twice in the batch"], {})
-        rows = [
-            {
-                "position": position, "id": new_id(), "context_id": item["context_id"],
-                "agent_slug": item["agent_slug"], "prompt": item["prompt"], "context_hints": item["context_hints"],
-                "policy": item["policy"], "desired_format": item["desired_format"],
-                "max_attempts": item["max_attempts"], "priority": item["priority"], "run_at": item["run_at"],
-                "idempotency_key": item["idempotency_key"],
-                "idempotency_fingerprint": (
-                    _fingerprint({k: v for k, v in item.items() if k != "idempotency_key"})
-                    if item["idempotency_key"] is not None else None
-                ),
-            }
-            for position, item in enumerate(items)
-        ]
-        # With keys, one transaction: a key that a racing request took meanwhile is read back
-        # in a new snapshot, and if that request was another one, nothing of this batch
-        # stays. Without keys nothing can race: one statement in autocommit, one round trip.
-        with self.db.transaction() if keys else self.db.autocommit() as tx:
-            outcome = tx.one("create_tasks", tasks=json.dumps(rows), now=now_ms(), actor=API_ACTOR)
-            if outcome["mismatched"]:
-                raise Unprocessable("Idempotency-Key reused with a different request")
-            by_key = {row["idempotency_key"]: row for row in [*outcome["created"], *outcome["earlier"]]
-                      if row["idempotency_key"] is not None}
-            by_id = {row["id"]: row for row in outcome["created"]}
-            answered = []
-            for row in rows:
-                task = by_key.get(row["idempotency_key"]) if row["idempotency_key"] else by_id.get(row["id"])
-                if task is None:  # its key was taken by a request racing this one
-                    task = tx.one("get_task_by_idempotency_key", idempotency_key=row["idempotency_key"])
-                    if task["idempotency_fingerprint"] != row["idempotency_fingerprint"]:
-                        raise Unprocessable("Idempotency-Key reused with a different request")
-                answered.append(task_json(task))
-        return answered, bool(outcome["created"])
-
-    def list_tasks(self, *, status: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
-        with self.db.autocommit() as tx:
-            rows = tx.all("list_tasks", status=status, limit=limit, offset=offset)
-        return [task_json(row) for row in rows]
-
-    def get_task(self, task_id: str) -> dict[str, Any]:
-        """The task, with its latest result (or null): a failure's reason stays readable."""
-        with self.db.autocommit() as tx:
-            row = tx.one_or_none("get_task_with_result", task_id=task_id)
-        if row is None:
-            raise NotFound("Task not found")
-        return {**task_json(row), "result": row["result"]}
-
-    def requeue_task(self, task_id: str) -> dict[str, Any]:
-        with self.db.autocommit() as tx:
-            row = tx.one_or_none(
-                "requeue_task", task_id=task_id, now=now_ms(), audit_id=new_id(), actor=API_ACTOR
-            )
-            if row is None:
-                current = self._task_status(tx, task_id)
-                if current is None:
-                    raise NotFound("Task not found")
-                raise Conflict(f"Cannot requeue task with status '{current}'")
-        return task_json(row)
-
-    def cancel_task(self, task_id: str) -> dict[str, Any]:
-        """Cancel a queued, leased or running task; its lease ends. Cancelling a cancelled
-        task again answers it as it is."""
-        for _ in range(CANCEL_ATTEMPTS):
-            row = self.db.script("cancel_task", task_id=task_id, now=now_ms(), audit_id=new_id(), actor=API_ACTOR)
-            if not row["retry"]:
-                break
-        else:
-            raise Unavailable("The task kept changing hands; try the cancel again")
-        if row["task"] is not None:
-            return task_json(row["task"])
-        if row["status"] is None:
-            raise NotFound("Task not found")
-        if row["status"] == "cancelled":
-            with self.db.autocommit() as tx:
-                return task_json(tx.one("get_task", task_id=task_id))
-        raise Conflict(f"Cannot cancel task with status '{row['status']}'")
-
-    # Leases ----------------------------------------------------------------
 
     def lease_task(self, task_id: str, *, worker_id: str | None, ttl_seconds: int) -> dict[str, Any]:
         granted = self.grant_lease(task_id, worker_id=worker_id, ttl_seconds=ttl_seconds, push_only=False)
@@ -290,7 +86,7 @@ class RuntimeService:
             if task_status != "queued":
                 raise Conflict(f"Task status is '{task_status}', expected 'queued'")
             if outcome["not_before"] > now_ms():
-                raise Conflict(f"Task is not due until {_iso(outcome['not_before'])} "
+                raise Conflict(f"Task is not due until {iso(outcome['not_before'])} "
                                f"({outcome['not_before']} ms, its run_at or retry_at)")
             if worker_id is not None:
                 self._check_worker_fit(worker_id, outcome["worker"])
@@ -479,7 +275,7 @@ class RuntimeService:
             raise Conflict(f"Task status is '{row['task_status']}', {expected}")
         self._check_fencing(row, body.get("lease_id"), body.get("worker_id"))
         # A racing completion or the sweep got there first.
-        raise Conflict(f"Task status is '{self._task_status(tx, row['task_id'])}', {expected}")
+        raise Conflict(f"Task status is '{task_status(tx, row['task_id'])}', {expected}")
 
     def sweep_expired_leases(self) -> dict[str, int]:
         with self.db.autocommit() as tx:
@@ -490,59 +286,7 @@ class RuntimeService:
             log.info("lease sweep: %(expired)d expired, %(requeued)d requeued, %(dead)d dead", counts)
         return counts
 
-    @staticmethod
-    def _task_status(tx, task_id: str) -> str | None:
-        row = tx.one_or_none("get_task", task_id=task_id)
-        return row["status"] if row else None
-
-    # Listings --------------------------------------------------------------
-
     def list_leases(self, *, status: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
         with self.db.autocommit() as tx:
             rows = tx.all("list_leases", status=status, limit=limit, offset=offset)
         return [lease_json(row) for row in rows]
-
-    def get_artifact(self, artifact_id: str) -> dict[str, Any]:
-        """The artifact row plus its task's desired_format; NotFound if unknown."""
-        with self.db.autocommit() as tx:
-            row = tx.one_or_none("get_artifact", artifact_id=artifact_id)
-        if row is None:
-            raise NotFound("Artifact not found")
-        return row
-
-    def list_artifacts(self, *, task_id: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
-        with self.db.autocommit() as tx:
-            rows = tx.all("list_artifacts", task_id=task_id, limit=limit, offset=offset)
-        return [artifact_json(row) for row in rows]
-
-    def list_audit(self, *, limit: int, offset: int) -> list[dict[str, Any]]:
-        with self.db.autocommit() as tx:
-            rows = tx.all("list_audit", limit=limit, offset=offset)
-        return [audit_json(row) for row in rows]
-
-    def record_audit(
-        self, action: str, entity_type: str, entity_id: str, detail: dict[str, Any], *, actor: str = API_ACTOR
-    ) -> None:
-        with self.db.autocommit() as tx:
-            tx.execute(
-                "insert_audit", audit_id=new_id(), now=now_ms(), action=action, entity_type=entity_type,
-                entity_id=entity_id, actor=actor, detail=json.dumps(detail),
-            )
-
-    def queue_state(self) -> dict[str, Any]:
-        with self.db.autocommit() as tx:
-            return tx.one("queue_state", now=now_ms())
-
-    def stats(self) -> dict[str, Any]:
-        with self.db.autocommit() as tx:
-            row = tx.one("stats", estimate_above=STATS_EXACT_BELOW_ROWS)
-        by_status = {status: 0 for status in TASK_STATUSES}
-        by_status.update({status: int(count) for status, count in row["tasks_by_status"].items()})
-        stats = {
-            "tasks": {"total": sum(by_status.values()), "by_status": by_status},
-            "leases": {"total": int(row["leases_total"]), "active": int(row["leases_active"])},
-            "workers": {"total": int(row["workers_total"]), "online": int(row["workers_online"])},
-        }
-        if row["estimated"]:
-            stats["estimated"] = True  # finished counts and the lease total from PostgreSQL's statistics
-        return stats

@@ -12,10 +12,10 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
-from .db import Database
-from .membridge import SYNC_TIMEOUT_S, MembridgeClient, UpstreamUnreachable
-from .serialize import DEFAULT_CAPABILITIES
-from .service import now_ms
+from ..db import Database
+from ..membridge import SYNC_TIMEOUT_S, MembridgeClient, UpstreamUnreachable
+from ..shapes import DEFAULT_CAPABILITIES
+from ..stamps import now_ms
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Leases and claims: bloom/leases/service.py and the statements beside it."""

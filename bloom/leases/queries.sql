@@ -1,0 +1,414 @@
+-- Leases and claims: grant, renew, complete, expire (bloom/leases/service.py).
+-- Conventions: bloom/sql.py.
+
+-- name: lease_task (prepared)
+-- A whole lease in one round trip: three statements in one query, which PostgreSQL runs
+-- as one transaction (no BEGIN/COMMIT needed), each in its own snapshot. Statement 1
+-- picks the worker that would take the task (the one asked for, or the best eligible
+-- one: sticky context first, then most free capacity) and locks it. Statement 2 locks
+-- the worker's agent address (its url; a worker without one is its own address): one
+-- agent registered under several names (its own registration, a Membridge entry, a
+-- rename) is one capacity, the smallest max_concurrency any of its names declares, and
+-- every grant to any of those names waits here. Counts taken before the locks may be
+-- stale, so statement 3 counts the address's active leases again in a new snapshot and
+-- grants only below its capacity; the task moves only from 'queued' and only once due
+-- (run_at, retry_at), so of two racing grants for one task one wins. The transaction
+-- commits as soon as statement 3 is done: the locks never wait for a hop to the client.
+-- Statement 1 hands its pick on in a setting local to the transaction ('' when no worker
+-- was eligible). Statement 3 also says why nothing was granted, if nothing was: the
+-- task's status and due time and the worker's row as its snapshot saw them.
+-- A dispatch (:push_only) considers only workers with a url, and without :ttl_seconds
+-- its lease lasts the task's policy.timeout_sec + 60 s, so a slow live run is not swept.
+SELECT set_config('bloom.lease_picked_worker', COALESCE(picked.id, ''), true)
+  FROM (SELECT CAST(:task_id AS text) AS id) wanted
+  LEFT JOIN llm_tasks t ON t.id = wanted.id
+  LEFT JOIN LATERAL (
+        SELECT w.id
+          FROM workers w
+          CROSS JOIN LATERAL (
+                SELECT count(l.id) AS active_leases,
+                       COALESCE(bool_or(l.context_id = t.context_id), false) AS holds_context,
+                       min(COALESCE((sibling.capabilities ->> 'max_concurrency')::int, 1)) AS max_concurrency
+                  FROM workers sibling
+                  LEFT JOIN leases l ON l.worker_id = sibling.id AND l.status = 'active'
+                 WHERE sibling.address = w.address) load
+         WHERE t.status = 'queued'
+           AND COALESCE(t.run_at, 0) <= :now AND COALESCE(t.retry_at, 0) <= :now
+           AND (CASE WHEN CAST(:worker_id AS text) IS NULL
+                     THEN w.status = 'online'
+                          AND COALESCE((w.capabilities ->> 'claude_cli')::boolean, true)
+                          AND load.active_leases < load.max_concurrency
+                          AND (NOT :push_only OR w.url IS NOT NULL)
+                     ELSE w.id = :worker_id END)
+         ORDER BY load.holds_context DESC, load.max_concurrency - load.active_leases DESC, w.id
+         LIMIT 1
+           FOR UPDATE OF w
+  ) picked ON true;
+SELECT pg_advisory_xact_lock(hashtext('bloom-runtime:agent:' || address))
+  FROM workers WHERE id = NULLIF(current_setting('bloom.lease_picked_worker'), '');
+WITH picked AS (
+    SELECT NULLIF(current_setting('bloom.lease_picked_worker'), '') AS worker_id
+), worker AS (
+    -- The picked worker, or else the one asked for (read only to say why it took nothing).
+    SELECT w.* FROM workers w, picked
+     WHERE w.id = COALESCE(picked.worker_id, CAST(:worker_id AS text))
+), capacity AS (
+    -- The agent address's active leases and capacity; no row in worker: no capacity.
+    SELECT count(l.id) AS active_leases,
+           count(l.id) FILTER (WHERE sibling.id = worker.id) AS own_active_leases,
+           min(COALESCE((sibling.capabilities ->> 'max_concurrency')::int, 1)) AS max_concurrency
+      FROM worker
+      JOIN workers sibling ON sibling.address = worker.address
+      LEFT JOIN leases l ON l.worker_id = sibling.id AND l.status = 'active'
+), task AS (
+    UPDATE llm_tasks t
+       SET status = 'leased', lease_id = :lease_id, worker_id = worker.id,
+           attempts = t.attempts + 1, updated_at = :now
+      FROM worker, picked, capacity
+     WHERE t.id = :task_id AND t.status = 'queued'
+       AND COALESCE(t.run_at, 0) <= :now AND COALESCE(t.retry_at, 0) <= :now
+       AND worker.id = picked.worker_id
+       AND worker.status = 'online'
+       AND COALESCE((worker.capabilities ->> 'claude_cli')::boolean, true)
+       AND (NOT :push_only OR worker.url IS NOT NULL)
+       AND capacity.active_leases < capacity.max_concurrency
+    RETURNING t.*
+), lease AS (
+    INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status,
+                        last_heartbeat, context_id, dispatched)
+    SELECT :lease_id, id, worker_id, :now, :now + ttl.seconds * 1000, ttl.seconds, 'active',
+           :now, context_id, :push_only
+      FROM task
+     CROSS JOIN LATERAL (
+           SELECT COALESCE(:ttl_seconds, COALESCE((task.policy ->> 'timeout_sec')::int, 120) + 60) AS seconds
+     ) ttl
+    RETURNING *
+), audit AS (
+    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+    SELECT :audit_id, :now, CASE WHEN :push_only THEN 'task_dispatched' ELSE 'task_leased' END,
+           'task', task_id, :actor,
+           jsonb_build_object('lease_id', id, 'worker_id', worker_id, 'ttl_seconds', ttl_seconds)
+      FROM lease
+)
+SELECT (SELECT row_to_json(lease) FROM lease) AS lease,
+       (SELECT row_to_json(task) FROM task) AS task,
+       (SELECT status FROM llm_tasks WHERE id = :task_id) AS task_status,
+       (SELECT GREATEST(COALESCE(run_at, 0), COALESCE(retry_at, 0)) FROM llm_tasks WHERE id = :task_id)
+           AS not_before,
+       (SELECT worker_id FROM picked) IS NOT NULL AS worker_picked,
+       (SELECT row_to_json(worker) FROM worker) AS worker,
+       (SELECT own_active_leases FROM capacity) + (SELECT count(*) FROM lease) AS active_leases;
+
+-- name: claim_task (prepared)
+-- A whole claim of up to :max_tasks tasks in one round trip: two statements in one query,
+-- which PostgreSQL runs as one transaction, each in its own snapshot. Statement 1 locks
+-- the worker row, so that concurrent claims of one worker count its leases one after the
+-- other; statement 2 runs in a new snapshot with the row locked, so its capacity count is
+-- exact, and it takes no more tasks than the worker has room for. A claim by an online
+-- worker is a sign of life: it notes the worker's heartbeat. SKIP LOCKED: claimers never
+-- wait on each other's tasks, nor get the same one. The i-th task taken (in queue order)
+-- gets the i-th of :lease_ids and :audit_ids. The transaction commits as soon as
+-- statement 3 is done. Statement 3 also says why nothing was claimed, if nothing was.
+-- As in lease_task, statement 2 locks the worker's agent address, and the capacity is
+-- that of the address: every name of one agent shares it.
+SELECT id FROM workers WHERE id = :worker_id FOR UPDATE;
+SELECT pg_advisory_xact_lock(hashtext('bloom-runtime:agent:' || address)) FROM workers WHERE id = :worker_id;
+WITH worker AS (
+    SELECT w.* FROM workers w WHERE w.id = :worker_id
+), address AS (
+    SELECT count(l.id) AS active_leases,
+           count(l.id) FILTER (WHERE sibling.id = worker.id) AS own_active_leases,
+           min(COALESCE((sibling.capabilities ->> 'max_concurrency')::int, 1)) AS max_concurrency
+      FROM worker
+      JOIN workers sibling ON sibling.address = worker.address
+      LEFT JOIN leases l ON l.worker_id = sibling.id AND l.status = 'active'
+), fit AS (
+    UPDATE workers w
+       SET last_heartbeat = :now, evidence_at = :now
+      FROM worker, address
+     WHERE w.id = worker.id
+       AND worker.status = 'online'
+       AND COALESCE((worker.capabilities ->> 'claude_cli')::boolean, true)
+    RETURNING address.max_concurrency
+), capacity AS (
+    SELECT COALESCE((SELECT active_leases FROM address), 0) AS active_leases
+), room AS (
+    -- No row in fit (unknown worker, not online, no claude_cli) is no room: COALESCE,
+    -- because LEAST and GREATEST ignore NULL and would read it as "no limit".
+    SELECT GREATEST(0, LEAST(:max_tasks,
+                             COALESCE((SELECT max_concurrency FROM fit), 0) - (SELECT active_leases FROM capacity)))
+           AS tasks
+), next_tasks AS (
+    SELECT id, priority, created_at FROM llm_tasks
+     WHERE status = 'queued'
+       AND COALESCE(run_at, 0) <= :now AND COALESCE(retry_at, 0) <= :now
+       AND (CAST(:agent_slugs AS text[]) IS NULL OR agent_slug = ANY(CAST(:agent_slugs AS text[])))
+       AND (SELECT tasks FROM room) > 0
+     ORDER BY priority DESC, created_at, id
+     LIMIT (SELECT COALESCE(tasks, 0) FROM room)
+       FOR UPDATE SKIP LOCKED
+), numbered AS (
+    SELECT id, row_number() OVER (ORDER BY priority DESC, created_at, id) AS n FROM next_tasks
+), task AS (
+    UPDATE llm_tasks t
+       SET status = 'leased', lease_id = (CAST(:lease_ids AS text[]))[n.n], worker_id = :worker_id,
+           attempts = t.attempts + 1, updated_at = :now
+      FROM numbered n
+     WHERE t.id = n.id
+    RETURNING t.*, n.n AS position
+), lease AS (
+    INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status,
+                        last_heartbeat, context_id)
+    SELECT lease_id, id, :worker_id, :now, :now + :ttl_seconds * 1000, :ttl_seconds, 'active',
+           :now, context_id
+      FROM task
+    RETURNING *
+), audit AS (
+    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+    SELECT (CAST(:audit_ids AS text[]))[task.position], :now, 'task_leased', 'task', task.id, :actor,
+           jsonb_build_object('lease_id', lease.id, 'worker_id', lease.worker_id,
+                              'ttl_seconds', lease.ttl_seconds, 'claimed', true)
+      FROM lease JOIN task ON task.id = lease.task_id
+)
+SELECT (SELECT jsonb_agg(to_jsonb(task) - 'position' ORDER BY task.position) FROM task) AS tasks,
+       (SELECT jsonb_agg(to_jsonb(lease) ORDER BY task.position)
+          FROM lease JOIN task ON task.id = lease.task_id) AS leases,
+       (SELECT row_to_json(worker) FROM worker) AS worker,
+       (SELECT active_leases FROM capacity) AS address_active_leases,
+       (SELECT max_concurrency FROM address) AS address_capacity;
+
+-- name: claim_candidates
+-- The tasks a claim would take next, in its order: after a claim failed for a data
+-- reason, each is tried on its own to find the one that cannot be granted.
+SELECT id FROM llm_tasks
+ WHERE status = 'queued'
+   AND COALESCE(run_at, 0) <= :now AND COALESCE(retry_at, 0) <= :now
+   AND (CAST(:agent_slugs AS text[]) IS NULL OR agent_slug = ANY(CAST(:agent_slugs AS text[])))
+ ORDER BY priority DESC, created_at, id
+ LIMIT :limit;
+
+-- name: set_task_aside
+-- A queued task that cannot be granted for a data reason (a value PostgreSQL cannot
+-- index, written before lengths were checked or by another service) would stop every
+-- claim that reaches it: it goes to 'dead', with the reason in its result and the audit
+-- log, and the queue moves on.
+WITH dead AS (
+    UPDATE llm_tasks SET status = 'dead', lease_id = NULL, worker_id = NULL, updated_at = :now
+     WHERE id = :task_id AND status = 'queued'
+    RETURNING id
+), result AS (
+    INSERT INTO llm_results (id, task_id, worker_id, artifact_id, status, output, error_message,
+                             metrics, completed_at)
+    SELECT :result_id, id, NULL, NULL, 'error', NULL, :reason, '{}'::jsonb, :now FROM dead
+), audit AS (
+    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+    SELECT :audit_id, :now, 'task_set_aside', 'task', id, :actor, jsonb_build_object('reason', :reason)
+      FROM dead
+)
+SELECT count(*) AS set_aside FROM dead;
+
+-- fragment: worker_alive
+-- The worker's own sign of life (SPEC §7): its evidence and heartbeat times now, and an
+-- offline worker back online. Written at most every 5 s per worker, so that most calls
+-- leave the worker row alone; locked after lease and task, as everywhere. A statement
+-- that includes it names the worker in a CTE `alive_worker (worker_id)`.
+UPDATE workers w
+   SET evidence_at = :now, last_heartbeat = :now,
+       status = CASE WHEN w.status = 'offline' THEN 'online' ELSE w.status END
+  FROM alive_worker a
+ WHERE w.id = a.worker_id
+   AND (COALESCE(w.evidence_at, 0) < :now - 5000 OR w.status = 'offline')
+
+-- name: heartbeat_lease (prepared)
+-- Renews the task's current lease if it is active and not past expires_at, and marks
+-- the task running. The lease row is locked before the task row (as in complete and
+-- the sweep), and a lease released by a racing completion is not renewed.
+WITH current AS (
+    SELECT t.id AS task_id, t.status AS task_status, t.lease_id, t.worker_id,
+           l.status AS lease_status, l.expires_at
+      FROM llm_tasks t LEFT JOIN leases l ON l.id = t.lease_id
+     WHERE t.id = :task_id
+), renewed AS (
+    UPDATE leases l
+       SET expires_at = :now + l.ttl_seconds * 1000, last_heartbeat = :now
+      FROM current c
+     WHERE l.id = c.lease_id AND l.task_id = c.task_id
+       AND c.task_status IN ('leased', 'running')
+       AND l.status = 'active' AND l.expires_at >= :now
+       AND (CAST(:lease_id AS text) IS NULL OR l.id = :lease_id)
+       AND (CAST(:worker_id AS text) IS NULL OR l.worker_id = :worker_id)
+    RETURNING l.*
+), task AS (
+    UPDATE llm_tasks t
+       SET status = 'running', updated_at = :now
+      FROM renewed r
+     WHERE t.id = r.task_id AND t.lease_id = r.id AND t.status IN ('leased', 'running')
+    RETURNING t.id
+), alive_worker AS (
+    SELECT worker_id FROM renewed
+), alive AS (
+    -- include: worker_alive
+)
+SELECT c.*, (SELECT row_to_json(renewed) FROM renewed) AS lease
+  FROM current c;
+
+-- name: heartbeat_worker (prepared)
+-- One heartbeat for all of a worker's runs: renews every active lease of the worker that
+-- is not past expires_at, marks their leased tasks running, and says which of the leases
+-- the caller named (:lease_ids) it has lost, and why. Lock order as everywhere: leases,
+-- tasks, worker.
+WITH renewed AS (
+    -- Only leases whose task is still on them (not cancelled, not moved on).
+    UPDATE leases l
+       SET expires_at = :now + l.ttl_seconds * 1000, last_heartbeat = :now
+      FROM llm_tasks t
+     WHERE l.worker_id = :worker_id AND l.status = 'active' AND l.expires_at >= :now
+       AND t.id = l.task_id AND t.lease_id = l.id AND t.status IN ('leased', 'running')
+    RETURNING l.id, l.task_id, l.expires_at
+), running AS (
+    UPDATE llm_tasks t
+       SET status = 'running', updated_at = :now
+      FROM renewed r
+     WHERE t.id = r.task_id AND t.lease_id = r.id AND t.status = 'leased'
+), alive_worker AS (
+    SELECT CAST(:worker_id AS text) AS worker_id
+), alive AS (
+    -- include: worker_alive
+), lost AS (
+    SELECT named.id AS lease_id, l.task_id,
+           CASE WHEN l.id IS NULL OR l.worker_id <> :worker_id THEN 'unknown'
+                WHEN l.status = 'active' THEN 'expired'
+                ELSE l.status END AS lease_status,
+           t.status AS task_status
+      FROM unnest(CAST(:lease_ids AS text[])) AS named(id)
+      LEFT JOIN leases l ON l.id = named.id
+      LEFT JOIN llm_tasks t ON t.id = l.task_id
+     WHERE named.id NOT IN (SELECT id FROM renewed)
+)
+SELECT EXISTS (SELECT 1 FROM workers WHERE id = :worker_id) AS known,
+       (SELECT COALESCE(json_agg(json_build_object('lease_id', id, 'task_id', task_id, 'expires_at', expires_at)
+                                 ORDER BY id), '[]'::json) FROM renewed) AS renewed,
+       (SELECT COALESCE(json_agg(json_build_object('lease_id', lease_id, 'task_id', task_id,
+                                                   'lease_status', lease_status, 'task_status', task_status)
+                                 ORDER BY lease_id), '[]'::json) FROM lost) AS lost;
+
+-- name: lock_current_lease
+-- Before an upload to the object store: holds the task's active lease (locked in the
+-- same order as heartbeat and sweep) so no second completion uploads meanwhile.
+SELECT t.status AS task_status, t.desired_format,
+       (SELECT l.id FROM leases l WHERE l.id = t.lease_id AND l.status = 'active' FOR UPDATE) AS lease_id
+  FROM llm_tasks t
+ WHERE t.id = :task_id;
+
+-- name: complete_task (prepared)
+-- Releases the current lease, finishes the task and writes artifact, result and audit
+-- entry in one statement: all of it happens, or none. A failed run (an error, or a
+-- "success" whose output is not JSON for a task that asked for JSON) goes back to the
+-- queue while it has attempts left, not before retry_at: 10 s × 2^(attempts - 1), ±25 %,
+-- at most 1 h. Its result is kept all the same.
+WITH current AS (
+    SELECT t.id AS task_id, t.status AS task_status, t.lease_id, t.worker_id
+      FROM llm_tasks t
+     WHERE t.id = :task_id
+), released AS (
+    UPDATE leases l
+       SET status = 'released'
+      FROM current c
+     WHERE l.id = c.lease_id AND l.task_id = c.task_id
+       AND c.task_status IN ('leased', 'running') AND l.status = 'active'
+       AND (CAST(:lease_id AS text) IS NULL OR l.id = :lease_id)
+       AND (CAST(:worker_id AS text) IS NULL OR l.worker_id = :worker_id)
+    RETURNING l.id, l.task_id, l.worker_id
+), verdict AS (
+    SELECT t.id AS task_id,
+           (:result_status = 'error' OR (t.desired_format = 'json' AND NOT :output_is_json)) AS failed,
+           (:result_status = 'success' AND t.desired_format = 'json' AND NOT :output_is_json) AS not_json,
+           t.attempts < t.max_attempts AS retries
+      FROM llm_tasks t JOIN released r ON r.task_id = t.id
+), task AS (
+    UPDATE llm_tasks t
+       SET status = CASE WHEN NOT v.failed THEN 'completed' WHEN v.retries THEN 'queued' ELSE 'failed' END,
+           lease_id = CASE WHEN v.failed AND v.retries THEN NULL ELSE t.lease_id END,
+           worker_id = CASE WHEN v.failed AND v.retries THEN NULL ELSE t.worker_id END,
+           retry_at = CASE WHEN v.failed AND v.retries
+                           THEN :now + CAST(LEAST(10000 * power(2, GREATEST(t.attempts - 1, 0)), 3600000)
+                                            * (0.75 + random() * 0.5) AS bigint)
+                           ELSE NULL END,
+           updated_at = :now
+      FROM released r, verdict v
+     WHERE t.id = r.task_id AND v.task_id = t.id AND t.lease_id = r.id AND t.status IN ('leased', 'running')
+    RETURNING t.*
+), artifact AS (
+    INSERT INTO runtime_artifacts (id, task_id, job_id, type, created_at, finalized, url,
+                                   entity_refs, tags, content)
+    SELECT :artifact_id, task.id, r.id, :artifact_type, :now, true, :artifact_url,
+           '[]'::jsonb, CAST(:artifact_tags AS jsonb), :artifact_content
+      FROM task JOIN released r ON r.task_id = task.id
+    RETURNING *
+), result AS (
+    INSERT INTO llm_results (id, task_id, worker_id, artifact_id, status, output, error_message,
+                             metrics, completed_at)
+    SELECT :result_id, task.id, r.worker_id, :artifact_id,
+           CASE WHEN v.failed THEN 'error' ELSE 'success' END,
+           :output,
+           CASE WHEN v.not_json THEN 'output is not valid JSON, and the task asked for desired_format json'
+                ELSE :error_message END,
+           CAST(:metrics AS jsonb), :now
+      FROM task JOIN released r ON r.task_id = task.id JOIN verdict v ON v.task_id = task.id
+    RETURNING *
+), alive_worker AS (
+    SELECT worker_id FROM released
+), alive AS (
+    -- include: worker_alive
+), audit AS (
+    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+    SELECT :audit_id, :now, 'task_completed', 'task', task.id, :actor,
+           jsonb_build_object('status', task.status, 'lease_id', r.id, 'worker_id', r.worker_id,
+                              'artifact_id', :artifact_id, 'retry_at', task.retry_at)
+      FROM task JOIN released r ON r.task_id = task.id
+)
+SELECT c.*,
+       (SELECT row_to_json(task) FROM task) AS task,
+       (SELECT row_to_json(artifact) FROM artifact) AS artifact,
+       (SELECT row_to_json(result) FROM result) AS result
+  FROM current c;
+
+-- name: sweep_expired_leases
+-- Expires every active lease past expires_at. Its task (leased or running) goes back
+-- to the queue, or to 'dead' once its attempts are spent, but only while the expiring
+-- lease is still the task's current lease.
+WITH expired AS (
+    UPDATE leases SET status = 'expired'
+     WHERE status = 'active' AND expires_at < :now
+    RETURNING id, task_id, worker_id
+), recovered AS (
+    UPDATE llm_tasks t
+       SET status = CASE WHEN t.attempts < t.max_attempts THEN 'queued' ELSE 'dead' END,
+           lease_id = NULL, worker_id = NULL, updated_at = :now
+      FROM expired e
+     WHERE t.id = e.task_id AND t.lease_id = e.id AND t.status IN ('leased', 'running')
+    RETURNING t.id, t.status, e.id AS lease_id, e.worker_id
+), died AS (
+    -- A task that dies says why (GET /llm-tasks/<id> shows it as its result).
+    INSERT INTO llm_results (id, task_id, worker_id, artifact_id, status, output, error_message, metrics,
+                             completed_at)
+    SELECT gen_random_uuid()::text, r.id, r.worker_id, NULL, 'error', NULL,
+           'dead: its last attempt''s lease expired on worker ' || r.worker_id || ' with no result', '{}'::jsonb, :now
+      FROM recovered r WHERE r.status = 'dead'
+), audit AS (
+    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+    SELECT gen_random_uuid()::text, :now, 'lease_expired', 'task', id, :actor,
+           jsonb_build_object('lease_id', lease_id, 'worker_id', worker_id, 'task_status', status)
+      FROM recovered
+)
+SELECT counts.*,
+       CASE WHEN counts.requeued > 0 THEN pg_notify('bloom_task_queued', '') IS NULL END AS notified
+  FROM (SELECT (SELECT count(*) FROM expired) AS expired,
+               (SELECT count(*) FROM recovered WHERE status = 'queued') AS requeued,
+               (SELECT count(*) FROM recovered WHERE status = 'dead') AS dead) counts;
+
+-- name: list_leases
+SELECT * FROM leases
+ WHERE (CAST(:status AS text) IS NULL OR status = :status)
+ ORDER BY started_at DESC, id DESC
+ LIMIT :limit OFFSET :offset;

@@ -1,0 +1,1 @@
+"""Records: artifacts, audit, stats (service.py) and retention (retention.py)."""

@@ -1,0 +1,1 @@
+"""Tasks: bloom/tasks/service.py and the statements beside it."""

@@ -1,0 +1,1 @@
+"""Workers: the registry (service.py), the Membridge sync (sync.py), liveness (liveness.py)."""
