@@ -1,9 +1,23 @@
-"""Rows as the API's JSON objects (SPEC §3): exact field names, epoch milliseconds."""
+"""The JSON shape of every object the API answers with, in one place (SPEC §3).
+
+Each shape is a marshmallow schema. The OpenAPI document describes answers with it
+(openapi.py), and the serializers below are built from it: every *required* field of
+an object's schema is written, read from the row by the field's `from_row` (or taken as
+the column of its name). An optional field (an artifact's `download_url`, the stats'
+`estimated`) is added by the code that knows it. So a field added, renamed or dropped in
+a schema changes the document and every answer together, and a test checks the routes'
+answers against the document (tests/test_documented_answers.py).
+"""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Mapping
+
+from marshmallow import Schema, fields
+
+from . import schemas
 
 DEFAULT_CAPABILITIES = {"claude_cli": True, "max_concurrency": 1, "labels": []}
+DEFAULT_POLICY = {"timeout_sec": 120, "budget": 0}
 
 
 def capabilities_json(stored: Any) -> dict[str, Any]:
@@ -15,97 +29,280 @@ def capabilities_json(stored: Any) -> dict[str, Any]:
     }
 
 
-def worker_json(row: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": row["id"],
-        "node_id": row.get("node_id"),
-        "url": row.get("url"),
-        "status": row["status"],
-        "capabilities": capabilities_json(row.get("capabilities")),
-        "last_heartbeat": row.get("last_heartbeat"),
-        "ip_addrs": row.get("ip_addrs") or [],
-        "obs_count": row.get("obs_count") or 0,
-        "db_sha": row.get("db_sha"),
-        "registered_at": row.get("registered_at"),
-        "active_leases": int(row.get("active_leases") or 0),
-        "agent_version": row.get("agent_version"),
-        "os_info": row.get("os_info"),
-        "install_method": row.get("install_method"),
-    }
+def _or(name: str, default: Any) -> Callable[[Mapping[str, Any]], Any]:
+    """Read column `name`, or (a copy of) `default` when it is null or missing."""
+    if isinstance(default, (dict, list)):
+        return lambda row: row.get(name) or default.copy()
+    return lambda row: row.get(name) or default
 
 
-def task_json(row: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": row["id"],
-        "context_id": row["context_id"],
-        "agent_slug": row["agent_slug"],
-        "prompt": row["prompt"],
-        "context_hints": row.get("context_hints") or [],
-        "policy": row.get("policy") or {"timeout_sec": 120, "budget": 0},
-        "desired_format": row["desired_format"],
-        "status": row["status"],
-        "created_at": row["created_at"],
-        "updated_at": row["updated_at"],
-        "lease_id": row.get("lease_id"),
-        "worker_id": row.get("worker_id"),
-        "attempts": row["attempts"],
-        "max_attempts": row["max_attempts"],
-        "priority": row.get("priority", 0),
-        "run_at": row.get("run_at"),
-        "retry_at": row.get("retry_at"),
-    }
+# Objects (SPEC §3) ----------------------------------------------------------------
 
 
-def lease_json(row: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": row["id"],
-        "task_id": row["task_id"],
-        "worker_id": row["worker_id"],
-        "started_at": row["started_at"],
-        "expires_at": row["expires_at"],
-        "ttl_seconds": row["ttl_seconds"],
-        "status": row["status"],
-        "last_heartbeat": row["last_heartbeat"],
-        "context_id": row.get("context_id"),
-    }
+class WorkerCapabilities(Schema):
+    claude_cli = fields.Boolean(required=True)
+    max_concurrency = fields.Integer(required=True)
+    labels = fields.List(fields.String(), required=True)
 
 
-def artifact_json(row: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": row["id"],
-        "task_id": row["task_id"],
-        "job_id": row.get("job_id"),
-        "type": row["type"],
-        "created_at": row["created_at"],
-        "finalized": bool(row.get("finalized")),
-        "url": row.get("url"),
-        "entity_refs": row.get("entity_refs") or [],
-        "tags": row.get("tags") or [],
-        "content": row.get("content"),
-    }
+class WorkerNode(Schema):
+    id = fields.String(required=True)
+    node_id = fields.String(allow_none=True, required=True)
+    url = fields.String(allow_none=True, required=True)
+    status = fields.String(required=True, metadata={"enum": list(schemas.WORKER_STATUSES)})
+    capabilities = fields.Nested(WorkerCapabilities, required=True,
+                                 metadata={"from_row": lambda row: capabilities_json(row.get("capabilities"))})
+    last_heartbeat = fields.Integer(allow_none=True, required=True)
+    ip_addrs = fields.List(fields.String(), required=True, metadata={"from_row": _or("ip_addrs", [])})
+    obs_count = fields.Integer(required=True, metadata={"from_row": _or("obs_count", 0)})
+    db_sha = fields.String(allow_none=True, required=True)
+    registered_at = fields.Integer(allow_none=True, required=True)
+    active_leases = fields.Integer(required=True, metadata={"from_row": lambda row: int(row.get("active_leases") or 0)})
+    agent_version = fields.String(allow_none=True, required=True)
+    os_info = fields.Raw(
+        allow_none=True, required=True, metadata={"description": "a string or an object, as the agent sent it"}
+    )
+    install_method = fields.String(allow_none=True, required=True)
 
 
-def result_json(row: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": row["id"],
-        "task_id": row["task_id"],
-        "worker_id": row.get("worker_id"),
-        "artifact_id": row.get("artifact_id"),
-        "status": row["status"],
-        "output": row.get("output"),
-        "error_message": row.get("error_message"),
-        "metrics": row.get("metrics") or {},
-        "completed_at": row["completed_at"],
-    }
+class TaskPolicy(Schema):
+    timeout_sec = fields.Integer()
+    budget = fields.Float()
 
 
-def audit_json(row: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": row["id"],
-        "timestamp": row["timestamp"],
-        "action": row["action"],
-        "entity_type": row["entity_type"],
-        "entity_id": row.get("entity_id"),
-        "actor": row.get("actor"),
-        "detail": row.get("detail"),
-    }
+class LLMTask(Schema):
+    id = fields.String(required=True)
+    context_id = fields.String(required=True)
+    agent_slug = fields.String(required=True)
+    prompt = fields.String(required=True)
+    context_hints = fields.List(fields.String(), required=True, metadata={"from_row": _or("context_hints", [])})
+    policy = fields.Nested(TaskPolicy, required=True, metadata={"from_row": _or("policy", DEFAULT_POLICY)})
+    desired_format = fields.String(required=True, metadata={"enum": ["json", "text"]})
+    status = fields.String(required=True, metadata={"enum": list(schemas.TASK_STATUSES)})
+    created_at = fields.Integer(required=True)
+    updated_at = fields.Integer(required=True)
+    lease_id = fields.String(allow_none=True, required=True)
+    worker_id = fields.String(allow_none=True, required=True)
+    attempts = fields.Integer(required=True)
+    max_attempts = fields.Integer(required=True)
+    priority = fields.Integer(required=True, metadata={"from_row": _or("priority", 0)})
+    run_at = fields.Integer(allow_none=True, required=True, metadata={"description": "not claimed before (epoch ms)"})
+    retry_at = fields.Integer(allow_none=True, required=True,
+                              metadata={"description": "after a failed run: not claimed again before (epoch ms)"})
+
+
+class TaskResult(Schema):
+    status = fields.String(required=True, metadata={"enum": ["success", "error"]})
+    output = fields.String(allow_none=True, required=True)
+    error_message = fields.String(allow_none=True, required=True)
+    metrics = fields.Dict(required=True)
+    completed_at = fields.Integer(required=True)
+
+
+class TaskDetail(LLMTask):
+    result = fields.Nested(TaskResult, allow_none=True, required=True, metadata={"description": "the latest result"})
+
+
+class Lease(Schema):
+    id = fields.String(required=True)
+    task_id = fields.String(required=True)
+    worker_id = fields.String(required=True)
+    started_at = fields.Integer(required=True)
+    expires_at = fields.Integer(required=True)
+    ttl_seconds = fields.Integer(required=True)
+    status = fields.String(required=True, metadata={"enum": list(schemas.LEASE_STATUSES)})
+    last_heartbeat = fields.Integer(required=True)
+    context_id = fields.String(allow_none=True, required=True)
+
+
+class WorkerDetail(WorkerNode):
+    leases = fields.List(fields.Nested(Lease), required=True)
+
+
+class RuntimeArtifact(Schema):
+    id = fields.String(required=True)
+    task_id = fields.String(required=True)
+    job_id = fields.String(allow_none=True, required=True)
+    type = fields.String(required=True)
+    created_at = fields.Integer(required=True)
+    finalized = fields.Boolean(required=True, metadata={"from_row": lambda row: bool(row.get("finalized"))})
+    url = fields.String(allow_none=True, required=True)
+    entity_refs = fields.List(fields.Raw(), required=True, metadata={"from_row": _or("entity_refs", [])})
+    tags = fields.List(fields.String(), required=True, metadata={"from_row": _or("tags", [])})
+    content = fields.String(allow_none=True, required=True)
+    download_url = fields.String(metadata={"description": "presigned, valid 1 hour; object-stored outputs only"})
+
+
+class ResultMetrics(Schema):
+    duration_ms = fields.Integer(required=True)
+    tokens_used = fields.Integer(allow_none=True)
+
+
+class LLMResult(Schema):
+    id = fields.String(required=True)
+    task_id = fields.String(required=True)
+    worker_id = fields.String(allow_none=True, required=True)
+    artifact_id = fields.String(allow_none=True, required=True)
+    status = fields.String(required=True, metadata={"enum": ["success", "error"]})
+    output = fields.String(allow_none=True, required=True)
+    error_message = fields.String(allow_none=True, required=True)
+    metrics = fields.Nested(ResultMetrics, required=True, metadata={"from_row": _or("metrics", {})})
+    completed_at = fields.Integer(required=True)
+
+
+class AuditLogEntry(Schema):
+    id = fields.String(required=True)
+    timestamp = fields.Integer(required=True)
+    action = fields.String(required=True)
+    entity_type = fields.String(required=True)
+    entity_id = fields.String(allow_none=True, required=True)
+    actor = fields.String(allow_none=True, required=True)
+    detail = fields.Dict(allow_none=True, required=True)
+
+
+class RuntimeConfig(Schema):
+    membridge_server_url = fields.String(required=True)
+    admin_key_masked = fields.String(required=True)
+    connected = fields.Boolean(required=True)
+    last_test = fields.Integer(allow_none=True, required=True)
+
+
+class MembridgeStatus(Schema):
+    consecutiveFailures = fields.Integer(required=True)
+    lastSuccess = fields.Integer(allow_none=True, required=True)
+    lastError = fields.String(allow_none=True, required=True)
+    connected = fields.Boolean(required=True)
+
+
+class Health(Schema):
+    status = fields.String(required=True)
+    service = fields.String(required=True)
+    uptime = fields.Float(required=True)
+    storage = fields.String(required=True)
+    membridge = fields.Nested(MembridgeStatus, required=True)
+
+
+class Ready(Schema):
+    status = fields.String(required=True)
+    error = fields.String()
+
+
+class LeaseGrant(Schema):
+    lease = fields.Nested(Lease, required=True)
+    worker = fields.Nested(WorkerNode, required=True)
+
+
+class HeartbeatReply(Schema):
+    lease = fields.Nested(Lease, required=True)
+    expires_at = fields.Integer(required=True)
+
+
+class Completion(Schema):
+    task = fields.Nested(LLMTask, required=True)
+    artifact = fields.Nested(RuntimeArtifact, required=True)
+    result = fields.Nested(LLMResult, required=True)
+
+
+class Claimed(Schema):
+    """Without max_tasks: task and lease. With max_tasks: tasks and leases (the i-th lease
+    is the i-th task's), one to max_tasks of them, in queue order."""
+
+    task = fields.Nested(LLMTask, metadata={"description": "when max_tasks was not given"})
+    lease = fields.Nested(Lease, metadata={"description": "when max_tasks was not given"})
+    tasks = fields.List(fields.Nested(LLMTask), metadata={"description": "when max_tasks was given"})
+    leases = fields.List(fields.Nested(Lease), metadata={"description": "when max_tasks was given"})
+
+
+class RenewedLease(Schema):
+    lease_id = fields.String(required=True)
+    task_id = fields.String(required=True)
+    expires_at = fields.Integer(required=True)
+
+
+class LostLease(Schema):
+    lease_id = fields.String(required=True)
+    task_id = fields.String(allow_none=True, required=True)
+    lease_status = fields.String(required=True, metadata={"enum": ["expired", "released", "failed", "unknown"]})
+    task_status = fields.String(allow_none=True, required=True)
+
+
+class WorkerHeartbeatReply(Schema):
+    renewed = fields.List(fields.Nested(RenewedLease), required=True)
+    lost = fields.List(fields.Nested(LostLease), required=True)
+
+
+class TaskBatch(Schema):
+    tasks = fields.List(fields.Nested(LLMTask), required=True)
+
+
+class Dispatched(Schema):
+    dispatched = fields.Boolean(required=True)
+    task_id = fields.String(required=True)
+    worker_id = fields.String(required=True)
+    lease_id = fields.String(metadata={"description": "when dispatched"})
+    error = fields.String(metadata={"description": "why the agent did not take it"})
+
+
+class Removed(Schema):
+    removed = fields.Boolean(required=True)
+    id = fields.String(required=True)
+
+
+class StatsTasks(Schema):
+    total = fields.Integer(required=True)
+    by_status = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True)
+
+
+class StatsLeases(Schema):
+    total = fields.Integer(required=True)
+    active = fields.Integer(required=True)
+
+
+class StatsWorkers(Schema):
+    total = fields.Integer(required=True)
+    online = fields.Integer(required=True)
+
+
+class Stats(Schema):
+    tasks = fields.Nested(StatsTasks, required=True)
+    leases = fields.Nested(StatsLeases, required=True)
+    workers = fields.Nested(StatsWorkers, required=True)
+    estimated = fields.Boolean(metadata={
+        "description": "present (true) past 200,000 tasks: finished counts and the lease total are "
+                       "PostgreSQL's estimates (as of its last ANALYZE); live counts stay exact"})
+
+
+class ConnectionTest(Schema):
+    connected = fields.Boolean(required=True)
+    health = fields.Dict()
+    error = fields.String()
+
+
+# Leaves before the objects that nest them: apispec names a nested schema when it first meets it.
+RESPONSE_OBJECTS = [
+    Lease, WorkerNode, WorkerDetail, LLMTask, TaskResult, TaskDetail, RuntimeArtifact, LLMResult, AuditLogEntry, RuntimeConfig, Health,
+    Ready, LeaseGrant, HeartbeatReply, Completion, Claimed, Dispatched, Removed, Stats, ConnectionTest,
+    RenewedLease, LostLease, WorkerHeartbeatReply, TaskBatch,
+]
+
+
+def row_serializer(shape: type[Schema]) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+    """row -> the object's JSON: every required field of `shape`, in its order."""
+    plan = tuple(
+        (name, field.metadata.get("from_row") or (lambda row, column=name: row.get(column)))
+        for name, field in shape._declared_fields.items() if field.required
+    )
+
+    def to_json(row: Mapping[str, Any]) -> dict[str, Any]:
+        return {name: read(row) for name, read in plan}
+
+    to_json.__name__ = f"{shape.__name__}_json"
+    return to_json
+
+
+worker_json = row_serializer(WorkerNode)
+task_json = row_serializer(LLMTask)
+lease_json = row_serializer(Lease)
+artifact_json = row_serializer(RuntimeArtifact)
+result_json = row_serializer(LLMResult)
+audit_json = row_serializer(AuditLogEntry)
