@@ -53,7 +53,7 @@ def on_starting(server):
     os.makedirs(metrics_dir)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
 
-    from bloom.config import ConfigError, Settings
+    from bloom.settings import ConfigError, Settings
 
     try:
         Settings.from_env()

@@ -88,7 +88,7 @@ def inner(lifecycles: int, variant: str) -> None:
     from run import DONE, TASK, scratch_postgres
 
     from bloom import create_app
-    from bloom.config import Settings
+    from bloom.settings import Settings
 
     with scratch_postgres("bloom-instructions-") as (url, _):
         app = create_app(Settings.from_env({"DATABASE_URL": url, "BLOOM_RATE_LIMIT": "100000000 per minute"}))

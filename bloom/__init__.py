@@ -10,7 +10,7 @@ from sqlalchemy.exc import DBAPIError
 
 from .agents import AgentClient, AgentNetworks
 from .artifacts import MinioArtifactStore
-from .config import Settings
+from .settings import Settings
 from .db import Database, apply_schema
 from .dispatch import Dispatcher
 from .errors import register_error_handlers
@@ -21,7 +21,7 @@ from .membridge import MembridgeClient, UpstreamHealth
 from .proxies import TrustedProxies
 from .queue_events import QueueEvents, WaitingRoom
 from .request_log import install_request_log
-from .runtime_config import RuntimeConfigStore
+from .membridge_settings import MembridgeSettingsStore
 from .leases.service import LeaseService
 from .records.retention import RetentionPolicy, prune
 from .records.service import RecordService
@@ -91,14 +91,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["bloom.dispatcher"] = Dispatcher(
         leases, records, database, agents, queue_events, public_url=settings.public_url
     )
-    config_store = RuntimeConfigStore(
+    membridge_settings = MembridgeSettingsStore(
         database,
         default_server_url=settings.membridge_server_url,
         default_admin_key=settings.membridge_admin_key,
     )
-    app.extensions["bloom.runtime_config"] = config_store
+    app.extensions["bloom.membridge_settings"] = membridge_settings
     app.extensions["bloom.membridge"] = MembridgeClient(
-        config_store.target, UpstreamHealth(on_change=config_store.publish_upstream_status)
+        membridge_settings.target, UpstreamHealth(on_change=membridge_settings.publish_upstream_status)
     )
 
     from .api import config, health, membridge, records, tasks, workers
@@ -152,7 +152,7 @@ def start_background_jobs(app: Flask) -> None:
         Job("retention", settings.prune_interval_s, lambda: prune(database, records.artifacts, policy)),
     ]
     app.extensions["bloom.scheduler"] = start_scheduler(database, jobs)
-    app.extensions["bloom.runtime_config"].refresh_in_background()
+    app.extensions["bloom.membridge_settings"].refresh_in_background()
     if settings.dispatch_enabled:
         app.extensions["bloom.dispatcher"].start()
 

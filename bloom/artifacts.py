@@ -19,7 +19,7 @@ from minio.error import S3Error
 
 from . import metrics
 
-from .config import MinioSettings
+from .settings import MinioSettings
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from flask_limiter.util import get_remote_address
 from limits import parse as parse_limit
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from .config import Settings
+from .settings import Settings
 from .errors import BadRequest, Unavailable, error_body
 from .rate_limit_store import memory_scheme
 from .schemas import unstorable_reason

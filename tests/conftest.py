@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from bloom import create_app
-from bloom.config import Settings
+from bloom.settings import Settings
 
 from .fake_agent import AGENT_KEY, FakeAgent
 from .fake_membridge import ADMIN_KEY, FakeMembridge

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from bloom.config import ConfigError, Settings
+from bloom.settings import ConfigError, Settings
 
 from .support import REPO_ROOT, free_port
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import requests
 
 from bloom.agents import AgentClient, AgentNetworks
-from bloom.config import Settings
+from bloom.settings import Settings
 
 from .fake_agent import AGENT_KEY
 from .helpers import api, new_task, results_of, task_of, worker_of

@@ -7,7 +7,7 @@ import requests
 
 from bloom import create_app
 from bloom.agents import AgentClient, AgentNetworks, AgentUnreachable
-from bloom.config import Settings
+from bloom.settings import Settings
 
 from .conftest import make_settings
 from .helpers import TASK

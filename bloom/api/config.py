@@ -5,7 +5,7 @@ from flask import Blueprint, current_app, jsonify
 from ..http import json_body
 from ..membridge import MembridgeClient, UpstreamUnreachable
 from ..openapi import documented
-from ..runtime_config import RuntimeConfigStore
+from ..membridge_settings import MembridgeSettingsStore
 from ..schemas import ConfigUpdateSchema, load
 
 bp = Blueprint("config", __name__, url_prefix="/api/runtime")
@@ -13,8 +13,8 @@ bp = Blueprint("config", __name__, url_prefix="/api/runtime")
 ACTOR = "api"
 
 
-def config_store() -> RuntimeConfigStore:
-    return current_app.extensions["bloom.runtime_config"]
+def membridge_settings() -> MembridgeSettingsStore:
+    return current_app.extensions["bloom.membridge_settings"]
 
 
 def membridge() -> MembridgeClient:
@@ -28,16 +28,16 @@ def _public(config) -> dict:
 @bp.get("/config")
 @documented("Membridge settings, with the admin key masked", responses={200: "RuntimeConfig"})
 def get_config():
-    return jsonify(_public(config_store().current()))
+    return jsonify(_public(membridge_settings().current()))
 
 
 @bp.post("/config")
 @documented("Change the Membridge settings", body=ConfigUpdateSchema, responses={200: "RuntimeConfig"})
 def update_config():
     body = load(ConfigUpdateSchema, json_body())
-    config_store().update(body["membridge_server_url"].rstrip("/"), body["admin_key"], actor=ACTOR)
+    membridge_settings().update(body["membridge_server_url"].rstrip("/"), body["admin_key"], actor=ACTOR)
     membridge().health.forget("Membridge settings changed; not tested since")
-    return jsonify(_public(config_store().current()))
+    return jsonify(_public(membridge_settings().current()))
 
 
 @bp.post("/test-connection")
@@ -50,10 +50,10 @@ def test_connection():
         authenticated = membridge().get("/agents")
         response = membridge().get("/health", admin=False) if authenticated.ok else authenticated
     except UpstreamUnreachable as error:
-        config_store().record_connection_test(False, actor=ACTOR)
+        membridge_settings().record_connection_test(False, actor=ACTOR)
         return jsonify({"connected": False, "error": str(error)})
     if not response.ok or not isinstance(response.body, dict):
-        config_store().record_connection_test(False, actor=ACTOR)
+        membridge_settings().record_connection_test(False, actor=ACTOR)
         return jsonify({"connected": False, "error": response.error_message()})
-    config_store().record_connection_test(True, actor=ACTOR)
+    membridge_settings().record_connection_test(True, actor=ACTOR)
     return jsonify({"connected": True, "health": response.body})

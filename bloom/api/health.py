@@ -28,7 +28,7 @@ def health():
 def _membridge_status() -> dict:
     """The freshest of this process's own upstream calls and the deployment's last one."""
     mine = current_app.extensions["bloom.membridge"].health.snapshot()
-    return current_app.extensions["bloom.runtime_config"].cached().freshest_status(mine)
+    return current_app.extensions["bloom.membridge_settings"].cached().freshest_status(mine)
 
 
 READY_TIMEOUT_S = 1.5

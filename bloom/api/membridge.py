@@ -38,13 +38,13 @@ def _relay(response: UpstreamResponse):
 
 
 def _redacted(message: str) -> str:
-    admin_key = current_app.extensions["bloom.runtime_config"].current().admin_key
+    admin_key = current_app.extensions["bloom.membridge_settings"].current().admin_key
     return message.replace(admin_key, "****") if admin_key else message
 
 
 def _redacted_json(value: Any) -> Any:
     """Upstream's detail as JSON, with the admin key masked wherever it was echoed."""
-    admin_key = current_app.extensions["bloom.runtime_config"].current().admin_key
+    admin_key = current_app.extensions["bloom.membridge_settings"].current().admin_key
     encoded = json.dumps(value)
     if admin_key and admin_key in encoded:
         return json.loads(encoded.replace(admin_key, "****"))

@@ -57,7 +57,7 @@ class MembridgeConfig:
         return {key: freshest.get(key) for key in _STATUS_FIELDS}
 
 
-class RuntimeConfigStore:
+class MembridgeSettingsStore:
     def __init__(self, database: Database, *, default_server_url: str, default_admin_key: str) -> None:
         self._db = database
         self._defaults = MembridgeConfig(default_server_url, default_admin_key, False, None, None)
