@@ -172,7 +172,7 @@ def _register_cli(app: Flask, database: Database) -> None:
     @app.cli.command("init-db")
     def init_db() -> None:
         """Create the tables and indexes of schema.sql (idempotent)."""
-        apply_schema(database)
+        apply_schema(database, force=True)
         click.echo("schema applied")
 
 

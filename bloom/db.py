@@ -1,6 +1,9 @@
 """The engine, one transaction per unit of work, and the schema."""
 from __future__ import annotations
 
+import hashlib
+import time
+
 import logging
 import select
 import threading
@@ -23,6 +26,7 @@ log = logging.getLogger(__name__)
 _PREPARED_KEY = "bloom.statements_prepared"
 _UNKNOWN_PREPARED_STATEMENT = "26000"  # invalid_sql_statement_name
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
+SCHEMA_DIGEST_KEY = "schema_sha256"
 
 
 class Database:
@@ -235,11 +239,24 @@ def _column_names(cursor) -> list[str]:
     return [column.name for column in cursor.description]
 
 
-def apply_schema(database: Database) -> None:
-    """Apply schema.sql; an advisory lock keeps concurrently starting processes in line."""
+def apply_schema(database: Database, *, force: bool = False) -> bool:
+    """Apply schema.sql unless this very file was applied already; True if it ran.
+
+    An advisory lock keeps concurrently starting processes in line, and the digest of
+    the file applied last (in runtime_settings) lets every other start skip the DDL:
+    ALTER TABLE takes an exclusive lock on its table even when there is nothing to add,
+    and a process applying it while another one serves deadlocked with the requests.
+    `force` (flask init-db) applies it whatever the digest says."""
     ddl = SCHEMA_PATH.read_text(encoding="utf-8")
+    digest = hashlib.sha256(ddl.encode()).hexdigest()
     with database.transaction() as tx:
         tx.run_sql("SET LOCAL statement_timeout = 0")  # an upgrade may build indexes
         tx.one("apply_schema_lock")
+        if not force and tx.one("settings_table_exists")["present"]:
+            applied = tx.one_or_none("get_settings_value", key=SCHEMA_DIGEST_KEY)
+            if applied is not None and applied["value"] == digest:
+                return False
         tx.run_sql(ddl)
+        tx.execute("put_setting", key=SCHEMA_DIGEST_KEY, value=digest, now=int(time.time() * 1000))
     log.info("schema applied")
+    return True

@@ -4,6 +4,12 @@
 -- name: apply_schema_lock
 SELECT pg_advisory_xact_lock(hashtext('bloom-runtime:schema'));
 
+-- name: settings_table_exists
+SELECT to_regclass('runtime_settings') IS NOT NULL AS present;
+
+-- name: get_settings_value
+SELECT value FROM runtime_settings WHERE key = :key;
+
 -- name: ping
 SELECT 1;
 

@@ -69,3 +69,20 @@ def test_an_express_database_is_upgraded_in_place_and_keeps_working(postgres):
     finally:
         engine.dispose()
         postgres.drop_database(name)
+
+
+def test_a_start_with_the_schema_current_runs_no_ddl(database_url):
+    """The DDL (ALTER TABLE locks its table even when nothing changes) runs only when
+    schema.sql changed since it was applied: a restart takes no table locks."""
+    from bloom.db import Database, apply_schema
+
+    database = Database(database_url)
+    try:
+        assert apply_schema(database) is False  # the test database has this very schema
+        assert apply_schema(database, force=True) is True  # flask init-db applies it anyway
+        with database.autocommit() as tx:
+            tx.execute("put_setting", key="schema_sha256", value="an older schema", now=1)
+        assert apply_schema(database) is True  # a new schema.sql is applied once...
+        assert apply_schema(database) is False  # ...and then skipped
+    finally:
+        database.dispose()
