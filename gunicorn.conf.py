@@ -53,13 +53,16 @@ def on_starting(server):
     os.makedirs(metrics_dir)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
 
+    from bloom import ANNOUNCED_ENV, announce_settings
     from bloom.settings import ConfigError, Settings
 
     try:
-        Settings.from_env()
+        settings = Settings.from_env()
     except ConfigError as problem:
         server.log.error("configuration error: %s", problem)
         raise SystemExit(2) from None
+    announce_settings(settings)  # once, here, not once per worker
+    os.environ[ANNOUNCED_ENV] = "1"
 
     from bloom.rate_limit_store import share_counters_across_workers
 

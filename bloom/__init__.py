@@ -113,17 +113,29 @@ def create_app(settings: Settings | None = None) -> Flask:
     install_api_key_check(app, settings)
     _register_cli(app, database)
 
-    if not settings.runtime_api_key:
-        log.warning("RUNTIME_API_KEY is not set: the runtime API is open to anyone who can reach it")
-    if not settings.public_url:
-        log.warning("BLOOM_PUBLIC_URL is not set: tasks cannot be dispatched to Membridge agents "
-                    "(they would not know where to call back); pull workers are unaffected")
+    if not os.environ.get(ANNOUNCED_ENV):  # under gunicorn the master said it, once
+        announce_settings(settings)
     try:
         apply_schema(database)
     except DBAPIError as error:
         # Start anyway: requests answer 503 until the database is back, then work.
         log.error("could not apply the schema at start: %s", type(error.orig).__name__)
     return app
+
+
+# Set by gunicorn's master once it has said what the settings leave open (announce_settings),
+# so that its workers do not say it again, each.
+ANNOUNCED_ENV = "BLOOM_SETTINGS_ANNOUNCED"
+
+
+def announce_settings(settings: Settings) -> None:
+    """Warn of what the settings leave open; once per deployment start."""
+    _configure_logging()
+    if not settings.runtime_api_key and not settings.operator_key:
+        log.warning("RUNTIME_API_KEY is not set: the runtime API is open to anyone who can reach it")
+    if not settings.public_url:
+        log.warning("BLOOM_PUBLIC_URL is not set: tasks cannot be dispatched to Membridge agents "
+                    "(they would not know where to call back); pull workers are unaffected")
 
 
 def start_background_jobs(app: Flask) -> None:
@@ -189,6 +201,8 @@ def _configure_logging() -> None:
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("apscheduler.scheduler").addFilter(_expected_skips)
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+    # Flask-Limiter says every 429 at INFO; the request line (and the metric) already do.
+    logging.getLogger("flask-limiter").setLevel(logging.WARNING)
 
 
 def _expected_skips(record: logging.LogRecord) -> bool:

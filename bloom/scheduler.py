@@ -73,5 +73,5 @@ def start_scheduler(database: Database, jobs: list[Job]) -> BackgroundScheduler:
         )
     scheduler.start()
     atexit.register(lambda: scheduler.shutdown(wait=False) if scheduler.running else None)
-    log.info("scheduler started: %s", ", ".join(f"{job.name} every {job.interval_s:g}s" for job in jobs))
+    log.debug("scheduler started: %s", ", ".join(f"{job.name} every {job.interval_s:g}s" for job in jobs))
     return scheduler

@@ -171,3 +171,6 @@ def test_an_idle_service_without_membridge_logs_an_outage_once_not_every_round(d
     # Once per process that happened to run the sync (3 workers), not once per round.
     assert 1 <= log.count("Membridge call failed") <= 3
     assert "apscheduler" not in log and "Retrying" not in log and "XDG_RUNTIME_DIR" not in log
+    # Start-up speaks once per instance, not once per worker (three here).
+    assert log.count("RUNTIME_API_KEY is not set") == 1 and log.count("BLOOM_PUBLIC_URL is not set") == 1
+    assert log.count("schema applied") <= 1 and "scheduler started" not in log
