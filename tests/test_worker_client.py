@@ -267,3 +267,13 @@ def test_a_429_slows_the_worker_down_and_never_ends_it(module_database_url):
     finally:
         worker.kill()
         limited.stop()
+
+
+def test_the_worker_client_imports_no_part_of_the_service():
+    """A worker node needs `requests`, not Flask, SQLAlchemy, psycopg2 or minio."""
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, bloom.worker; print(' '.join(sorted(m for m in "
+         "('flask', 'sqlalchemy', 'psycopg2', 'minio', 'marshmallow', 'apscheduler') if m in sys.modules)))"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=30, check=True,
+    ).stdout.strip()
+    assert loaded == ""

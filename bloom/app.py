@@ -1,0 +1,211 @@
+"""The service: the Flask app factory, its background jobs, and what start-up says."""
+from __future__ import annotations
+
+import logging
+import os
+
+import click
+from flask import Flask
+from sqlalchemy.exc import DBAPIError
+
+from .agents import AgentClient, AgentNetworks
+from .artifacts import MinioArtifactStore
+from .settings import Settings
+from .db import Database, apply_schema
+from .dispatch import Dispatcher
+from .errors import register_error_handlers
+from .http import init_limiter, install_api_key_check, install_request_guards
+from .jsonio import OrjsonProvider
+from .scheduler import Job, start_scheduler
+from .membridge import MembridgeClient, UpstreamHealth
+from .proxies import TrustedProxies
+from .queue_events import QueueEvents, WaitingRoom
+from .request_log import install_request_log
+from .membridge_settings import MembridgeSettingsStore
+from .leases.service import LeaseService
+from .records.retention import RetentionPolicy, prune
+from .records.service import RecordService
+from .tasks.service import TaskService
+from .workers.liveness import probe_push_workers, probe_round_budget_s
+from .workers.service import WorkerService
+from .workers.sync import run_worker_sync
+from .api.converters import WorkerIdConverter
+
+log = logging.getLogger("bloom")
+
+
+def resolve_database_url(settings: Settings) -> str:
+    """DATABASE_URL, or an embedded PostgreSQL under BLOOM_DATA_DIR when it is unset."""
+    if settings.database_url:
+        return settings.database_url
+    from .embedded_postgres import start_embedded_postgres
+
+    return start_embedded_postgres(settings.data_dir)
+
+
+class BloomFlask(Flask):
+    """Flask, with each view's and hook's sync check made once per function: Flask asks
+    `inspect.iscoroutinefunction` of every before/after-request hook on every request
+    (about ten per request here), and the answer never changes."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._sync_callables: dict = {}
+
+    def ensure_sync(self, func):
+        callable_ = self._sync_callables.get(func)
+        if callable_ is None:
+            callable_ = self._sync_callables.setdefault(func, super().ensure_sync(func))
+        return callable_
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or Settings.from_env()
+    _configure_logging()
+    app = BloomFlask(__name__)
+    app.url_map.converters["worker_id"] = WorkerIdConverter
+    app.url_map.merge_slashes = False  # a worker id may hold "//"; never a redirect
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json = OrjsonProvider(app)
+    app.wsgi_app = TrustedProxies(app.wsgi_app, settings.trusted_proxy_networks, settings.proxy_hops)
+
+    database = Database(
+        resolve_database_url(settings),
+        pool_size=settings.db_pool_size,
+        connect_timeout_s=settings.db_connect_timeout_s,
+        statement_timeout_ms=settings.db_statement_timeout_ms,
+        lock_timeout_ms=settings.db_lock_timeout_ms,
+    )
+    artifact_store = MinioArtifactStore(settings.minio) if settings.minio else None
+    leases = LeaseService(database, artifact_store)
+    records = RecordService(database, artifact_store)
+    app.extensions["bloom.settings"] = settings
+    app.extensions["bloom.database"] = database
+    app.extensions["bloom.tasks"] = TaskService(database)
+    app.extensions["bloom.leases"] = leases
+    app.extensions["bloom.workers"] = WorkerService(database)
+    app.extensions["bloom.records"] = records
+    queue_events = app.extensions["bloom.queue_events"] = QueueEvents(database.engine)
+    app.extensions["bloom.waiting_room"] = WaitingRoom(settings.max_waiting_claims)
+    agents = app.extensions["bloom.agents"] = AgentClient(settings.agent_key, AgentNetworks(settings.agent_networks))
+    app.extensions["bloom.dispatcher"] = Dispatcher(
+        leases, records, database, agents, queue_events, public_url=settings.public_url
+    )
+    membridge_settings = MembridgeSettingsStore(
+        database,
+        default_server_url=settings.membridge_server_url,
+        default_admin_key=settings.membridge_admin_key,
+    )
+    app.extensions["bloom.membridge_settings"] = membridge_settings
+    app.extensions["bloom.membridge"] = MembridgeClient(
+        membridge_settings.target, UpstreamHealth(on_change=membridge_settings.publish_upstream_status)
+    )
+
+    from .api import config, health, membridge, records, tasks, workers
+    from .api import metrics as metrics_api
+
+    for blueprint in (health.bp, config.bp, workers.bp, tasks.bp, records.bp, membridge.bp, metrics_api.bp):
+        app.register_blueprint(blueprint)
+    register_error_handlers(app)
+    install_request_log(app)  # first, so that even a refused request gets an id and a log line
+    install_request_guards(app, settings)
+    app.extensions["bloom.limiter"] = init_limiter(app, settings)
+    install_api_key_check(app, settings)
+    _register_cli(app, database)
+
+    if not os.environ.get(ANNOUNCED_ENV):  # under gunicorn the master said it, once
+        announce_settings(settings)
+    try:
+        apply_schema(database)
+    except DBAPIError as error:
+        # Start anyway: requests answer 503 until the database is back, then work.
+        log.error("could not apply the schema at start: %s", type(error.orig).__name__)
+    return app
+
+
+# Set by gunicorn's master once it has said what the settings leave open (announce_settings),
+# so that its workers do not say it again, each.
+ANNOUNCED_ENV = "BLOOM_SETTINGS_ANNOUNCED"
+
+
+def announce_settings(settings: Settings) -> None:
+    """Warn of what the settings leave open; once per deployment start."""
+    _configure_logging()
+    if not settings.runtime_api_key and not settings.operator_key:
+        log.warning("RUNTIME_API_KEY is not set: the runtime API is open to anyone who can reach it")
+    if not settings.public_url:
+        log.warning("BLOOM_PUBLIC_URL is not set: tasks cannot be dispatched to Membridge agents "
+                    "(they would not know where to call back); pull workers are unaffected")
+
+
+def start_background_jobs(app: Flask) -> None:
+    """Start the scheduler of a serving process (gunicorn's post_worker_init calls this).
+
+    Not started by create_app, so `flask init-db` and test apps run no jobs.
+    """
+    settings: Settings = app.extensions["bloom.settings"]
+    if not settings.run_scheduler or "bloom.scheduler" in app.extensions:
+        return
+    leases: LeaseService = app.extensions["bloom.leases"]
+    records: RecordService = app.extensions["bloom.records"]
+    database: Database = app.extensions["bloom.database"]
+    membridge_client: MembridgeClient = app.extensions["bloom.membridge"]
+    agents: AgentClient = app.extensions["bloom.agents"]
+
+    # Two jobs at one interval: the runtime's own probes never wait behind a slow Membridge.
+    probe_budget_s = probe_round_budget_s(settings.worker_sync_interval_s)
+    policy = RetentionPolicy(settings.retention_completed_s, settings.retention_failed_s, settings.retention_audit_s)
+    jobs = [
+        Job("lease-sweep", settings.lease_sweep_interval_s, leases.sweep_expired_leases),
+        Job("worker-sync", settings.worker_sync_interval_s,
+            lambda: run_worker_sync(membridge_client, database, liveness_s=settings.worker_liveness_s)),
+        Job("worker-probe", settings.worker_sync_interval_s,
+            lambda: probe_push_workers(database, agents, budget_s=probe_budget_s)),
+        Job("retention", settings.prune_interval_s, lambda: prune(database, records.artifacts, policy)),
+    ]
+    app.extensions["bloom.scheduler"] = start_scheduler(database, jobs)
+    app.extensions["bloom.membridge_settings"].refresh_in_background()
+    if settings.dispatch_enabled:
+        app.extensions["bloom.dispatcher"].start()
+
+
+def stop_background_jobs(app: Flask) -> None:
+    """Stop this process's scheduler and dispatcher (gunicorn's worker_exit calls this,
+    once the process has served its last request)."""
+    extensions = getattr(app, "extensions", {})
+    scheduler = extensions.get("bloom.scheduler")
+    if scheduler is not None and scheduler.running:
+        scheduler.shutdown(wait=False)
+    if "bloom.dispatcher" in extensions:
+        extensions["bloom.dispatcher"].stop()
+
+
+def _register_cli(app: Flask, database: Database) -> None:
+    @app.cli.command("init-db")
+    def init_db() -> None:
+        """Create the tables and indexes of schema.sql (idempotent)."""
+        apply_schema(database, force=True)
+        click.echo("schema applied")
+
+
+def _configure_logging() -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(
+            level=os.environ.get("BLOOM_LOG_LEVEL", "INFO").upper(),
+            format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
+        )
+    # Quiet by default: APScheduler says every run at INFO, and urllib3 warns at every
+    # retry; an upstream outage is logged once when it starts and once when it ends
+    # (bloom/membridge.py).
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler.scheduler").addFilter(_expected_skips)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+    # Flask-Limiter says every 429 at INFO; the request line (and the metric) already do.
+    logging.getLogger("flask-limiter").setLevel(logging.WARNING)
+
+
+def _expected_skips(record: logging.LogRecord) -> bool:
+    """A tick that finds the job still running (a slow upstream) is skipped by design
+    (max_instances=1, coalesce): not worth a warning at every tick."""
+    return "maximum number of running instances reached" not in record.getMessage()
