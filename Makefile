@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: run test init-db clean
+.PHONY: run test init-db api-docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ init-db: $(VENV)/.runtime
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+api-docs: $(VENV)/.runtime
+	$(BIN)/python -m bloom.api_reference > docs/API.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache

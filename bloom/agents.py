@@ -1,4 +1,4 @@
-"""Client of the Membridge agents, the nodes that run pushed tasks (SPEC §7).
+"""Client of the Membridge agents, the nodes that run pushed tasks (README, "Running with a Membridge fleet").
 
 Two calls: a health probe (`GET {url}/health`, bounded in all) and the delivery of a task
 (`POST {url}/execute-task`). An agent answers a delivery only when its run has ended,

@@ -101,11 +101,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         membridge_settings.target, UpstreamHealth(on_change=membridge_settings.publish_upstream_status)
     )
 
-    from .api import config, health, membridge, records, tasks, workers
-    from .api import metrics as metrics_api
+    from .api import register_blueprints
 
-    for blueprint in (health.bp, config.bp, workers.bp, tasks.bp, records.bp, membridge.bp, metrics_api.bp):
-        app.register_blueprint(blueprint)
+    register_blueprints(app)
     register_error_handlers(app)
     install_request_log(app)  # first, so that even a refused request gets an id and a log line
     install_request_guards(app, settings)

@@ -1,4 +1,4 @@
-"""Push dispatch: queued tasks delivered to Membridge agents (SPEC §7).
+"""Push dispatch: queued tasks delivered to Membridge agents (README, "Running with a Membridge fleet").
 
 A dispatch is a lease (the same statement, rules and atomicity as `lease`, limited to
 workers with a url) followed by a delivery to `{url}/execute-task`. The agent answers

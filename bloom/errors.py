@@ -1,4 +1,4 @@
-"""Domain errors carry their HTTP status; one place turns every error into JSON (SPEC §2)."""
+"""Domain errors carry their HTTP status; one place turns every error into JSON (docs/API.md, Conventions)."""
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,4 @@
-"""Client of the Membridge control plane (SPEC §4, §5).
+"""Client of the Membridge control plane (README, "Membridge").
 
 One requests.Session whose urllib3 Retry retries GETs on connection errors, read
 errors and 5xx (3 retries, backoff 0.5 s, 1 s, 2 s plus jitter), and retries a POST
@@ -121,7 +121,7 @@ class UpstreamHealth:
     """consecutiveFailures / lastSuccess / lastError / connected of this process's calls.
 
     `on_change` (if given) receives each new snapshot, outside the lock: the runtime
-    config store shares it with every other process (SPEC §6, §7).
+    config store shares it with every other process (README, "Membridge").
     """
 
     def __init__(self, on_change: Callable[[dict[str, Any]], None] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Marshmallow schemas for every request body and query string (SPEC §3, §4, §6).
+"""Marshmallow schemas for every request body and query string (docs/API.md).
 
 Integers are strict (no "300", 2.5 or true), booleans are JSON booleans only, numbers
 are JSON numbers only. Unknown keys are dropped, as the Express service's zod schemas
@@ -214,7 +214,7 @@ _INSTANCES: dict[type[Schema], Schema] = {}
 
 
 def load(schema_class: type[Schema], data: Any) -> dict[str, Any]:
-    """Validate `data`; raise ValidationFailed in the SPEC's formErrors/fieldErrors shape."""
+    """Validate `data`; raise ValidationFailed in the formErrors/fieldErrors shape of docs/API.md."""
     if not isinstance(data, Mapping):
         raise ValidationFailed(["Expected an object"], {})
     schema = _INSTANCES.get(schema_class)

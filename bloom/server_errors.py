@@ -1,4 +1,4 @@
-"""gunicorn's own error answers as JSON (SPEC §2: every error is JSON, never HTML).
+"""gunicorn's own error answers as JSON (every error is JSON, never HTML).
 
 gunicorn answers some requests before the application sees them (a request line over
 `limit_request_line`: 414; malformed request lines or headers: 400; too many headers:

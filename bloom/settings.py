@@ -1,4 +1,4 @@
-"""Settings read once from the environment into a typed, immutable object (SPEC §1)."""
+"""Settings read once from the environment into a typed, immutable object (README, "Configuration")."""
 from __future__ import annotations
 
 import ipaddress

@@ -1,4 +1,4 @@
-"""The JSON shape of every object the API answers with, in one place (SPEC §3).
+"""The JSON shape of every object the API answers with, in one place (docs/API.md, Objects).
 
 Each shape is a marshmallow schema. The OpenAPI document describes answers with it
 (openapi.py), and the serializers below are built from it: every *required* field of
@@ -36,7 +36,7 @@ def _or(name: str, default: Any) -> Callable[[Mapping[str, Any]], Any]:
     return lambda row: row.get(name) or default
 
 
-# Objects (SPEC §3) ----------------------------------------------------------------
+# Objects ---------------------------------------------------------------------------
 
 
 class WorkerCapabilities(Schema):

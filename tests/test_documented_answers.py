@@ -129,3 +129,15 @@ def test_every_answer_of_a_walk_through_the_api_is_as_documented(api):
         ("GET", "/api/runtime/artifacts/{artifact_id}/content"), ("GET", "/metrics"),
         ("POST", "/api/runtime/deliveries/{lease_id}/api/runtime/llm-tasks/{task_id}/heartbeat"),
     }
+
+
+def test_the_api_reference_in_docs_is_the_one_the_service_writes(client):
+    """docs/API.md cannot drift: it is what `python -m bloom.api_reference` writes from
+    the same document the running service serves (`make api-docs` writes it again)."""
+    from pathlib import Path
+
+    from bloom.api_reference import render
+
+    served = client.get("/api/runtime/openapi.json").get_json()
+    written = (Path(__file__).resolve().parent.parent / "docs" / "API.md").read_text(encoding="utf-8")
+    assert render(served) == written, "docs/API.md is stale: run `make api-docs`"

@@ -1,7 +1,7 @@
 """HTTP blueprints: parse and validate, call the service, answer JSON."""
 from __future__ import annotations
 
-from flask import current_app, request
+from flask import Flask, current_app, request
 
 from ..leases.service import LeaseService
 from ..records.service import RecordService
@@ -29,3 +29,11 @@ def record_service() -> RecordService:
 
 def query(schema_class) -> dict:
     return load(schema_class, request.args.to_dict())
+
+
+def register_blueprints(app: Flask) -> None:
+    """Every area of the API (the app, and the API reference, docs/API.md, use this)."""
+    from . import config, health, membridge, metrics, records, tasks, workers
+
+    for module in (health, config, workers, tasks, records, membridge, metrics):
+        app.register_blueprint(module.bp)

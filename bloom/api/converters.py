@@ -1,4 +1,4 @@
-"""URL converters for ids that may hold any character, '/' included (SPEC §7)."""
+"""URL converters for ids that may hold any character, '/' included (docs/API.md, Conventions)."""
 from __future__ import annotations
 
 from werkzeug.routing import BaseConverter

@@ -208,7 +208,7 @@ WITH dead AS (
 SELECT count(*) AS set_aside FROM dead;
 
 -- fragment: worker_alive
--- The worker's own sign of life (SPEC §7): its evidence and heartbeat times now, and an
+-- The worker's own sign of life: its evidence and heartbeat times now, and an
 -- offline worker back online. Written at most every 5 s per worker, so that most calls
 -- leave the worker row alone; locked after lease and task, as everywhere. A statement
 -- that includes it names the worker in a CTE `alive_worker (worker_id)`.

@@ -1,4 +1,4 @@
-"""Liveness of push workers from the runtime's own evidence (SPEC §7).
+"""Liveness of push workers from the runtime's own evidence (README, "Running with a Membridge fleet").
 
 Membridge changes an agent's status only when it calls the agent itself, so its
 `/agents` can list a dead agent `online` for hours. The runtime therefore probes every

@@ -1,4 +1,4 @@
-"""Worker sync: Membridge's agents become (or update) local workers (SPEC §4, §6).
+"""Worker sync: Membridge's agents become (or update) local workers (README, "Membridge").
 
 An upstream failure of any kind (unreachable, 401, 5xx, not JSON, not a list)
 changes nothing locally. Inside a list, entries without a usable name or with wrong
