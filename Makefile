@@ -1,10 +1,11 @@
 # make run   - the service on :3002 (embedded PostgreSQL unless DATABASE_URL is set)
 # make test  - the whole test suite (brings up its own PostgreSQL, S3 and upstream)
+# make test-quick - the in-process tests only (about two minutes), for a change's first feedback
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: run test init-db api-docs clean
+.PHONY: run test test-quick init-db api-docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,9 @@ init-db: $(VENV)/.runtime
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-quick: $(VENV)/.dev
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 api-docs: $(VENV)/.runtime
 	$(BIN)/python -m bloom.api_reference > docs/API.md

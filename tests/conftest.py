@@ -146,3 +146,24 @@ def fleet_server(database_url, membridge):
     for served in servers:
         served.stop()
         assert AGENT_KEY not in served.log() and ADMIN_KEY not in served.log()
+
+
+# `make test-quick`: the tests that run in this process only, for a change's first
+# feedback in about a minute. A test is slow when it starts a server of its own (gunicorn,
+# an agent, S3) or a process; `make test` runs everything.
+_SLOW_FIXTURES = {"server", "fleet_server", "served", "s3", "s3_app", "bucket", "agents"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts servers or processes (left out by make test-quick)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import inspect
+
+    for item in items:
+        function = getattr(item, "function", None)
+        source = inspect.getsource(function) if function is not None else ""
+        if _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or any(
+                marker in source for marker in ("GunicornServer(", "subprocess.", "WorkerProcess(", "os.fork(")):
+            item.add_marker(pytest.mark.slow)
