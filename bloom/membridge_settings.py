@@ -65,9 +65,12 @@ class MembridgeSettingsStore:
         self._cached_at = float("-inf")
         self._lock = threading.Lock()
 
-    def current(self) -> MembridgeConfig:
+    def current(self, *, fresh: bool = False) -> MembridgeConfig:
+        """The settings, read through the cache; `fresh` reads the database now (GET
+        /config: right after a connection test or a change made through any process, the
+        answer must show it)."""
         with self._lock:
-            if time.monotonic() - self._cached_at < CACHE_SECONDS:
+            if not fresh and time.monotonic() - self._cached_at < CACHE_SECONDS:
                 return self._cached
         try:
             config = self._read()

@@ -196,12 +196,20 @@ def _page_fields(default_limit: int) -> dict[str, fields.Field]:
 
 
 PageQuery = Schema.from_dict(_page_fields(100), name="PageQuery")
+# Without limit (and offset, status), the task and lease lists answer the overview the
+# web client reads (tasks.service.list_tasks, leases.service.list_leases).
+_OVERVIEW_PAGE = {
+    "limit": fields.Integer(load_default=None, validate=validate.Range(1, 1000), metadata={
+        "description": "without it (nor offset and status): every task or lease in flight, the newest "
+                       "failed and dead tasks, and the newest others (README, 'Lists')"}),
+    "offset": fields.Integer(load_default=0, validate=validate.Range(0, MAX_OFFSET)),
+}
 TaskListQuery = Schema.from_dict(
-    {**_page_fields(100), "status": fields.String(load_default=None, validate=validate.OneOf(TASK_STATUSES))},
+    {**_OVERVIEW_PAGE, "status": fields.String(load_default=None, validate=validate.OneOf(TASK_STATUSES))},
     name="TaskListQuery",
 )
 LeaseListQuery = Schema.from_dict(
-    {**_page_fields(100), "status": fields.String(load_default=None, validate=validate.OneOf(LEASE_STATUSES))},
+    {**_OVERVIEW_PAGE, "status": fields.String(load_default=None, validate=validate.OneOf(LEASE_STATUSES))},
     name="LeaseListQuery",
 )
 ArtifactListQuery = Schema.from_dict(

@@ -28,7 +28,7 @@ def _public(config) -> dict:
 @bp.get("/config")
 @documented("Membridge settings, with the admin key masked", responses={200: "RuntimeConfig"})
 def get_config():
-    return jsonify(_public(membridge_settings().current()))
+    return jsonify(_public(membridge_settings().current(fresh=True)))
 
 
 @bp.post("/config")

@@ -412,3 +412,14 @@ SELECT * FROM leases
  WHERE (CAST(:status AS text) IS NULL OR status = :status)
  ORDER BY started_at DESC, id DESC
  LIMIT :limit OFFSET :offset;
+
+-- name: list_leases_overview
+-- GET /leases with no limit, as the web client reads it (its Active Leases panel): every
+-- active lease (at most the fleet's capacity, capped at :active_rows) and the newest
+-- :recent_rows of the others, newest first.
+SELECT * FROM (
+    (SELECT * FROM leases WHERE status = 'active' ORDER BY started_at DESC, id DESC LIMIT :active_rows)
+    UNION ALL
+    (SELECT * FROM leases WHERE status <> 'active' ORDER BY started_at DESC, id DESC LIMIT :recent_rows)
+) overview
+ ORDER BY started_at DESC, id DESC;

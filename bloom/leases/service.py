@@ -25,6 +25,10 @@ from ..tasks.service import task_status
 log = logging.getLogger(__name__)
 
 SWEEP_ACTOR = "lease-sweeper"
+DEFAULT_PAGE = 100
+# The overview a list without limit answers (list_leases_overview).
+OVERVIEW_ACTIVE_ROWS = 5000
+OVERVIEW_RECENT_ROWS = 100
 # A picked worker can fill up between the pick and its lock; picking again is cheap.
 LEASE_PICK_ATTEMPTS = 5
 # Tasks a claim may set aside (see set_task_aside) before it gives up for this call.
@@ -286,7 +290,13 @@ class LeaseService:
             log.info("lease sweep: %(expired)d expired, %(requeued)d requeued, %(dead)d dead", counts)
         return counts
 
-    def list_leases(self, *, status: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
+    def list_leases(self, *, status: str | None, limit: int | None, offset: int) -> list[dict[str, Any]]:
+        """A page, newest first; with no limit (nor status, offset) the overview: every
+        active lease, and the newest others."""
         with self.db.autocommit() as tx:
-            rows = tx.all("list_leases", status=status, limit=limit, offset=offset)
+            if limit is None and status is None and offset == 0:
+                rows = tx.all("list_leases_overview", active_rows=OVERVIEW_ACTIVE_ROWS,
+                              recent_rows=OVERVIEW_RECENT_ROWS)
+            else:
+                rows = tx.all("list_leases", status=status, limit=limit or DEFAULT_PAGE, offset=offset)
         return [lease_json(row) for row in rows]

@@ -73,6 +73,24 @@ SELECT * FROM llm_tasks
  ORDER BY created_at DESC, id DESC
  LIMIT :limit OFFSET :offset;
 
+-- name: list_tasks_overview
+-- GET /llm-tasks with no limit, as the web client reads it: it counts statuses from the
+-- rows and offers Requeue on failed ones, so every task in flight (leased, running: at
+-- most the fleet's capacity, capped at :in_flight_rows), the newest :failed_rows failed
+-- or dead ones and the newest :recent_rows of the rest, newest first. Each part is a short
+-- range of an index, whatever the number of finished tasks kept.
+SELECT * FROM (
+    (SELECT * FROM llm_tasks WHERE status IN ('leased', 'running')
+      ORDER BY created_at DESC, id DESC LIMIT :in_flight_rows)
+    UNION ALL
+    (SELECT * FROM llm_tasks WHERE status IN ('failed', 'dead')
+      ORDER BY created_at DESC, id DESC LIMIT :failed_rows)
+    UNION ALL
+    (SELECT * FROM llm_tasks WHERE status NOT IN ('leased', 'running', 'failed', 'dead')
+      ORDER BY created_at DESC, id DESC LIMIT :recent_rows)
+) overview
+ ORDER BY created_at DESC, id DESC;
+
 -- name: get_task
 SELECT * FROM llm_tasks WHERE id = :task_id;
 

@@ -15,6 +15,11 @@ from ..errors import Conflict, NotFound, Unavailable, Unprocessable, ValidationF
 from ..shapes import task_json
 from ..stamps import API_ACTOR, new_id, now_ms
 
+DEFAULT_PAGE = 100
+# The overview a list without limit answers (list_tasks_overview): bounded in every part.
+OVERVIEW_IN_FLIGHT_ROWS = 5000
+OVERVIEW_FAILED_ROWS = 500
+OVERVIEW_RECENT_ROWS = 100
 # A cancel racing grants locks the task's newest lease and tries again (cancel_task).
 CANCEL_ATTEMPTS = 5
 
@@ -105,9 +110,15 @@ class TaskService:
                 answered.append(task_json(task))
         return answered, bool(outcome["created"])
 
-    def list_tasks(self, *, status: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
+    def list_tasks(self, *, status: str | None, limit: int | None, offset: int) -> list[dict[str, Any]]:
+        """A page, newest first; with no limit (nor status, offset) the overview: every
+        task in flight, the newest failed and dead ones, the newest others."""
         with self.db.autocommit() as tx:
-            rows = tx.all("list_tasks", status=status, limit=limit, offset=offset)
+            if limit is None and status is None and offset == 0:
+                rows = tx.all("list_tasks_overview", in_flight_rows=OVERVIEW_IN_FLIGHT_ROWS,
+                              failed_rows=OVERVIEW_FAILED_ROWS, recent_rows=OVERVIEW_RECENT_ROWS)
+            else:
+                rows = tx.all("list_tasks", status=status, limit=limit or DEFAULT_PAGE, offset=offset)
         return [task_json(row) for row in rows]
 
     def get_task(self, task_id: str) -> dict[str, Any]:
