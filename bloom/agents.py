@@ -223,6 +223,20 @@ class AgentClient:
 
     def send_task(self, url: str, body: dict[str, Any], *, answer_timeout_s: float) -> PendingRun:
         """Connect and write the task; raise AgentUnreachable when that fails."""
+        return self.send(url, "POST", "/execute-task", body, answer_timeout_s=answer_timeout_s)
+
+    def call(self, url: str, method: str, path: str, body: Any = None, *, within_s: float) -> AgentAnswer:
+        """One request to an agent's own API (an operation: health, self-update, restart,
+        uninstall, clone), its whole answer awaited at most `within_s`."""
+        try:
+            pending = self.send(url, method, path, body, answer_timeout_s=within_s)
+        except AgentUnreachable as error:
+            return AgentAnswer(None, None, str(error))
+        return pending.answer()
+
+    def send(self, url: str, method: str, path: str, body: Any = None, *, answer_timeout_s: float) -> PendingRun:
+        """Connect to the agent and write the request (the url checked against the agent
+        networks first); raise AgentUnreachable when that fails."""
         target = urlsplit(url)
         try:
             host, port = target.hostname, target.port
@@ -239,12 +253,14 @@ class AgentClient:
             connection = http.client.HTTPSConnection(host, port, timeout=CONNECT_TIMEOUT_S)
         else:  # to the very address that was checked
             connection = http.client.HTTPConnection(checked[4][0], checked[4][1], timeout=CONNECT_TIMEOUT_S)
-        payload = json.dumps(body).encode("utf-8")
-        headers = {"Content-Type": "application/json", "Accept": "application/json", "Host": target.netloc}
+        payload = json.dumps(body).encode("utf-8") if body is not None else None
+        headers = {"Accept": "application/json", "Host": target.netloc}
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
         if self._agent_key:
             headers[AGENT_HEADER] = self._agent_key
         try:
-            connection.request("POST", f"{target.path.rstrip('/')}/execute-task", body=payload, headers=headers)
+            connection.request(method, f"{target.path.rstrip('/')}{path}", body=payload, headers=headers)
         except (OSError, http.client.HTTPException) as error:
             connection.close()
             raise AgentUnreachable(_describe(error)) from None

@@ -26,6 +26,7 @@ from .leases.service import LeaseService
 from .records.retention import RetentionPolicy, prune
 from .records.service import RecordService
 from .tasks.service import TaskService
+from .workers.agent_ops import AgentOperations
 from .workers.liveness import probe_push_workers, probe_round_budget_s
 from .workers.service import WorkerService
 from .workers.sync import run_worker_sync
@@ -88,6 +89,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     queue_events = app.extensions["bloom.queue_events"] = QueueEvents(database.engine)
     app.extensions["bloom.waiting_room"] = WaitingRoom(settings.max_waiting_claims)
     agents = app.extensions["bloom.agents"] = AgentClient(settings.agent_key, AgentNetworks(settings.agent_networks))
+    app.extensions["bloom.agent_ops"] = AgentOperations(database, agents, records)
     app.extensions["bloom.dispatcher"] = Dispatcher(
         leases, records, database, agents, queue_events, public_url=settings.public_url
     )

@@ -289,3 +289,15 @@ def _unstorable_text(value: Any) -> str | None:
         if reason:
             return reason
     return None
+
+
+def _repository_url(value: str) -> None:
+    if not (value.startswith(("http://", "https://", "git@")) and len(value) <= 1024) or any(
+            c.isspace() for c in value):
+        raise ValidationError("Must be an http(s):// or git@ repository URL of at most 1024 characters.")
+
+
+class AgentUpdateSchema(_Body):
+    repo_url = fields.String(load_default=None, allow_none=True, validate=_repository_url)
+    branch = fields.String(load_default=None, allow_none=True,
+                           validate=validate.Regexp(r"^[A-Za-z0-9._/-]{1,255}$", error="Must be a branch name."))

@@ -272,6 +272,26 @@ class Stats(Schema):
                        "PostgreSQL's estimates (as of its last ANALYZE); live counts stay exact"})
 
 
+class AgentHealth(Schema):
+    """What the agent's /health said, as it said it, with `reachable`."""
+
+    class Meta:
+        unknown = "include"
+
+    reachable = fields.Boolean(required=True)
+    error = fields.String(metadata={"description": "why not, when not reachable"})
+    version = fields.String(metadata={"description": "the agent's version, as it says"})
+
+
+class AgentOperation(Schema):
+    """The agent's answer, as it said it, with `status`: updated, restarted, uninstalled."""
+
+    class Meta:
+        unknown = "include"
+
+    status = fields.String(required=True, metadata={"enum": ["updated", "restarted", "uninstalled"]})
+
+
 class ConnectionTest(Schema):
     connected = fields.Boolean(required=True)
     health = fields.Dict()
@@ -282,7 +302,7 @@ class ConnectionTest(Schema):
 RESPONSE_OBJECTS = [
     Lease, WorkerNode, WorkerDetail, LLMTask, TaskResult, TaskDetail, RuntimeArtifact, LLMResult, AuditLogEntry, RuntimeConfig, Health,
     Ready, LeaseGrant, HeartbeatReply, Completion, Claimed, Dispatched, Removed, Stats, ConnectionTest,
-    RenewedLease, LostLease, WorkerHeartbeatReply, TaskBatch,
+    RenewedLease, LostLease, WorkerHeartbeatReply, TaskBatch, AgentHealth, AgentOperation,
 ]
 
 

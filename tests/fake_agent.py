@@ -12,7 +12,11 @@
   `fail_next` answers the next delivery 500, then runs normally again; `black_hole`
   takes the task (heartbeat) and never answers nor completes, while its /health says ok;
   `trickle` answers a delivery one byte a second.
-- `GET /health` answers 200 while it lives.
+- `GET /health` answers 200 while it lives, with its version, hostname, capabilities and
+  addresses; `GET /system-info` too. Its operations (`POST /self-update`, `/restart`,
+  `/uninstall`, `/clone`) need the agent key, answer `{"ok": true, ...}` (a self-update
+  moves its version to 0.5.0; a clone refuses names outside `[A-Za-z0-9_.-]` with a 422
+  list), or 500 when `operations_fail` is set.
 - `freeze()` is a SIGSTOP (a partition, an overloaded host): the agent still accepts
   connections but answers nothing and calls nobody; its runs stand still. `thaw()`
   resumes it where it stopped: late answers, late callbacks, as the real one would.
@@ -41,6 +45,9 @@ class AgentState:
     runtime_api_key: str | None
     mode: str = "normal"
     fail_detail: str = "agent error"  # what `fail_next` says
+    version: str = "0.4.2"
+    operations: list[tuple[str, Any]] = field(default_factory=list)  # (path, body) of operations asked
+    operations_fail: bool = False
     run_seconds: float = 0.05
     executed: list[str] = field(default_factory=list)
     deliveries: list[dict[str, Any]] = field(default_factory=list)
@@ -130,14 +137,40 @@ def _handler(agent: FakeAgent):
         def do_GET(self):
             agent.awake.wait()
             if self.path == "/health":
-                return self._send(200, {"status": "ok", "node": agent.name})
+                return self._send(200, {
+                    "status": "ok", "node": agent.name, "version": state.version, "hostname": f"{agent.name}-host",
+                    "capabilities": {"claude_cli": True, "max_concurrency": agent.max_concurrency},
+                    "ip_addrs": ["127.0.0.1"]})
+            if self.path == "/system-info":
+                return self._send(200, {"hostname": f"{agent.name}-host", "os": "Linux"})
+            self._send(404, {"detail": "Not Found"})
+
+        def _operation(self, body: dict[str, Any]) -> None:
+            """The agent's own API beside /execute-task (README, "Agent operations")."""
+            if self.headers.get("X-MEMBRIDGE-AGENT") != state.agent_key:
+                return self._send(401, {"detail": "invalid agent key"})
+            with state.lock:
+                state.operations.append((self.path, body))
+            if state.operations_fail:
+                return self._send(500, {"detail": "operation failed: " + "x" * 2000})
+            if self.path == "/self-update":
+                state.version = "0.5.0"
+                return self._send(200, {"ok": True, "version": state.version, "detail": "updated"})
+            if self.path in ("/restart", "/uninstall"):
+                return self._send(200, {"ok": True, "detail": self.path[1:] + " scheduled"})
+            if self.path == "/clone":
+                name = body.get("project_name", "")
+                if not name or not all(c.isalnum() or c in "_.-" for c in name):
+                    return self._send(422, {"detail": [{"type": "value_error", "loc": ["body", "project_name"],
+                                                        "msg": "invalid project name", "input": name}]})
+                return self._send(200, {"ok": True, "path": f"/home/agent/projects/{name}"})
             self._send(404, {"detail": "Not Found"})
 
         def do_POST(self):
             length = int(self.headers.get("Content-Length") or 0)
             task = json.loads(self.rfile.read(length) or b"{}")
             if self.path != "/execute-task":
-                return self._send(404, {"detail": "Not Found"})
+                return self._operation(task)
             if self.headers.get("X-MEMBRIDGE-AGENT") != state.agent_key:
                 return self._send(401, {"detail": "invalid agent key"})
             with state.lock:

@@ -73,7 +73,7 @@ def api(client):
     return call
 
 
-def test_every_answer_of_a_walk_through_the_api_is_as_documented(api):
+def test_every_answer_of_a_walk_through_the_api_is_as_documented(api, agents):
     r = "/api/runtime"
     api("get", f"{r}/health")
     api("get", f"{r}/ready")
@@ -118,6 +118,12 @@ def test_every_answer_of_a_walk_through_the_api_is_as_documented(api):
     api("get", f"{r}/audit?limit=50")
     api("get", f"{r}/stats")
     api("get", f"{r}/llm-tasks?limit=abc")  # 400
+    agent = agents("ops")  # this app has no agent key: the agent refuses every operation but /health
+    api("post", f"{r}/workers", json={"name": "ops", "url": agent.url})
+    api("get", f"{r}/workers/ops/agent-health")
+    for operation in ("agent-update", "agent-restart", "agent-uninstall"):
+        api("post", f"{r}/workers/ops/{operation}", json={})  # 502
+        api("post", f"{r}/workers/w1/{operation}", json={})  # 400: no url
     api("delete", f"{r}/workers/w1")
     api("get", "/api/membridge/health")  # 502: nothing listens upstream
 

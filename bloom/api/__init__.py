@@ -33,7 +33,7 @@ def query(schema_class) -> dict:
 
 def register_blueprints(app: Flask) -> None:
     """Every area of the API (the app, and the API reference, docs/API.md, use this)."""
-    from . import config, health, membridge, metrics, records, tasks, workers
+    from . import agent_ops, config, health, membridge, metrics, records, tasks, workers
 
-    for module in (health, config, workers, tasks, records, membridge, metrics):
+    for module in (health, config, agent_ops, workers, tasks, records, membridge, metrics):
         app.register_blueprint(module.bp)

@@ -214,3 +214,26 @@ SELECT (SELECT count(*) FROM taken_out) AS workers,
        (SELECT count(*) FROM requeued WHERE status = 'dead') AS dead,
        CASE WHEN EXISTS (SELECT 1 FROM requeued WHERE status = 'queued')
             THEN pg_notify('bloom_task_queued', '') IS NULL END AS notified;
+
+-- name: note_agent_health
+-- What an agent said of itself in answer to GET /workers/<id>/agent-health: its version,
+-- OS, capabilities (merged over the stored ones) and addresses; it answered, so it is
+-- online (unless held out, 'error', until it registers again) and heard from now.
+UPDATE workers
+   SET agent_version = COALESCE(:agent_version, agent_version),
+       os_info = COALESCE(CAST(:os_info AS jsonb), os_info),
+       capabilities = capabilities || CAST(:capabilities AS jsonb),
+       ip_addrs = COALESCE(CAST(:ip_addrs AS jsonb), ip_addrs),
+       status = CASE WHEN status = 'error' THEN status ELSE 'online' END,
+       evidence_at = :now, last_heartbeat = :now
+ WHERE id = :worker_id
+RETURNING id;
+
+-- name: set_agent_version
+-- After an operation on the agent (self-update, uninstall); 'uninstalled' also takes the
+-- worker offline (its leases were ended by take_workers_out, in the same transaction).
+UPDATE workers
+   SET agent_version = COALESCE(:agent_version, agent_version),
+       status = CASE WHEN :agent_version = 'uninstalled' THEN 'offline' ELSE status END
+ WHERE id = :worker_id
+RETURNING id;

@@ -1,0 +1,47 @@
+"""Operations on a worker's agent: health, update, restart, uninstall (workers/agent_ops.py)."""
+from __future__ import annotations
+
+from flask import Blueprint, current_app, jsonify
+
+from ..http import json_body
+from ..openapi import documented
+from ..schemas import AgentUpdateSchema, load
+from ..workers.agent_ops import AgentOperations
+
+bp = Blueprint("agent_ops", __name__, url_prefix="/api/runtime/workers")
+
+FAILURES = {400: "Error", 404: "Error", 502: "Error", 503: "Error"}
+
+
+def operations() -> AgentOperations:
+    return current_app.extensions["bloom.agent_ops"]
+
+
+@bp.get("/<worker_id:worker_id>/agent-health")
+@documented("Ask the worker's agent for its health; the worker is updated from it (offline if silent)",
+            responses={200: "AgentHealth", **FAILURES})
+def agent_health(worker_id: str):
+    return jsonify(operations().health(worker_id))
+
+
+@bp.post("/<worker_id:worker_id>/agent-update")
+@documented("Have the worker's agent update itself (up to 120 s)", body=AgentUpdateSchema,
+            responses={200: "AgentOperation", **FAILURES})
+def agent_update(worker_id: str):
+    body = load(AgentUpdateSchema, json_body())
+    return jsonify(operations().update(worker_id, {key: value for key, value in body.items() if value is not None}))
+
+
+@bp.post("/<worker_id:worker_id>/agent-restart")
+@documented("Have the worker's agent restart (up to 30 s)", responses={200: "AgentOperation", **FAILURES})
+def agent_restart(worker_id: str):
+    json_body()  # the client sends {}; nothing in it is used
+    return jsonify(operations().restart(worker_id))
+
+
+@bp.post("/<worker_id:worker_id>/agent-uninstall")
+@documented("Have the worker's agent uninstall itself; the worker goes offline and its tasks back to the queue",
+            responses={200: "AgentOperation", **FAILURES})
+def agent_uninstall(worker_id: str):
+    json_body()
+    return jsonify(operations().uninstall(worker_id))
