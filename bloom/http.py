@@ -29,6 +29,7 @@ OPEN_PATHS = frozenset({
     "/api/runtime/ready",
     "/api/runtime/openapi.json",
     "/api/runtime/test-connection",
+    "/api/runtime/agent-install-script",  # holds no secret: the node's shell supplies the keys
 })
 
 # Monitoring is never throttled.

@@ -134,7 +134,7 @@ def _operation(rule, path: str, meta: dict[str, Any]) -> dict[str, Any]:
             continue
         responses.setdefault(str(status), _response("Error", description))
     operation["responses"] = responses
-    if path not in _OPEN_ROUTES and path != "/api/runtime/test-connection":
+    if path not in _OPEN_ROUTES and path not in ("/api/runtime/test-connection", "/api/runtime/agent-install-script"):
         operation["security"] = [{"RuntimeApiKey": []}]
     return operation
 

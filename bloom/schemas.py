@@ -301,3 +301,13 @@ class AgentUpdateSchema(_Body):
     repo_url = fields.String(load_default=None, allow_none=True, validate=_repository_url)
     branch = fields.String(load_default=None, allow_none=True,
                            validate=validate.Regexp(r"^[A-Za-z0-9._/-]{1,255}$", error="Must be a branch name."))
+
+
+InstallScriptQuery = Schema.from_dict({
+    "server_url": fields.String(load_default=None, validate=[validate.Length(max=URL_MAX), _http_url], metadata={
+        "description": "the runtime's address as the node reaches it; default BLOOM_PUBLIC_URL"}),
+    "node_id": fields.String(load_default=None, validate=[validate.Length(min=1, max=128), _no_control_characters],
+                             metadata={"description": "default: the node's hostname"}),
+    "port": fields.Integer(load_default=8001, validate=validate.Range(1, 65535)),
+    "repo_url": fields.String(load_default=None, validate=_repository_url),
+}, name="InstallScriptQuery")

@@ -37,3 +37,4 @@ def register_blueprints(app: Flask) -> None:
 
     for module in (health, config, agent_ops, workers, tasks, records, membridge, metrics):
         app.register_blueprint(module.bp)
+    app.register_blueprint(agent_ops.install_bp)

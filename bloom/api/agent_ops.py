@@ -1,14 +1,18 @@
 """Operations on a worker's agent: health, update, restart, uninstall (workers/agent_ops.py)."""
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify
 
+from ..errors import BadRequest
 from ..http import json_body
+from ..install_script import DEFAULT_REPO_URL, install_script
 from ..openapi import documented
-from ..schemas import AgentUpdateSchema, load
+from ..schemas import AgentUpdateSchema, InstallScriptQuery, load
+from . import query
 from ..workers.agent_ops import AgentOperations
 
 bp = Blueprint("agent_ops", __name__, url_prefix="/api/runtime/workers")
+install_bp = Blueprint("agent_install", __name__, url_prefix="/api/runtime")
 
 FAILURES = {400: "Error", 404: "Error", 502: "Error", 503: "Error"}
 
@@ -45,3 +49,21 @@ def agent_restart(worker_id: str):
 def agent_uninstall(worker_id: str):
     json_body()
     return jsonify(operations().uninstall(worker_id))
+
+
+@install_bp.get("/agent-install-script")
+@documented("A bash script that installs the Membridge agent on a Linux node (no secret in it)",
+            query=InstallScriptQuery, responses={200: "Text", 400: "Error"})
+def agent_install_script():
+    """Open like /health: it holds no secret. The runtime's address comes from the query
+    or BLOOM_PUBLIC_URL, never from the request's Host."""
+    params = query(InstallScriptQuery)
+    runtime_url = params["server_url"] or current_app.extensions["bloom.settings"].public_url
+    if not runtime_url:
+        raise BadRequest("server_url is needed (or set BLOOM_PUBLIC_URL): the address the node reaches the runtime at")
+    script = install_script(
+        runtime_url=runtime_url.rstrip("/"),
+        control_plane_url=current_app.extensions["bloom.membridge_settings"].current().server_url,
+        node_id=params["node_id"], port=params["port"], repo_url=params["repo_url"] or DEFAULT_REPO_URL,
+    )
+    return Response(script, mimetype="text/plain")
