@@ -124,6 +124,8 @@ def test_every_answer_of_a_walk_through_the_api_is_as_documented(api, agents):
     for operation in ("agent-update", "agent-restart", "agent-uninstall"):
         api("post", f"{r}/workers/ops/{operation}", json={})  # 502
         api("post", f"{r}/workers/w1/{operation}", json={})  # 400: no url
+    api("get", f"{r}/agent-install-script?server_url=http://10.0.0.5:3002&node_id=n1")
+    api("get", f"{r}/agent-install-script?port=0")  # 400
     api("delete", f"{r}/workers/w1")
     api("get", "/api/membridge/health")  # 502: nothing listens upstream
 
