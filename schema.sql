@@ -155,3 +155,30 @@ UPDATE leases l SET status = 'expired'
    AND NOT EXISTS (SELECT 1 FROM llm_tasks t
                     WHERE t.id = l.task_id AND t.lease_id = l.id AND t.status IN ('leased', 'running'));
 CREATE UNIQUE INDEX IF NOT EXISTS leases_one_active_per_task ON leases (task_id) WHERE status = 'active';
+
+-- Managed projects: git repositories the fleet keeps cloned (bloom/projects/), and where
+-- each node stands with each (one row per project and node).
+CREATE TABLE IF NOT EXISTS managed_projects (
+    id              text PRIMARY KEY,
+    name            text NOT NULL,
+    repo_url        text NOT NULL,
+    canonical_id    text NOT NULL,
+    target_path     text,
+    clone_status    text NOT NULL DEFAULT 'pending',
+    primary_node_id text,
+    created_at      bigint NOT NULL,
+    updated_at      bigint NOT NULL,
+    error_message   text
+);
+CREATE UNIQUE INDEX IF NOT EXISTS managed_projects_name_idx ON managed_projects (name);
+CREATE INDEX IF NOT EXISTS managed_projects_created_idx ON managed_projects (created_at DESC, id DESC);
+CREATE TABLE IF NOT EXISTS project_node_status (
+    id              text PRIMARY KEY,
+    project_id      text NOT NULL,
+    node_id         text NOT NULL,
+    clone_status    text NOT NULL DEFAULT 'pending',
+    last_sync_at    bigint,
+    error_message   text,
+    repo_path       text
+);
+CREATE UNIQUE INDEX IF NOT EXISTS project_node_status_one_idx ON project_node_status (project_id, node_id);

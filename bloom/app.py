@@ -23,6 +23,7 @@ from .queue_events import QueueEvents, WaitingRoom
 from .request_log import install_request_log
 from .membridge_settings import MembridgeSettingsStore
 from .leases.service import LeaseService
+from .projects.service import ProjectService
 from .records.retention import RetentionPolicy, prune
 from .records.service import RecordService
 from .tasks.service import TaskService
@@ -102,6 +103,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["bloom.membridge"] = MembridgeClient(
         membridge_settings.target, UpstreamHealth(on_change=membridge_settings.publish_upstream_status)
     )
+    app.extensions["bloom.projects"] = ProjectService(database, agents, app.extensions["bloom.membridge"], records)
 
     from .api import register_blueprints
 

@@ -311,3 +311,30 @@ InstallScriptQuery = Schema.from_dict({
     "port": fields.Integer(load_default=8001, validate=validate.Range(1, 65535)),
     "repo_url": fields.String(load_default=None, validate=_repository_url),
 }, name="InstallScriptQuery")
+
+
+def _no_dot_dot(value: str) -> None:
+    if ".." in value:
+        raise ValidationError("Must not hold '..'.")
+
+
+class CreateProjectSchema(_Body):
+    name = fields.String(required=True, validate=validate.Regexp(
+        r"^[A-Za-z0-9_.\- ]{1,256}$", error="1 to 256 letters, digits, '_', '-', '.' or spaces."))
+    repo_url = fields.String(required=True, validate=_repository_url)
+    target_path = fields.String(load_default=None, allow_none=True, validate=[
+        validate.Regexp(r"^[A-Za-z0-9_.\-/~]{1,512}$", error="1 to 512 letters, digits, '_', '-', '.', '/' or '~'."),
+        _no_dot_dot])
+    primary_node_id = fields.String(load_default=None, allow_none=True,
+                                    validate=[validate.Length(min=1, max=128), _no_control_characters])
+
+
+class CloneSchema(_Body):
+    node_id = fields.String(load_default=None, allow_none=True, validate=[validate.Length(min=1, max=128),
+                                                                          _no_control_characters])
+
+
+class SyncMemorySchema(_Body):
+    direction = fields.String(load_default="push", validate=validate.OneOf(["push", "pull"]))
+    node_id = fields.String(load_default=None, allow_none=True, validate=[validate.Length(min=1, max=128),
+                                                                          _no_control_characters])

@@ -17,6 +17,7 @@ from marshmallow import Schema, fields
 from . import schemas
 
 DEFAULT_CAPABILITIES = {"claude_cli": True, "max_concurrency": 1, "labels": []}
+CLONE_STATUSES = ("pending", "cloning", "cloned", "failed", "propagating", "synced")
 DEFAULT_POLICY = {"timeout_sec": 120, "budget": 0}
 
 
@@ -292,6 +293,58 @@ class AgentOperation(Schema):
     status = fields.String(required=True, metadata={"enum": ["updated", "restarted", "uninstalled"]})
 
 
+class ProjectNodeStatus(Schema):
+    id = fields.String(required=True)
+    project_id = fields.String(required=True)
+    node_id = fields.String(required=True)
+    clone_status = fields.String(required=True, metadata={"enum": list(CLONE_STATUSES)})
+    last_sync_at = fields.Integer(allow_none=True, required=True)
+    error_message = fields.String(allow_none=True, required=True)
+    repo_path = fields.String(allow_none=True, required=True)
+
+
+class ManagedProject(Schema):
+    id = fields.String(required=True)
+    name = fields.String(required=True)
+    repo_url = fields.String(required=True)
+    canonical_id = fields.String(required=True, metadata={"description": "first 16 hex digits of sha256(name)"})
+    target_path = fields.String(allow_none=True, required=True)
+    clone_status = fields.String(required=True, metadata={"enum": list(CLONE_STATUSES)})
+    primary_node_id = fields.String(allow_none=True, required=True)
+    created_at = fields.Integer(required=True)
+    updated_at = fields.Integer(required=True)
+    error_message = fields.String(allow_none=True, required=True)
+
+
+class ProjectDetail(ManagedProject):
+    nodes = fields.List(fields.Nested(ProjectNodeStatus), required=True)
+
+
+class ProjectCloned(Schema):
+    status = fields.String(required=True, metadata={"enum": ["cloned"]})
+    node = fields.Nested(ProjectNodeStatus, required=True)
+    result = fields.Dict(required=True, metadata={"description": "the agent's answer"})
+
+
+class PropagationResult(Schema):
+    node_id = fields.String(required=True)
+    status = fields.String(required=True, metadata={"enum": ["cloned", "failed"]})
+    error = fields.String()
+
+
+class Propagated(Schema):
+    status = fields.String(required=True, metadata={"enum": ["synced", "partial", "nothing_to_propagate"]})
+    results = fields.List(fields.Nested(PropagationResult))
+    message = fields.String()
+
+
+class MemorySynced(Schema):
+    status = fields.String(required=True, metadata={"enum": ["ok"]})
+    direction = fields.String(required=True, metadata={"enum": ["push", "pull"]})
+    node = fields.String(required=True)
+    result = fields.Dict(required=True, metadata={"description": "the control plane's answer"})
+
+
 class ConnectionTest(Schema):
     connected = fields.Boolean(required=True)
     health = fields.Dict()
@@ -303,6 +356,7 @@ RESPONSE_OBJECTS = [
     Lease, WorkerNode, WorkerDetail, LLMTask, TaskResult, TaskDetail, RuntimeArtifact, LLMResult, AuditLogEntry, RuntimeConfig, Health,
     Ready, LeaseGrant, HeartbeatReply, Completion, Claimed, Dispatched, Removed, Stats, ConnectionTest,
     RenewedLease, LostLease, WorkerHeartbeatReply, TaskBatch, AgentHealth, AgentOperation,
+    ProjectNodeStatus, ManagedProject, ProjectDetail, ProjectCloned, PropagationResult, Propagated, MemorySynced,
 ]
 
 
@@ -326,3 +380,5 @@ lease_json = row_serializer(Lease)
 artifact_json = row_serializer(RuntimeArtifact)
 result_json = row_serializer(LLMResult)
 audit_json = row_serializer(AuditLogEntry)
+project_json = row_serializer(ManagedProject)
+node_status_json = row_serializer(ProjectNodeStatus)

@@ -121,7 +121,29 @@ def _handler(state: FakeMembridgeState):
                         "ok": True, "canonical_id": cid, "primary_node_id": body["primary_node_id"],
                         "lease_seconds": body.get("lease_seconds", 30), "detail": "promoted",
                     })
+            if method == "POST" and len(parts) == 2 and parts[0] == "sync":
+                return self._sync(parts[1], body)
             self._send(404, {"detail": "Not Found"})
+
+        def _sync(self, direction: str, body: Any) -> None:
+            """POST /sync/<push|pull> {project, agent}, as the real control plane takes it:
+            other field names are a 422 list; an agent it does not know is a 404."""
+            if direction not in ("push", "pull"):
+                return self._send(404, {"detail": "Not Found"})
+            missing = [name for name in ("project", "agent") if not isinstance(body, dict) or name not in body]
+            if missing:
+                return self._send(422, {"detail": [
+                    {"type": "missing", "loc": ["body", name], "msg": "Field required", "input": body}
+                    for name in missing]})
+            with state.lock:
+                known = {agent["name"] for agent in state.agents}
+            if body["agent"] not in known:
+                return self._send(404, {"detail": f"Agent '{body['agent']}' not found"})
+            import hashlib
+
+            self._send(200, {"ok": True, "project": body["project"], "agent": body["agent"],
+                             "canonical_id": hashlib.sha256(body["project"].encode()).hexdigest()[:16],
+                             "detail": f"{direction} queued", "job_id": "job-1"})
 
         def do_GET(self):
             self._handle("GET")

@@ -124,6 +124,17 @@ def test_every_answer_of_a_walk_through_the_api_is_as_documented(api, agents):
     for operation in ("agent-update", "agent-restart", "agent-uninstall"):
         api("post", f"{r}/workers/ops/{operation}", json={})  # 502
         api("post", f"{r}/workers/w1/{operation}", json={})  # 400: no url
+    project = api("post", f"{r}/projects", json={"name": "garden", "repo_url": "https://x.org/g.git"}).get_json()
+    api("post", f"{r}/projects", json={"name": "garden", "repo_url": "https://x.org/g.git"})  # 409
+    api("get", f"{r}/projects")
+    api("get", f"{r}/projects/{project['id']}")
+    api("get", f"{r}/projects/{project['id']}/node-status")
+    api("post", f"{r}/projects/{project['id']}/clone", json={})  # 400: no node
+    api("post", f"{r}/projects/{project['id']}/clone", json={"node_id": "ops"})  # 502: the agent wants its key
+    api("post", f"{r}/projects/{project['id']}/propagate", json={})
+    api("post", f"{r}/projects/{project['id']}/sync-memory", json={"node_id": "ops"})  # 502: nothing upstream
+    api("delete", f"{r}/projects/{project['id']}")
+    api("get", f"{r}/projects/{project['id']}")  # 404
     api("get", f"{r}/agent-install-script?server_url=http://10.0.0.5:3002&node_id=n1")
     api("get", f"{r}/agent-install-script?port=0")  # 400
     api("delete", f"{r}/workers/w1")

@@ -33,8 +33,8 @@ def query(schema_class) -> dict:
 
 def register_blueprints(app: Flask) -> None:
     """Every area of the API (the app, and the API reference, docs/API.md, use this)."""
-    from . import agent_ops, config, health, membridge, metrics, records, tasks, workers
+    from . import agent_ops, config, health, membridge, metrics, projects, records, tasks, workers
 
-    for module in (health, config, agent_ops, workers, tasks, records, membridge, metrics):
+    for module in (health, config, agent_ops, workers, tasks, records, projects, membridge, metrics):
         app.register_blueprint(module.bp)
     app.register_blueprint(agent_ops.install_bp)

@@ -27,10 +27,12 @@ def _forward(method: str, path: str, body: Any = None):
         response = _client().request(method, path, json_body=body, caller_input=True)
     except UpstreamUnreachable as error:
         raise BadGateway(str(error)) from None
-    return _relay(response)
+    return relay(response)
 
 
-def _relay(response: UpstreamResponse):
+def relay(response: UpstreamResponse):
+    """An upstream answer as ours: its body on success; an error keeps its status (a
+    refused admin key is 502), with the admin key masked wherever upstream echoed it."""
     if response.ok:
         return jsonify(response.body), response.status
     body = {"error": _redacted(response.error_message()), "detail": _redacted_json(response.detail)}

@@ -1,0 +1,1 @@
+"""Managed projects: git repositories the fleet keeps cloned (service.py, queries.sql)."""
