@@ -1,6 +1,25 @@
 -- Leases and claims: grant, renew, complete, expire (bloom/leases/service.py).
 -- Conventions: bloom/sql.py.
 
+-- fragment: address_load
+-- The load of the agent a worker stands for (its address: README, "One agent, one
+-- capacity"): the active leases of all its names, the worker's own among them, and the
+-- capacity, the smallest max_concurrency any name declares. No row in the including
+-- statement's `worker` CTE: no capacity (max_concurrency null, so nothing is granted).
+SELECT count(l.id) AS active_leases,
+       count(l.id) FILTER (WHERE sibling.id = worker.id) AS own_active_leases,
+       min(COALESCE((sibling.capabilities ->> 'max_concurrency')::int, 1)) AS max_concurrency
+  FROM worker
+  JOIN workers sibling ON sibling.address = worker.address
+  LEFT JOIN leases l ON l.worker_id = sibling.id AND l.status = 'active'
+
+-- fragment: dead_task_result
+-- A task that dies says why (GET /llm-tasks/<id> shows it as its result). The including
+-- statement names them in a CTE `dead_tasks (id, worker_id, reason)`.
+INSERT INTO llm_results (id, task_id, worker_id, artifact_id, status, output, error_message, metrics, completed_at)
+SELECT gen_random_uuid()::text, d.id, d.worker_id, NULL, 'error', NULL, d.reason, '{}'::jsonb, :now
+  FROM dead_tasks d
+
 -- name: lease_task (prepared)
 -- A whole lease in one round trip: three statements in one query, which PostgreSQL runs
 -- as one transaction (no BEGIN/COMMIT needed), each in its own snapshot. Statement 1
@@ -53,13 +72,7 @@ WITH picked AS (
     SELECT w.* FROM workers w, picked
      WHERE w.id = COALESCE(picked.worker_id, CAST(:worker_id AS text))
 ), capacity AS (
-    -- The agent address's active leases and capacity; no row in worker: no capacity.
-    SELECT count(l.id) AS active_leases,
-           count(l.id) FILTER (WHERE sibling.id = worker.id) AS own_active_leases,
-           min(COALESCE((sibling.capabilities ->> 'max_concurrency')::int, 1)) AS max_concurrency
-      FROM worker
-      JOIN workers sibling ON sibling.address = worker.address
-      LEFT JOIN leases l ON l.worker_id = sibling.id AND l.status = 'active'
+    -- include: address_load
 ), task AS (
     UPDATE llm_tasks t
        SET status = 'leased', lease_id = :lease_id, worker_id = worker.id,
@@ -116,12 +129,7 @@ SELECT pg_advisory_xact_lock(hashtext('bloom-runtime:agent:' || address)) FROM w
 WITH worker AS (
     SELECT w.* FROM workers w WHERE w.id = :worker_id
 ), address AS (
-    SELECT count(l.id) AS active_leases,
-           count(l.id) FILTER (WHERE sibling.id = worker.id) AS own_active_leases,
-           min(COALESCE((sibling.capabilities ->> 'max_concurrency')::int, 1)) AS max_concurrency
-      FROM worker
-      JOIN workers sibling ON sibling.address = worker.address
-      LEFT JOIN leases l ON l.worker_id = sibling.id AND l.status = 'active'
+    -- include: address_load
 ), fit AS (
     UPDATE workers w
        SET last_heartbeat = :now, evidence_at = :now
@@ -388,13 +396,11 @@ WITH expired AS (
       FROM expired e
      WHERE t.id = e.task_id AND t.lease_id = e.id AND t.status IN ('leased', 'running')
     RETURNING t.id, t.status, e.id AS lease_id, e.worker_id
+), dead_tasks AS (
+    SELECT id, worker_id, 'dead: its last attempt''s lease expired on worker ' || worker_id || ' with no result' AS reason
+      FROM recovered WHERE status = 'dead'
 ), died AS (
-    -- A task that dies says why (GET /llm-tasks/<id> shows it as its result).
-    INSERT INTO llm_results (id, task_id, worker_id, artifact_id, status, output, error_message, metrics,
-                             completed_at)
-    SELECT gen_random_uuid()::text, r.id, r.worker_id, NULL, 'error', NULL,
-           'dead: its last attempt''s lease expired on worker ' || r.worker_id || ' with no result', '{}'::jsonb, :now
-      FROM recovered r WHERE r.status = 'dead'
+    -- include: dead_task_result
 ), audit AS (
     INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
     SELECT gen_random_uuid()::text, :now, 'lease_expired', 'task', id, :actor,

@@ -20,6 +20,7 @@ from ..membridge import MembridgeClient, UpstreamResponse, UpstreamUnreachable
 from ..stamps import API_ACTOR, new_id, now_ms
 from ..records.service import RecordService
 from ..shapes import node_status_json, project_json
+from ..workers.service import agent_url_of
 
 CLONE_S = 60.0
 PROPAGATE_AT_ONCE = 4
@@ -83,7 +84,7 @@ class ProjectService:
         if not node_id:
             raise BadRequest("No node given, and the project has no primary_node_id")
         self._check_agent_name(project["name"])
-        url = self._url_of(node_id)
+        url = agent_url_of(self._db, node_id)
         outcome = self._clone_to(project, node_id, url)
         if outcome["status"] != "cloned":
             raise BadGateway(f"Clone on {node_id} failed: {outcome['error']}")
@@ -132,15 +133,6 @@ class ProjectService:
             return tx.one_or_none("set_clone_status", project_id=project_id, node_id=node_id, status=status,
                                   error_message=error, synced_at=synced_at, repo_path=repo_path, row_id=new_id(),
                                   now=now_ms())
-
-    def _url_of(self, node_id: str) -> str:
-        with self._db.autocommit() as tx:
-            worker = tx.one_or_none("get_worker", worker_id=node_id)
-        if worker is None:
-            raise NotFound("Worker not found")
-        if not worker["url"]:
-            raise BadRequest("Worker has no URL configured")
-        return worker["url"]
 
     @staticmethod
     def _check_agent_name(name: str) -> None:

@@ -16,10 +16,11 @@ from typing import Any
 
 from ..agents import AgentAnswer, AgentClient
 from ..db import Database
-from ..errors import BadGateway, BadRequest, NotFound, Unavailable
+from ..errors import BadGateway, Unavailable
 from ..records.service import RecordService
 from ..stamps import API_ACTOR, now_ms
 from .liveness import take_workers_out
+from .service import agent_url_of
 
 OPERATIONS_AT_ONCE = 8
 HEALTH_S, UPDATE_S, RESTART_S, UNINSTALL_S = 10.0, 120.0, 30.0, 60.0
@@ -76,17 +77,8 @@ class AgentOperations:
 
     # The call -----------------------------------------------------------------------
 
-    def url_of(self, worker_id: str) -> str:
-        with self._db.autocommit() as tx:
-            row = tx.one_or_none("get_worker", worker_id=worker_id)
-        if row is None:
-            raise NotFound("Worker not found")
-        if not row["url"]:
-            raise BadRequest("Worker has no URL configured")
-        return row["url"]
-
     def _call(self, worker_id: str, method: str, path: str, body: Any, within_s: float) -> AgentAnswer:
-        url = self.url_of(worker_id)  # the connection goes back to the pool before the call
+        url = agent_url_of(self._db, worker_id)
         if not self._slots.acquire(blocking=False):
             raise Unavailable("Too many agent operations under way; try again shortly")
         try:

@@ -179,13 +179,12 @@ WITH ended AS (
       FROM ended e
      WHERE t.id = e.task_id AND t.lease_id = e.id AND t.status IN ('leased', 'running')
     RETURNING t.id, t.status, e.id AS lease_id, e.worker_id
+), dead_tasks AS (
+    SELECT id, worker_id,
+           'dead: its last attempt was on worker ' || worker_id || ', taken out of rotation (' || :reason || ')' AS reason
+      FROM requeued WHERE status = 'dead'
 ), died AS (
-    INSERT INTO llm_results (id, task_id, worker_id, artifact_id, status, output, error_message, metrics,
-                             completed_at)
-    SELECT gen_random_uuid()::text, r.id, r.worker_id, NULL, 'error', NULL,
-           'dead: its last attempt was on worker ' || r.worker_id || ', taken out of rotation (' || :reason || ')',
-           '{}'::jsonb, :now
-      FROM requeued r WHERE r.status = 'dead'
+    -- include: dead_task_result
 ), before AS (
     SELECT id, status FROM workers WHERE id = ANY(CAST(:worker_ids AS text[]))
 ), taken_out AS (

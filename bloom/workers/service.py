@@ -10,9 +10,21 @@ import json
 from typing import Any
 
 from ..db import Database
-from ..errors import Forbidden, NotFound
+from ..errors import BadRequest, Forbidden, NotFound
 from ..shapes import DEFAULT_CAPABILITIES, lease_json, worker_json
 from ..stamps import API_ACTOR, new_id, now_ms
+
+
+def agent_url_of(database: Database, worker_id: str) -> str:
+    """The url of a worker's agent, for a call to it: 404 for an unknown worker, 400 for one
+    without a url. The connection goes back to the pool before the call is made."""
+    with database.autocommit() as tx:
+        row = tx.one_or_none("get_worker", worker_id=worker_id)
+    if row is None:
+        raise NotFound("Worker not found")
+    if not row["url"]:
+        raise BadRequest("Worker has no URL configured")
+    return row["url"]
 
 
 class WorkerService:
