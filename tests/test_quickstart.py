@@ -1,9 +1,10 @@
 """The README's quick start works when pasted: its block runs as written against a
-served instance (only the port is this test's)."""
+served instance (only the port and the interpreter's path are this test's)."""
 from __future__ import annotations
 
 import re
 import subprocess
+import sys
 
 import requests
 
@@ -15,7 +16,8 @@ def test_the_quick_start_runs_as_written(database_url):
     block = re.search(r"<!-- quickstart -->\n```sh\n(.*?)```\n<!-- /quickstart -->", readme, re.S).group(1)
     served = GunicornServer({"DATABASE_URL": database_url}, workers=2)
     try:
-        script = block.replace("127.0.0.1:3002", f"127.0.0.1:{served.port}")
+        # This test's port, and the interpreter running the tests (the checkout's .venv in `make test`).
+        script = block.replace("127.0.0.1:3002", f"127.0.0.1:{served.port}").replace(".venv/bin/python", sys.executable)
         result = subprocess.run(["bash", "-e", "-c", script + "\nwait\n"], cwd=REPO_ROOT, capture_output=True,
                                 text=True, timeout=60)
         assert result.returncode == 0, result.stderr
