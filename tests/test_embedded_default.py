@@ -28,3 +28,7 @@ def test_service_runs_on_an_embedded_postgresql_and_keeps_data_across_restarts(t
         assert [task["prompt"] for task in tasks] == ["kept"]
     finally:
         restarted.stop()
+    # Start and stop speak once per instance: no process dumps, no line per worker at exit.
+    log = restarted.log()
+    assert "remaining pids" not in log and "PostmasterInfo" not in log
+    assert log.count("RUNTIME_API_KEY is not set") == 1
