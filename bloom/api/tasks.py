@@ -1,4 +1,5 @@
-"""LLM tasks and their lease lifecycle: create, list, lease, heartbeat, complete, requeue."""
+"""LLM tasks: create (one or a batch), list, read, lease, dispatch, heartbeat, complete,
+cancel, requeue, and an agent's fenced delivery callbacks."""
 from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, request

@@ -1,4 +1,5 @@
-"""Worker registry: list, show, register, remove."""
+"""Workers: the registry (list, show, register, remove), and what a worker does itself
+(claim, worker heartbeat)."""
 from __future__ import annotations
 
 import functools
