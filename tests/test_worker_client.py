@@ -8,6 +8,7 @@ import sys
 import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import psutil
 import pytest
@@ -277,3 +278,10 @@ def test_the_worker_client_imports_no_part_of_the_service():
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=30, check=True,
     ).stdout.strip()
     assert loaded == ""
+
+
+def test_the_console_script_is_the_worker_client():
+    """`make` installs `bloom-worker` beside the interpreter (pyproject.toml)."""
+    script = Path(sys.executable).parent / "bloom-worker"
+    shown = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=30, check=True).stdout
+    assert "--concurrency" in shown and "--server" in shown
