@@ -77,13 +77,28 @@ class LargeBodies:
 
     def give_back(self) -> None:
         self._slots.release()
+
+    @staticmethod
+    def hand_memory_back() -> None:
+        """After the answer went out (the last big buffer of the request is gone with it)."""
         gc.collect()
-        _malloc_trim()
+        _libc_call("malloc_trim", 0)
 
 
-def _malloc_trim() -> None:
+# glibc's mallopt parameter: allocations from this size up always get pages of their own
+# (mmap), handed back to the system when freed. Left dynamic, the threshold rises after the
+# first large free (up to 32 MiB), and a large body's buffers then stay in the heap.
+_M_MMAP_THRESHOLD = -3
+_MMAP_FROM_BYTES = 1 << 20
+
+
+def keep_large_buffers_out_of_the_heap() -> None:
+    _libc_call("mallopt", _M_MMAP_THRESHOLD, _MMAP_FROM_BYTES)
+
+
+def _libc_call(name: str, *args: int) -> None:
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        getattr(ctypes.CDLL("libc.so.6"), name)(*args)
     except (OSError, AttributeError):  # not glibc: the collection alone
         pass
 
@@ -187,6 +202,13 @@ def init_limiter(app: Flask, config: Settings) -> Limiter:
 
 def install_request_guards(app: Flask, config: Settings) -> None:
     app.extensions["bloom.large_bodies"] = LargeBodies(config.large_bodies_at_once)
+    keep_large_buffers_out_of_the_heap()
+
+    @app.after_request
+    def _hand_memory_back_once_sent(response):
+        if g.get("large_body") is not None:
+            response.call_on_close(LargeBodies.hand_memory_back)
+        return response
 
     @app.teardown_request
     def _give_back_large_body_slot(_error):
