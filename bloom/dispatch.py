@@ -36,6 +36,7 @@ from .agents import (
     ACCEPT_WINDOW_S, ANSWER_GRACE_S, CONNECT_TIMEOUT_S, QUICK_ANSWER_S, AgentAnswer, AgentClient, AgentUnreachable,
 )
 from .db import Database
+from .delivery_slots import DeliverySlots
 from .errors import ApiError, Conflict, NotFound, Unavailable, is_transient
 from .workers.liveness import take_workers_out
 from .queue_events import QueueEvents
@@ -54,8 +55,11 @@ LEADER_CHECK_S = 10.0
 CANDIDATES_PER_ROUND = 32
 # How long an agent's answer is held while the database is away (see _complete_holding_on).
 RESULT_HOLD_S = 300.0
-# Deliveries (each a thread waiting for its agent's answer) in flight in this process.
+# Deliveries (each a thread waiting for its agent's answer) in flight in this process:
+# up to MAX_IN_FLIGHT for whoever comes, then fair shares between agents up to
+# DELIVERY_HARD_LIMIT (bloom/delivery_slots.py).
 MAX_IN_FLIGHT = 256
+DELIVERY_HARD_LIMIT = 320
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,7 @@ class _Delivery:
         self.task = granted["task"]
         self.lease = granted["lease"]
         self.worker = granted["worker"]
+        self.address: str = granted["address"]
         self.settled = threading.Event()
         self.outcome: DispatchOutcome | None = None
         self.on_settled: Callable[[_Delivery], None] | None = None
@@ -112,7 +117,7 @@ class Dispatcher:
         self._agents = agents
         self._events = events
         self._public_url = public_url
-        self._in_flight = threading.BoundedSemaphore(MAX_IN_FLIGHT)
+        self.slots = DeliverySlots(MAX_IN_FLIGHT, DELIVERY_HARD_LIMIT)
         self._thread: threading.Thread | None = None
         # Shutdown: no grant after `_stopping`; a grant under way finishes first (`_granting`),
         # and deliveries not yet taken or refused (`_unsettled`) are waited for.
@@ -128,12 +133,13 @@ class Dispatcher:
         taken the request or refused it."""
         if not self._public_url:
             raise Conflict("Dispatch is not configured: set BLOOM_PUBLIC_URL to the address agents call back")
-        if self._stopping.is_set() or not self._in_flight.acquire(blocking=False):
+        if self._stopping.is_set() or not self.slots.reserve():
             raise Unavailable("Too many dispatches in flight; try again later")
         try:
-            granted = self._leases.grant_lease(task_id, worker_id=worker_id, ttl_seconds=ttl_seconds, push_only=True)
+            granted = self._leases.grant_lease(task_id, worker_id=worker_id, ttl_seconds=ttl_seconds, push_only=True,
+                                               full_addresses=self.slots.full_addresses())
         except Conflict:
-            self._in_flight.release()
+            self.slots.release(None)
             earlier = self._current_delivery(task_id)
             if earlier is None:
                 raise
@@ -141,7 +147,7 @@ class Dispatcher:
             # is the answer, as a repeated request expects.
             return earlier
         except BaseException:
-            self._in_flight.release()
+            self.slots.release(None)
             raise
         delivery = self._start(granted)
         delivery.settled.wait(CONNECT_TIMEOUT_S * 2 + ACCEPT_WINDOW_S + 1.0)
@@ -181,8 +187,8 @@ class Dispatcher:
                 checked_at = time.monotonic()
                 while True:
                     seen = self._events.generation
-                    self.dispatch_queued()
-                    self._events.wait_for_change(seen, LEADER_RETRY_S)
+                    if self.dispatch_queued() < CANDIDATES_PER_ROUND:  # a full round: more may wait
+                        self._events.wait_for_change(seen, LEADER_RETRY_S)
                     if time.monotonic() - checked_at > LEADER_CHECK_S:
                         lock_session.one("ping")  # still holding the lock's session?
                         checked_at = time.monotonic()
@@ -196,20 +202,21 @@ class Dispatcher:
         started = 0
         for task_id in candidates:
             with self._granting:
-                if self._stopping.is_set() or not self._in_flight.acquire(blocking=False):
+                if self._stopping.is_set() or not self.slots.reserve():
                     break
                 try:
                     granted = self._leases.grant_lease(
-                        task_id, worker_id=None, ttl_seconds=None, push_only=True, actor=DISPATCH_ACTOR
+                        task_id, worker_id=None, ttl_seconds=None, push_only=True, actor=DISPATCH_ACTOR,
+                        full_addresses=self.slots.full_addresses(),
                     )
                 except (Conflict, NotFound):  # taken by a pull worker or another dispatcher meanwhile
-                    self._in_flight.release()
+                    self.slots.release(None)
                     continue
-                except Unavailable:  # no push worker has room
-                    self._in_flight.release()
+                except Unavailable:  # no push worker has room (or a fair share of slots left)
+                    self.slots.release(None)
                     break
                 except BaseException:
-                    self._in_flight.release()
+                    self.slots.release(None)
                     raise
                 self._start(granted)
             started += 1
@@ -238,6 +245,7 @@ class Dispatcher:
 
     def _start(self, granted: dict[str, Any]) -> _Delivery:
         delivery = _Delivery(granted)
+        self.slots.assign(delivery.address)
         with self._unsettled_lock:
             self._unsettled.add(delivery)
         delivery.on_settled = self._forget
@@ -254,7 +262,7 @@ class Dispatcher:
             if not delivery.settled.is_set():  # never taken: the task must not stay leased
                 self._refused(delivery, AgentAnswer(None, None, "internal error"))
         finally:
-            self._in_flight.release()
+            self.slots.release(delivery.address)
             self._events.poke()  # capacity may have freed up
 
     def _deliver_and_follow(self, delivery: _Delivery) -> None:

@@ -40,6 +40,7 @@ PARAMETER_TYPES = {
     "priority": "integer",
     "agent_slugs": "text[]",
     "lease_ids": "text[]",
+    "full_addresses": "text[]",
     "audit_ids": "text[]",
     "max_tasks": "integer",
     "push_only": "boolean",

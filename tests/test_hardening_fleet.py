@@ -14,7 +14,7 @@ from bloom.agents import AgentClient, AgentNetworks
 from bloom.settings import Settings
 
 from .fake_agent import AGENT_KEY
-from .helpers import api, new_task, results_of, task_of, worker_of
+from .helpers import TASK, api, new_task, results_of, task_of, worker_of
 from .support import GunicornServer, free_port, wait_until
 
 
@@ -206,3 +206,24 @@ def test_a_dead_worker_is_audited_out_of_rotation_once_not_every_round(fleet_ser
     time.sleep(2.5)  # several more rounds that find it still dead
     audit = requests.get(api(served, "/audit?limit=1000"), timeout=10).json()
     assert [e["action"] for e in audit].count("worker_out_of_rotation") == 1
+
+
+def test_agents_that_hold_every_delivery_slot_leave_a_fair_share_for_another_agent(fleet_server, agents):
+    """Eight agents of capacity 32 whose runs last a minute hold all 256 delivery slots of
+    the dispatching process; a ninth agent still gets its task within seconds."""
+    served = fleet_server(WORKER_SYNC_INTERVAL_S="600")
+    hogs = [agents(f"hog-{n}", run_seconds=60, max_concurrency=32) for n in range(8)]
+    for hog in hogs:
+        hog.register(served.base_url)
+    batch = [{**TASK, "context_id": f"hog-{n}"} for n in range(256)]
+    response = requests.post(api(served, "/llm-tasks/batch"), json={"tasks": batch}, timeout=30)
+    assert response.status_code == 201
+    wait_until(lambda: sum(len(hog.state.deliveries) for hog in hogs) == 256, timeout=60, interval=0.5,
+               what="256 runs held by the eight agents")
+    honest = agents("honest")
+    honest.register(served.base_url)
+    task = new_task(served, context_id="honest")
+    done = wait_until(lambda: (t := task_of(served, task["id"]))["status"] == "completed" and t, timeout=20,
+                      interval=0.3, what="the ninth agent's task to run")
+    assert done["worker_id"] == "honest"
+    assert all(len(hog.state.deliveries) <= 32 for hog in hogs)

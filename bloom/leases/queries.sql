@@ -38,6 +38,8 @@ SELECT gen_random_uuid()::text, d.id, d.worker_id, NULL, 'error', NULL, d.reason
 -- task's status and due time and the worker's row as its snapshot saw them.
 -- A dispatch (:push_only) considers only workers with a url, and without :ttl_seconds
 -- its lease lasts the task's policy.timeout_sec + 60 s, so a slow live run is not swept.
+-- It also leaves out :full_addresses, the agents holding their fair share of the
+-- dispatching process's delivery slots (bloom/delivery_slots.py; empty for a lease).
 SELECT set_config('bloom.lease_picked_worker', COALESCE(picked.id, ''), true)
   FROM (SELECT CAST(:task_id AS text) AS id) wanted
   LEFT JOIN llm_tasks t ON t.id = wanted.id
@@ -58,6 +60,7 @@ SELECT set_config('bloom.lease_picked_worker', COALESCE(picked.id, ''), true)
                           AND COALESCE((w.capabilities ->> 'claude_cli')::boolean, true)
                           AND load.active_leases < load.max_concurrency
                           AND (NOT :push_only OR w.url IS NOT NULL)
+                          AND w.address <> ALL(:full_addresses)
                      ELSE w.id = :worker_id END)
          ORDER BY load.holds_context DESC, load.max_concurrency - load.active_leases DESC, w.id
          LIMIT 1
@@ -84,6 +87,7 @@ WITH picked AS (
        AND worker.status = 'online'
        AND COALESCE((worker.capabilities ->> 'claude_cli')::boolean, true)
        AND (NOT :push_only OR worker.url IS NOT NULL)
+       AND worker.address <> ALL(:full_addresses)
        AND capacity.active_leases < capacity.max_concurrency
     RETURNING t.*
 ), lease AS (
@@ -110,6 +114,7 @@ SELECT (SELECT row_to_json(lease) FROM lease) AS lease,
            AS not_before,
        (SELECT worker_id FROM picked) IS NOT NULL AS worker_picked,
        (SELECT row_to_json(worker) FROM worker) AS worker,
+       (SELECT address = ANY(:full_addresses) FROM worker) AS worker_full,
        (SELECT own_active_leases FROM capacity) + (SELECT count(*) FROM lease) AS active_leases;
 
 -- name: claim_task (prepared)

@@ -60,15 +60,17 @@ class LeaseService:
 
     def grant_lease(
         self, task_id: str, *, worker_id: str | None, ttl_seconds: int | None, push_only: bool,
-        actor: str = API_ACTOR,
+        actor: str = API_ACTOR, full_addresses: list[str] | None = None,
     ) -> dict[str, Any]:
         """Lease a queued, due task to a worker (the one asked for, or the best eligible
-        one); returns {lease, worker, task}. With push_only (a dispatch) only workers with
-        a url qualify, and without ttl_seconds the lease lasts policy.timeout_sec + 60 s."""
+        one); returns {lease, worker, task, address}. With push_only (a dispatch) only
+        workers with a url qualify, and without ttl_seconds the lease lasts
+        policy.timeout_sec + 60 s; agents at full_addresses get nothing (they hold their
+        share of the dispatching process's delivery slots: bloom/delivery_slots.py)."""
         for _ in range(LEASE_PICK_ATTEMPTS):
             try:
                 outcome = self._grant(ttl_seconds, task_id=task_id, worker_id=worker_id, push_only=push_only,
-                                      actor=actor)
+                                      actor=actor, full_addresses=full_addresses or [])
             except DBAPIError as error:
                 if not is_data_error(error):
                     raise
@@ -83,6 +85,7 @@ class LeaseService:
                     "lease": lease_json(outcome["lease"]),
                     "worker": worker_json(worker),
                     "task": task_json(outcome["task"]),
+                    "address": outcome["worker"]["address"],
                 }
             task_status = outcome["task_status"]
             if task_status is None:
@@ -96,6 +99,9 @@ class LeaseService:
                 self._check_worker_fit(worker_id, outcome["worker"])
                 if push_only and not outcome["worker"]["url"]:
                     raise Conflict(f"Worker '{worker_id}' has no url to dispatch to")
+                if outcome["worker_full"]:
+                    raise Unavailable(f"Worker '{worker_id}' holds its share of this process's deliveries "
+                                      "in flight; try again later")
                 raise Conflict(f"Worker '{worker_id}' has no free capacity")
             if not outcome["worker_picked"]:
                 break
@@ -162,7 +168,8 @@ class LeaseService:
             try:
                 with self.db.transaction() as tx:
                     tx.one("lease_task", lease_id=new_id(), ttl_seconds=ttl_seconds, now=now_ms(),
-                           audit_id=new_id(), actor=API_ACTOR, task_id=task_id, worker_id=worker_id, push_only=False)
+                           audit_id=new_id(), actor=API_ACTOR, task_id=task_id, worker_id=worker_id, push_only=False,
+                           full_addresses=[])
                     raise _TrialGrant()
             except _TrialGrant:
                 continue
