@@ -156,9 +156,10 @@ class ClaimSchema(_Body):
 
 
 class WorkerHeartbeatSchema(_Body):
-    """The leases the worker believes it holds: those not renewed come back as lost."""
+    """The leases the worker believes it holds: only those are renewed (all of its
+    leases when the field is absent), and those not renewed come back as lost."""
 
-    lease_ids = fields.List(KeyText(), load_default=list, validate=validate.Length(max=1000))
+    lease_ids = fields.List(KeyText(), load_default=None, validate=validate.Length(max=1000))
 
 
 class FencingSchema(_Body):

@@ -274,3 +274,23 @@ def test_batch_claims_from_many_workers_at_once_grant_each_task_once_within_capa
     assert 1 < most_in_one_answer[0] <= 6  # several at once, never past the capacity
     for name in workers:
         assert requests.get(server.url(f"/api/runtime/workers/{name}"), timeout=10).json()["active_leases"] == 0
+
+
+def test_a_claim_whose_answer_was_lost_is_not_kept_alive_by_the_workers_heartbeats(client):
+    """The serving process died after the claim committed: the worker never saw that lease.
+    Its heartbeats name the leases it runs; the lost one is not renewed, runs out at its
+    TTL, and its task goes back to the queue instead of being held for ever."""
+    register_worker(client, "w1", max_concurrency=2)
+    lost_task, known_task = create_task(client), create_task(client)
+    lost = claim(client, "w1", ttl_seconds=60).get_json()["lease"]  # the answer that never arrived
+    known = claim(client, "w1", ttl_seconds=60).get_json()["lease"]
+    time.sleep(0.01)
+    beat = client.post("/api/runtime/workers/w1/heartbeat", json={"lease_ids": [known["id"]]}).get_json()
+    assert [renewed["lease_id"] for renewed in beat["renewed"]] == [known["id"]] and beat["lost"] == []
+    leases = {lease["id"]: lease for lease in client.get("/api/runtime/leases").get_json()}
+    assert leases[lost["id"]]["expires_at"] == lost["expires_at"]  # not renewed
+    assert leases[known["id"]]["expires_at"] > known["expires_at"]
+    assert {lost["task_id"], known["task_id"]} == {lost_task["id"], known_task["id"]}
+    # A worker that names nothing (an older client, an empty body) still renews all of them.
+    beat = client.post("/api/runtime/workers/w1/heartbeat", json={}).get_json()
+    assert {renewed["lease_id"] for renewed in beat["renewed"]} == {lost["id"], known["id"]}

@@ -49,7 +49,7 @@ def remove_worker(worker_id: str):
 
 @bp.post("/<worker_id:worker_id>/heartbeat")
 @documented(
-    "Renew every active lease of this worker in one call; says which named leases are lost",
+    "Renew the leases this worker names (every one when it names none) in one call; says which are lost",
     body=WorkerHeartbeatSchema,
     responses={200: "WorkerHeartbeatReply", 404: "Error"},
 )

@@ -266,9 +266,13 @@ SELECT c.*, (SELECT row_to_json(renewed) FROM renewed) AS lease
   FROM current c;
 
 -- name: heartbeat_worker (prepared)
--- One heartbeat for all of a worker's runs: renews every active lease of the worker that
--- is not past expires_at, marks their leased tasks running, and says which of the leases
--- the caller named (:lease_ids) it has lost, and why. Lock order as everywhere: leases,
+-- One heartbeat for all of a worker's runs: renews the active leases of the worker that
+-- it names (:lease_ids; every one when it names none, null) and that are not past
+-- expires_at, marks their leased tasks running, and says which of the named leases it has
+-- lost, and why. A lease the worker does not name is not renewed: one granted by a claim
+-- whose answer never reached the worker (its connection cut, the serving process killed)
+-- runs out at its TTL and its task goes back to the queue, instead of being kept alive
+-- for ever by a worker that does not know it holds it. Lock order as everywhere: leases,
 -- tasks, worker.
 WITH renewed AS (
     -- Only leases whose task is still on them (not cancelled, not moved on).
@@ -276,6 +280,7 @@ WITH renewed AS (
        SET expires_at = :now + l.ttl_seconds * 1000, last_heartbeat = :now
       FROM llm_tasks t
      WHERE l.worker_id = :worker_id AND l.status = 'active' AND l.expires_at >= :now
+       AND (:lease_ids IS NULL OR l.id = ANY(:lease_ids))
        AND t.id = l.task_id AND t.lease_id = l.id AND t.status IN ('leased', 'running')
     RETURNING l.id, l.task_id, l.expires_at
 ), running AS (

@@ -209,10 +209,10 @@ class LeaseService:
         # sweep ended it while we waited for its row.
         raise NotFound("Lease not found or already expired")
 
-    def heartbeat_worker(self, worker_id: str, *, lease_ids: list[str]) -> dict[str, Any]:
-        """Renew every active lease of the worker in one statement; say which of the
-        named leases it has lost (expired, released by a completion or a cancel, failed,
-        unknown)."""
+    def heartbeat_worker(self, worker_id: str, *, lease_ids: list[str] | None) -> dict[str, Any]:
+        """Renew the named active leases of the worker (all of them when lease_ids is
+        None) in one statement; say which of the named leases it has lost (expired,
+        released by a completion or a cancel, failed, unknown)."""
         with self.db.autocommit() as tx:
             row = tx.one("heartbeat_worker", worker_id=worker_id, lease_ids=lease_ids, now=now_ms())
         if not row["known"]:
