@@ -53,6 +53,8 @@ def figures(result: dict) -> dict[str, float]:
                 flat[f"{prefix}: CPU {part} ms/request"] = ms
             for part, ms in run.get("cpu_ms_per_task", {}).items():
                 flat[f"{prefix}: CPU {part} ms/task"] = ms
+            if "waits" in run:  # bench_creation's WaitSampler
+                flat[f"{prefix}: busy backends on the notify lock"] = run["waits"].get("Lock: object", 0.0)
     return flat
 
 

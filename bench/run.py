@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from contextlib import closing, contextmanager
 from pathlib import Path
 
@@ -98,6 +98,7 @@ class Service:
                  extra_env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.postgres_pid = postgres_pid
+        self.database_url = database_url
         env = {
             **os.environ,
             "DATABASE_URL": database_url,
@@ -274,16 +275,58 @@ def warm_up(service: Service, tasks: int) -> None:
     run_clients(service, clients, work)
 
 
+class WaitSampler:
+    """Samples pg_stat_activity every 5 ms while a run lasts: of the service's backends
+    busy in a statement, how often each was waiting, and on what. The wait that matters
+    for creation is `Lock: object`, the cluster-wide lock that every committing
+    transaction that called pg_notify takes in turn (PreCommit_Notify)."""
+
+    def __init__(self, database_url: str) -> None:
+        self.dsn = plain_dsn(database_url)
+        self.busy = 0
+        self.waits: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> "WaitSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        with closing(psycopg2.connect(self.dsn)) as connection:
+            connection.autocommit = True
+            with connection.cursor() as cursor:
+                while not self._stop.wait(0.005):
+                    cursor.execute("SELECT wait_event_type, wait_event FROM pg_stat_activity "
+                                   "WHERE state = 'active' AND backend_type = 'client backend' "
+                                   "AND pid <> pg_backend_pid() AND query NOT LIKE 'LISTEN%'")
+                    for wait_type, wait_event in cursor.fetchall():
+                        self.busy += 1
+                        if wait_type is not None and wait_type != "Client":
+                            self.waits[f"{wait_type}: {wait_event}"] += 1
+
+    def shares(self) -> dict[str, float]:
+        """Each wait's share of the busy-backend samples, largest first."""
+        return {wait: count / self.busy for wait, count in self.waits.most_common(5)} if self.busy else {}
+
+
 def bench_creation(service: Service, clients: int, tasks: int) -> dict:
     def work(client: Client, index: int) -> None:
         for _ in split(tasks, clients, index):
             client.call("create", "POST", "/api/runtime/llm-tasks", TASK)
 
-    elapsed, requests, latencies, cpu_ms = run_clients(service, clients, work)
+    with WaitSampler(service.database_url) as sampler:
+        elapsed, requests, latencies, cpu_ms = run_clients(service, clients, work)
     print(f"  creation, {clients} clients: {tasks / elapsed:.0f} tasks/s")
     report_cpu(cpu_ms)
+    waits = sampler.shares()
+    print("    busy backends waiting: " + (", ".join(f"{w} {share:.0%}" for w, share in waits.items()) or "never"))
     return {"clients": clients, "tasks_per_s": tasks / elapsed, "latency": report_latencies(latencies),
-            "cpu_ms_per_request": cpu_ms}
+            "cpu_ms_per_request": cpu_ms, "waits": waits}
 
 
 def bench_batch_creation(service: Service, clients: int, batches: int, size: int = 1000) -> dict:
