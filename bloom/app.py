@@ -83,11 +83,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     records = RecordService(database, artifact_store)
     app.extensions["bloom.settings"] = settings
     app.extensions["bloom.database"] = database
-    app.extensions["bloom.tasks"] = TaskService(database)
+    queue_events = app.extensions["bloom.queue_events"] = QueueEvents(database.engine)
+    app.extensions["bloom.tasks"] = TaskService(database, queue_events.announce)
     app.extensions["bloom.leases"] = leases
     app.extensions["bloom.workers"] = WorkerService(database)
     app.extensions["bloom.records"] = records
-    queue_events = app.extensions["bloom.queue_events"] = QueueEvents(database.engine)
     app.extensions["bloom.waiting_room"] = WaitingRoom(settings.max_waiting_claims)
     agents = app.extensions["bloom.agents"] = AgentClient(settings.agent_key, AgentNetworks(settings.agent_networks))
     app.extensions["bloom.agent_ops"] = AgentOperations(database, agents, records)
@@ -180,6 +180,8 @@ def stop_background_jobs(app: Flask) -> None:
         scheduler.shutdown(wait=False)
     if "bloom.dispatcher" in extensions:
         extensions["bloom.dispatcher"].stop()
+    if "bloom.queue_events" in extensions:
+        extensions["bloom.queue_events"].close()
 
 
 def _register_cli(app: Flask, database: Database) -> None:

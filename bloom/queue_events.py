@@ -1,28 +1,47 @@
 """Wake-ups for long-polling claims and the dispatcher: PostgreSQL LISTEN/NOTIFY, one
 listener per process.
 
-Statements that queue a task call pg_notify('bloom_task_queued', <its agent_slug>), or
-with an empty payload when they queue several at once (sweep, a worker taken out). A
-daemon thread holds the only LISTEN connection of the process. For each notification
-it wakes *one* waiting claim whose agent filter takes that slug (the one waiting
-longest), and every waiting claim for an empty payload: hundreds of idle long polls
-cost nothing when a task arrives, instead of one claim query each. A generation counter
-moves on every notification, for the dispatcher, which wants to hear of any task.
-Nobody holds a database connection while waiting.
+Notifications on channel `bloom_task_queued` say that tasks were queued. Their payload
+is an agent_slug (one task of it), `<n>\x1f<agent_slug>` (n tasks of it), or empty
+(any number, of any slug: the sweep, a worker taken out of rotation). A daemon thread
+holds the only LISTEN connection of the process. For each task announced it wakes *one*
+waiting claim whose agent filter takes that slug (the one waiting longest), and every
+waiting claim for an empty payload: hundreds of idle long polls cost nothing when a task
+arrives, instead of one claim query each. A generation counter moves on every
+notification, for the dispatcher, which wants to hear of any task. Nobody holds a
+database connection while waiting.
+
+Creation does not notify in its own statement: PostgreSQL lets committing transactions
+that notified through one cluster-wide lock, one at a time, and creates waited there in
+37-78 % of samples under load (docs/PERFORMANCE.md). A created task is announced after
+its commit (`announce`): the request thread only adds it to what is pending, and the
+listener thread sends all that is pending on its own connection, in one short
+transaction, then what gathered meanwhile, and so on. Under load a process sends one
+notifying commit per round trip instead of one per task; alone, a task is announced one
+round trip after its commit. A wake-up is a hint, never the only way to find work:
+waiting claims look again at least every RECHECK_SECONDS, the dispatcher every
+DISPATCHER_RECHECK_SECONDS, so an announcement lost with its process delays a task,
+nothing more.
 """
 from __future__ import annotations
 
 import logging
+import os
 import random
 import select
 import threading
 import time
+from collections import Counter
 
 from sqlalchemy.engine import Engine
+
+from .sql import QUERIES
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "bloom_task_queued"
+COUNT_MARK = "\x1f"  # between the count and the agent_slug of a payload announcing several tasks
+MOST_WAKES_PER_PAYLOAD = 1000
 # Tasks written by something that does not notify (say the Express service sharing
 # the database) are still found: a waiting claim looks again at least this often, the
 # dispatcher more often.
@@ -50,6 +69,14 @@ class QueueEvents:
         self._tickets: list[ClaimTicket] = []  # oldest first
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        # Tasks committed and not yet announced, by agent_slug; a byte on the pipe wakes
+        # the listener thread to send them.
+        self._pending: Counter[str] = Counter()
+        self._pending_lock = threading.Lock()
+        self._closed = False
+        self._announce_r, self._announce_w = os.pipe()
+        os.set_blocking(self._announce_r, False)
+        os.set_blocking(self._announce_w, False)
 
     @property
     def generation(self) -> int:
@@ -98,6 +125,18 @@ class QueueEvents:
                 self._condition.wait(remaining)
             return self._generation
 
+    def announce(self, tasks_by_slug: Counter[str]) -> None:
+        """Tell every process of the deployment that these tasks (committed) are queued."""
+        self._ensure_listening()
+        with self._pending_lock:
+            self._pending.update(tasks_by_slug)
+        if self._closed:
+            return
+        try:
+            os.write(self._announce_w, b"!")
+        except OSError:  # the pipe is full (the listener has wake-ups enough), or closed at exit
+            pass
+
     def poke(self) -> None:
         """Wake the dispatcher (capacity freed up, which no NOTIFY announces)."""
         self._bump()
@@ -109,7 +148,9 @@ class QueueEvents:
             self._condition.notify_all()
             for payload in payloads if payloads is not None else [""]:
                 if payload:
-                    self._wake_one(payload)
+                    agent_slug, tasks = _read_payload(payload)
+                    for _ in range(tasks):
+                        self._wake_one(agent_slug)
                 else:
                     for ticket in self._tickets:
                         ticket.woken.set()
@@ -121,17 +162,33 @@ class QueueEvents:
             chosen.woken_for = agent_slug
             chosen.woken.set()
 
+    def close(self) -> None:
+        """Stop listening (the process is done); what is pending is sent first."""
+        with self._start_lock:
+            self._closed = True
+            thread = self._thread
+        if thread is not None and thread.is_alive():
+            os.write(self._announce_w, b"!")
+            thread.join(timeout=2.0)
+        if thread is None or not thread.is_alive():
+            os.close(self._announce_r)
+            os.close(self._announce_w)
+
     def _ensure_listening(self) -> None:
         with self._start_lock:
+            if self._closed:
+                return
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._listen_forever, name="bloom-queue-listener", daemon=True)
                 self._thread.start()
 
     def _listen_forever(self) -> None:
-        while True:
+        while not self._closed:
             try:
                 self._listen()
             except Exception as error:
+                if self._closed:
+                    return
                 log.warning("queue listener lost its connection (%s); reconnecting", type(error).__name__)
             self._bump()  # notifications may have been missed meanwhile
             time.sleep(1.0)
@@ -144,7 +201,11 @@ class QueueEvents:
             with connection.cursor() as cursor:
                 cursor.execute(f"LISTEN {CHANNEL}")
             while True:
-                readable, _, _ = select.select([connection], [], [], 30.0)
+                readable, _, _ = select.select([connection, self._announce_r], [], [], 30.0)
+                if self._announce_r in readable:
+                    self._send_pending(connection)
+                    if self._closed:
+                        return
                 connection.poll()
                 if connection.notifies:
                     payloads = [notice.payload for notice in connection.notifies]
@@ -155,6 +216,34 @@ class QueueEvents:
                         cursor.execute("SELECT 1")
         finally:
             raw.invalidate()
+
+
+    def _send_pending(self, connection) -> None:
+        """One NOTIFY per agent_slug pending, in one transaction (autocommit). If the
+        connection fails, what was taken is lost with it: the reconnect wakes everyone."""
+        try:
+            while True:
+                os.read(self._announce_r, 4096)
+        except BlockingIOError:
+            pass
+        with self._pending_lock:
+            pending, self._pending = self._pending, Counter()
+        if pending:
+            with connection.cursor() as cursor:
+                cursor.execute(QUERIES["announce_queued"], {"payloads": announcement_payloads(pending)})
+
+
+def _read_payload(payload: str) -> tuple[str, int]:
+    """(agent_slug, how many tasks of it). Slugs hold no control characters (the API
+    refuses them: schemas.KeyText), so the mark means one thing."""
+    count, mark, agent_slug = payload.partition(COUNT_MARK)
+    if mark and count.isdigit():
+        return agent_slug, max(1, min(int(count), MOST_WAKES_PER_PAYLOAD))
+    return payload, 1
+
+
+def announcement_payloads(tasks_by_slug: Counter[str]) -> list[str]:
+    return [slug if tasks == 1 else f"{tasks}{COUNT_MARK}{slug}" for slug, tasks in tasks_by_slug.items()]
 
 
 class WaitingRoom:

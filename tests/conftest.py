@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from bloom import create_app
+from bloom import create_app, stop_background_jobs
 from bloom.settings import Settings
 
 from .fake_agent import AGENT_KEY, FakeAgent
@@ -49,6 +49,7 @@ def make_settings(database_url: str, **env: str) -> Settings:
 def app(database_url: str):
     app = create_app(make_settings(database_url))
     yield app
+    stop_background_jobs(app)
     app.extensions["bloom.database"].dispose()
 
 
@@ -165,5 +166,5 @@ def pytest_collection_modifyitems(config, items):
         function = getattr(item, "function", None)
         source = inspect.getsource(function) if function is not None else ""
         if _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or any(
-                marker in source for marker in ("GunicornServer(", "subprocess.", "WorkerProcess(", "os.fork(")):
+                marker in source for marker in ("GunicornServer(", "subprocess.", "WorkerProcess(", "os.fork(", "fault_run.")):
             item.add_marker(pytest.mark.slow)

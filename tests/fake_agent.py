@@ -52,6 +52,7 @@ class AgentState:
     executed: list[str] = field(default_factory=list)
     deliveries: list[dict[str, Any]] = field(default_factory=list)
     callbacks: list[tuple[str, str, int]] = field(default_factory=list)  # (kind, task_id, status)
+    runs: list[tuple[str, float, float]] = field(default_factory=list)  # (task_id, started, ended): time.time()
     running: int = 0
     most_running: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -194,7 +195,7 @@ def _handler(agent: FakeAgent):
 
         def _run(self, task: dict[str, Any], mode: str) -> None:
             runtime_url, task_id = task["runtime_url"], task["task_id"]
-            started = time.monotonic()
+            started, started_at = time.monotonic(), time.time()
             agent.callback(runtime_url, task_id, "heartbeat")
             if mode == "black_hole":
                 while agent.alive:  # holds the request open for ever, says nothing
@@ -216,6 +217,7 @@ def _handler(agent: FakeAgent):
             with state.lock:
                 state.running -= 1
                 state.executed.append(task_id)
+                state.runs.append((task_id, started_at, time.time()))
             if mode != "drop_callback":
                 agent.callback(runtime_url, task_id, "complete", {
                     "status": "success", "output": output, "error_message": None,

@@ -16,6 +16,7 @@ from sqlalchemy import event
 from bloom.sql import PREPARE_STATEMENTS
 
 from .helpers import DONE, TASK, create_task, lease, register_worker
+from .support import wait_until
 
 
 class CountingCursor(psycopg2.extensions.cursor):
@@ -36,6 +37,16 @@ class CountingConnection(psycopg2.extensions.connection):
         self.cursor_factory = CountingCursor
 
 
+def listening(app) -> None:
+    """The queue listener holds a pooled connection of its own from its first use on (a
+    create announces its task through it): started first, it cannot take the connection
+    a test has just warmed up."""
+    engine = app.extensions["bloom.database"].engine
+    events = app.extensions["bloom.queue_events"]
+    events.wait_for_change(events.generation, 0)
+    wait_until(lambda: engine.pool.checkedout() == 1, timeout=10, what="the queue listener's connection")
+
+
 @pytest.fixture
 def statements(app):
     engine = app.extensions["bloom.database"].engine
@@ -45,6 +56,7 @@ def statements(app):
 
     event.listen(engine, "do_connect", counting_connections)
     engine.dispose()  # every connection from now on counts
+    listening(app)
 
     @contextmanager
     def counting():
@@ -82,6 +94,7 @@ def test_a_connection_replaced_after_a_server_restart_prepares_again(app, client
 
 
 def test_hot_calls_survive_a_session_that_forgot_its_prepared_statements(app, client):
+    listening(app)
     register_worker(client, "w1", max_concurrency=4)
     create_task(client)
     engine = app.extensions["bloom.database"].engine
@@ -147,6 +160,7 @@ def test_claim_is_one_statement(client, statements):
 def test_inside_a_callers_transaction_a_forgotten_statement_is_an_error_not_a_silent_resend(app, client):
     from sqlalchemy.exc import DBAPIError
 
+    listening(app)
     database = app.extensions["bloom.database"]
     task = create_task(client)
     with pytest.raises(DBAPIError) as raised, database.transaction() as tx:

@@ -3,7 +3,10 @@
 
 -- name: create_task (prepared)
 -- With an Idempotency-Key already used, inserts nothing (the caller then reads the
--- earlier task in a new snapshot: this one cannot see a racing insert's row).
+-- earlier task in a new snapshot: this one cannot see a racing insert's row). No NOTIFY
+-- here: a committing transaction that notified takes a cluster-wide lock, one at a time,
+-- so every create would wait for every other; the caller announces the task after its
+-- commit instead (bloom/queue_events.py, QueuedAnnouncer).
 WITH created AS (
     INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, context_hints, policy, desired_format,
                            status, created_at, updated_at, lease_id, worker_id, attempts, max_attempts,
@@ -19,14 +22,13 @@ WITH created AS (
            jsonb_build_object('context_id', context_id, 'agent_slug', agent_slug)
       FROM created
 )
--- The payload is the task's agent_slug: each process wakes one waiting claim that would take it.
-SELECT row_to_json(created) AS task, pg_notify('bloom_task_queued', agent_slug) IS NULL AS notified FROM created;
+SELECT row_to_json(created) AS task FROM created;
 
 -- name: create_tasks
 -- A batch in one statement, all or nothing. Items whose Idempotency key was used before
 -- are not inserted (the earlier task answers for them); if any of those earlier tasks was
--- created by a different request, nothing is inserted (the caller answers 422). One
--- NOTIFY with an empty payload wakes every waiting claim: there may be work for all.
+-- created by a different request, nothing is inserted (the caller answers 422). The
+-- caller announces the tasks after the commit, as for create_task.
 WITH incoming AS (
     SELECT *
       FROM jsonb_to_recordset(CAST(:tasks AS jsonb))
@@ -56,13 +58,10 @@ WITH incoming AS (
     SELECT gen_random_uuid()::text, :now, 'task_created', 'task', id, :actor,
            jsonb_build_object('context_id', context_id, 'agent_slug', agent_slug, 'batch', true)
       FROM created
-), notified AS (
-    SELECT pg_notify('bloom_task_queued', '') FROM (SELECT 1 FROM created LIMIT 1) any_created
 )
 SELECT (SELECT COALESCE(json_agg(row_to_json(created)), '[]'::json) FROM created) AS created,
        (SELECT COALESCE(json_agg(row_to_json(earlier)), '[]'::json) FROM earlier) AS earlier,
-       (SELECT count(*) FROM mismatch) AS mismatched,
-       (SELECT count(*) FROM notified) AS notified;
+       (SELECT count(*) FROM mismatch) AS mismatched;
 
 -- name: get_task_by_idempotency_key
 SELECT * FROM llm_tasks WHERE idempotency_key = :idempotency_key;

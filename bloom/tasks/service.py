@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from collections import Counter
+from typing import Any, Callable
 
 from ..db import Database
 from ..errors import Conflict, NotFound, Unavailable, Unprocessable, ValidationFailed
@@ -35,8 +36,11 @@ def task_status(tx, task_id: str) -> str | None:
 
 
 class TaskService:
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, announce: Callable[[Counter[str]], None]) -> None:
+        """`announce` tells waiting claims and the dispatcher of committed tasks, by
+        agent_slug (QueueEvents.announce)."""
         self.db = database
+        self._announce = announce
 
     def create_task(self, body: dict[str, Any], *, idempotency_key: str | None = None) -> tuple[dict[str, Any], bool]:
         """Create a task; returns (task, created). A reused Idempotency-Key returns the
@@ -62,9 +66,11 @@ class TaskService:
                 audit_id=new_id(),
                 actor=API_ACTOR,
             )
-            if row is not None:
-                return task_json(row["task"]), True
-            earlier = tx.one("get_task_by_idempotency_key", idempotency_key=idempotency_key)
+            if row is None:
+                earlier = tx.one("get_task_by_idempotency_key", idempotency_key=idempotency_key)
+        if row is not None:
+            self._announce(Counter([body["agent_slug"]]))
+            return task_json(row["task"]), True
         if earlier["idempotency_fingerprint"] not in (None, fingerprint):
             raise Unprocessable("Idempotency-Key reused with a different request")
         return task_json(earlier), False
@@ -108,6 +114,8 @@ class TaskService:
                     if task["idempotency_fingerprint"] != row["idempotency_fingerprint"]:
                         raise Unprocessable("Idempotency-Key reused with a different request")
                 answered.append(task_json(task))
+        if outcome["created"]:
+            self._announce(Counter(row["agent_slug"] for row in outcome["created"]))
         return answered, bool(outcome["created"])
 
     def list_tasks(self, *, status: str | None, limit: int | None, offset: int) -> list[dict[str, Any]]:

@@ -1,0 +1,33 @@
+"""Wake-ups of waiting claims (bloom/queue_events.py) through a real PostgreSQL LISTEN/NOTIFY:
+tasks are announced after their commit, each task wakes one waiting claim that takes it."""
+from __future__ import annotations
+
+import time
+
+from .helpers import TASK
+from .support import wait_until
+
+
+def _line(events, slugs, count):
+    return [events.enter_line(slugs) for _ in range(count)]
+
+
+def test_each_created_task_wakes_one_waiting_claim_that_takes_its_slug(app, client):
+    events = app.extensions["bloom.queue_events"]
+    summarizers = _line(events, ["summarizer"], 3)
+    others = _line(events, ["translator"], 2)
+    response = client.post("/api/runtime/llm-tasks/batch", json={"tasks": [TASK, TASK]})
+    assert response.status_code == 201
+    wait_until(lambda: sum(t.woken.is_set() for t in summarizers) == 2, timeout=10,
+               what="two of the three summarizer claims to wake")
+    time.sleep(0.3)  # nothing more comes
+    assert [t.woken.is_set() for t in summarizers] == [True, True, False]  # the longest waiting first
+    assert not any(t.woken.is_set() for t in others)
+    assert client.post("/api/runtime/llm-tasks", json=TASK).status_code == 201
+    wait_until(lambda: summarizers[2].woken.is_set(), timeout=10, what="the third claim to wake")
+    assert not any(t.woken.is_set() for t in others)
+
+
+def test_a_slug_cannot_carry_the_count_mark_so_a_payload_means_one_thing(client):
+    response = client.post("/api/runtime/llm-tasks", json={**TASK, "agent_slug": "2\x1fsummarizer"})
+    assert response.status_code == 400  # control characters are refused in every key text
