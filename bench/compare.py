@@ -55,6 +55,8 @@ def figures(result: dict) -> dict[str, float]:
                 flat[f"{prefix}: CPU {part} ms/task"] = ms
             if "waits" in run:  # bench_creation's WaitSampler
                 flat[f"{prefix}: busy backends on the notify lock"] = run["waits"].get("Lock: object", 0.0)
+    for what, count in result.get("limiter_trouble", {}).items():
+        flat[f"rate limiter {what} (whole run)"] = count
     return flat
 
 

@@ -151,6 +151,16 @@ class Service:
         os.killpg(self.process.pid, signal.SIGTERM)
         self.process.wait(timeout=30)
 
+    def limiter_trouble(self) -> dict[str, int]:
+        """How often (so far) the rate limiter fell back to per-process counts, or gave up
+        on a request's limit, as Flask-Limiter logs it: each time, a limit that should hold
+        for the host held only for one process."""
+        self.log.seek(0)
+        text = self.log.read().decode(errors="replace")
+        self.log.seek(0, os.SEEK_END)
+        return {"fallbacks": text.count("falling back to in-memory storage"),
+                "swallowed errors": text.count("Swallowing error")}
+
 
 class CpuMeter:
     """CPU seconds spent by each part of the system during a run: gunicorn's workers,
@@ -797,6 +807,8 @@ def main() -> int:
                 results["pruning"] = bench_pruning(service, plain_dsn(database_url))
             for label, plan in results["scale"]["explain"].items():
                 print(f"  EXPLAIN {label}:\n" + "\n".join("      " + line for line in plan.splitlines()))
+        results["limiter_trouble"] = service.limiter_trouble()
+        print("  rate limiter: " + ", ".join(f"{what} {count}" for what, count in results["limiter_trouble"].items()))
         results["peak_rss_mib"] = {str(pid): rss / 2**20 for pid, rss in service.peak_rss.items()}
         print("  peak RSS per gunicorn worker: "
               + ", ".join(f"{rss / 2**20:.0f} MiB" for rss in service.peak_rss.values()))
