@@ -16,9 +16,10 @@ that notified through one cluster-wide lock, one at a time, and creates waited t
 37-78 % of samples under load (docs/PERFORMANCE.md). A created task is announced after
 its commit (`announce`): the request thread only adds it to what is pending, and the
 listener thread sends all that is pending on its own connection, in one short
-transaction, then what gathered meanwhile, and so on. Under load a process sends one
-notifying commit per round trip instead of one per task; alone, a task is announced one
-round trip after its commit. A wake-up is a hint, never the only way to find work:
+transaction, then, at most every ANNOUNCE_EVERY_S, what gathered meanwhile. Under load
+a process sends one notifying commit per 20 ms instead of one per task; after a quiet
+spell, a task is announced one round trip after its commit. A wake-up is a hint, never
+the only way to find work:
 waiting claims look again at least every RECHECK_SECONDS, the dispatcher every
 DISPATCHER_RECHECK_SECONDS, so an announcement lost with its process delays a task,
 nothing more.
@@ -41,6 +42,10 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "bloom_task_queued"
 COUNT_MARK = "\x1f"  # between the count and the agent_slug of a payload announcing several tasks
+# A process's announcements go out at once after a quiet spell, then at most this often
+# (what gathers meanwhile goes together): under load, one notifying commit per 20 ms per
+# process instead of one per task, for a wake-up at most 20 ms later.
+ANNOUNCE_EVERY_S = 0.02
 MOST_WAKES_PER_PAYLOAD = 1000
 # Tasks written by something that does not notify (say the Express service sharing
 # the database) are still found: a waiting claim looks again at least this often, the
@@ -200,32 +205,47 @@ class QueueEvents:
             connection.autocommit = True
             with connection.cursor() as cursor:
                 cursor.execute(f"LISTEN {CHANNEL}")
+            next_send_at = 0.0  # announcements go out at most every ANNOUNCE_EVERY_S
             while True:
-                readable, _, _ = select.select([connection, self._announce_r], [], [], 30.0)
+                now = time.monotonic()
+                holding = now < next_send_at and self._has_pending()
+                readable, _, _ = select.select(
+                    [connection] if holding else [connection, self._announce_r], [], [],
+                    next_send_at - now if holding else 30.0,
+                )
                 if self._announce_r in readable:
+                    self._drain_wake_ups()
+                if time.monotonic() >= next_send_at and self._has_pending():
                     self._send_pending(connection)
-                    if self._closed:
-                        return
+                    next_send_at = time.monotonic() + ANNOUNCE_EVERY_S
+                if self._closed:
+                    self._send_pending(connection)
+                    return
                 connection.poll()
                 if connection.notifies:
                     payloads = [notice.payload for notice in connection.notifies]
                     connection.notifies.clear()
                     self._bump(payloads)
-                elif not readable:
+                elif not readable and not holding:
                     with connection.cursor() as cursor:  # detect a dead connection while idle
                         cursor.execute("SELECT 1")
         finally:
             raw.invalidate()
 
+    def _has_pending(self) -> bool:
+        with self._pending_lock:
+            return bool(self._pending)
+
+    def _drain_wake_ups(self) -> None:
+        try:
+            while os.read(self._announce_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
 
     def _send_pending(self, connection) -> None:
         """One NOTIFY per agent_slug pending, in one transaction (autocommit). If the
         connection fails, what was taken is lost with it: the reconnect wakes everyone."""
-        try:
-            while True:
-                os.read(self._announce_r, 4096)
-        except BlockingIOError:
-            pass
         with self._pending_lock:
             pending, self._pending = self._pending, Counter()
         if pending:
