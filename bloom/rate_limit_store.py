@@ -122,16 +122,18 @@ class _StripeLock:
     def __init__(self, lock, holders: mmap.mmap, index: int) -> None:
         self._lock, self._holders, self._offset = lock, holders, index * 8
 
+    CHECK_HOLDER_EVERY_S = 0.05
+
     def acquire(self, timeout: float) -> bool:
-        if not self._lock.acquire(timeout=timeout):
+        deadline = time.monotonic() + timeout
+        while not self._lock.acquire(timeout=min(self.CHECK_HOLDER_EVERY_S, max(0.0, deadline - time.monotonic()))):
             holder = struct.unpack_from("<q", self._holders, self._offset)[0]
-            if holder <= 0 or _alive(holder):
-                return False
-            try:
-                self._lock.release()  # for the dead holder
-            except ValueError:  # another waiter did it first
-                pass
-            if not self._lock.acquire(timeout=timeout):
+            if holder > 0 and not _alive(holder):
+                try:
+                    self._lock.release()  # for the dead holder
+                except ValueError:  # another waiter did it first
+                    pass
+            elif time.monotonic() >= deadline:
                 return False
         struct.pack_into("<q", self._holders, self._offset, os.getpid())
         return True
@@ -154,31 +156,70 @@ def _alive(pid: int) -> bool:
 class HostCounters:
     """Fixed-window counters in anonymous shared memory, inherited by forked workers.
 
-    A hash table of SLOTS slots (key digest, window end, count), in groups of GROUP
-    slots: a key lives in the group its digest names, and a group is changed under one
-    of LOCKS process-shared locks. 16,384 slots are 384 KiB, room for thousands of
-    clients' windows at once. A live window is never given up for another key: when
-    every slot of a group holds one (a flood of distinct addresses), a new key is refused
-    (its count reads as over any limit) until a window ends: the limiter fails closed
-    for the newcomers, never open for the clients it already counts.
+    A hash table of SLOTS slots in groups of GROUP: a key lives in the group its digest
+    names. A slot holds the key's digest, its window's end and a generation, and one
+    count per process (a column: up to COLUMNS processes share the table, each adding
+    only to its own column). A hit on a key whose window is live takes no lock other
+    processes can hold: this process adds to its column (under a lock of its own
+    threads) and sums the columns of the slot's generation. Only giving a slot to a key
+    (its first hit) and starting a key's next window (once per window) take one of
+    LOCKS process-shared stripe locks, and bump the generation, which retires every
+    column's count at once. So no request waits for a lock held by a thread of another
+    process that is itself waiting for its process's GIL (under load, that wait passed
+    50 ms and Flask-Limiter fell back to per-process counts: docs/PERFORMANCE.md).
+
+    A count may be off by the hits in flight as a window turns. A live window is never
+    given up for another key: when every slot of a group holds one (a flood of distinct
+    addresses), a new key is refused (its count reads as over any limit) until a window
+    ends: the limiter fails closed for the newcomers, never open for the clients it
+    already counts.
     """
 
-    SLOT = struct.Struct("<Qdq")  # key digest (0 = empty), window end (epoch s), count
+    HEAD = struct.Struct("<Qdq")  # key digest (0 = empty), window end (epoch s), generation
+    COLUMN = struct.Struct("<qq")  # generation the count belongs to, count
+    COLUMNS = 64
+    SLOT_SIZE = HEAD.size + COLUMNS * COLUMN.size
     SLOTS = 16384
     GROUP = 16
     LOCKS = 64
-    LOCK_TIMEOUT_S = 0.05
+    LOCK_TIMEOUT_S = 1.0  # only first hits and window turns wait, and only for each other
     # The count of a key that found no room: over any configured limit.
     NO_ROOM = 2**62
 
     def __init__(self) -> None:
-        self._memory = mmap.mmap(-1, self.SLOTS * self.SLOT.size)  # MAP_SHARED: survives fork()
+        # MAP_SHARED: survives fork(). 8.6 MiB of address space; pages are touched (and
+        # cost memory) only where keys land.
+        self._memory = mmap.mmap(-1, self.SLOTS * self.SLOT_SIZE)
         holders = mmap.mmap(-1, self.LOCKS * 8)
         self._locks = [_StripeLock(multiprocessing.Lock(), holders, index) for index in range(self.LOCKS)]
+        self._columns = mmap.mmap(-1, self.COLUMNS * 8)  # the pid owning each column (0: free)
+        self._columns_lock = multiprocessing.Lock()
+        self._column_of: tuple[int, int] | None = None  # (pid, column) of this process
+        self._own_writes = threading.Lock()  # this process's threads, adding to its column
+        self._columns_pattern = struct.Struct(f"<{2 * self.COLUMNS}q")
+
+    # Where things are -------------------------------------------------------------------
 
     def _group(self, key: str) -> tuple[int, int]:
         digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") or 1
         return digest, digest % (self.SLOTS // self.GROUP)
+
+    def _column(self) -> int:
+        """This process's column, claimed at its first hit (a dead process's is reused:
+        its counts stand, they were real hits)."""
+        pid = os.getpid()
+        if self._column_of is not None and self._column_of[0] == pid:
+            return self._column_of[1]
+        with self._columns_lock:
+            owners = struct.unpack_from(f"<{self.COLUMNS}q", self._columns)
+            free = next((i for i, owner in enumerate(owners) if owner == pid), None)
+            if free is None:
+                free = next((i for i, owner in enumerate(owners) if owner <= 0 or not _alive(owner)), None)
+            if free is None:
+                raise SharedCountersBusy(f"more than {self.COLUMNS} processes share the rate-limit table")
+            struct.pack_into("<q", self._columns, free * 8, pid)
+        self._column_of = (pid, free)
+        return free
 
     def _locked(self, group: int) -> _StripeLock:
         lock = self._locks[group % self.LOCKS]
@@ -189,10 +230,10 @@ class HostCounters:
     def _find(self, digest: int, group: int, now: float) -> tuple[int | None, int | None, int]:
         """(offset of the key's slot, offset of a free or ended slot, offset of the slot ending first)."""
         own = reusable = None
-        soonest, soonest_end = group * self.GROUP * self.SLOT.size, float("inf")
+        soonest, soonest_end = group * self.GROUP * self.SLOT_SIZE, float("inf")
         for index in range(group * self.GROUP, (group + 1) * self.GROUP):
-            offset = index * self.SLOT.size
-            slot_digest, window_end, _ = self.SLOT.unpack_from(self._memory, offset)
+            offset = index * self.SLOT_SIZE
+            slot_digest, window_end, _ = self.HEAD.unpack_from(self._memory, offset)
             if slot_digest == digest:
                 own = offset
             elif reusable is None and (slot_digest == 0 or window_end <= now):
@@ -201,38 +242,53 @@ class HostCounters:
                 soonest, soonest_end = offset, window_end
         return own, reusable, soonest
 
+    def _total(self, offset: int, generation: int) -> int:
+        values = self._columns_pattern.unpack_from(self._memory, offset + self.HEAD.size)
+        return sum(count for column_generation, count in zip(values[::2], values[1::2])
+                   if column_generation == generation)
+
+    # What the store asks --------------------------------------------------------------
+
     def incr(self, key: str, expiry: float, amount: int, now: float) -> tuple[int, float]:
         """Count a hit; (count, window end) after it."""
+        column = self._column()
         digest, group = self._group(key)
-        lock = self._locked(group)
+        own, _, _ = self._find(digest, group, now)
+        if own is not None:
+            slot_digest, window_end, generation = self.HEAD.unpack_from(self._memory, own)
+            if slot_digest == digest and window_end > now:  # the usual case: no lock another process holds
+                return self._add(own, column, generation, amount), window_end
+        lock = self._locked(group)  # a first hit, or the key's next window
         try:
             own, reusable, soonest = self._find(digest, group, now)
-            if own is not None:
-                _, window_end, count = self.SLOT.unpack_from(self._memory, own)
-                if window_end <= now:
-                    window_end, count = now + expiry, 0
-                self.SLOT.pack_into(self._memory, own, digest, window_end, count + amount)
-                return count + amount, window_end
-            if reusable is None:  # every slot holds a live window: no room, refused
-                _, soonest_end, _ = self.SLOT.unpack_from(self._memory, soonest)
+            slot = own if own is not None else reusable
+            if slot is None:  # every slot holds a live window: no room, refused
+                _, soonest_end, _ = self.HEAD.unpack_from(self._memory, soonest)
                 return self.NO_ROOM, soonest_end
-            self.SLOT.pack_into(self._memory, reusable, digest, now + expiry, amount)
-            return amount, now + expiry
+            _, window_end, generation = self.HEAD.unpack_from(self._memory, slot)
+            if slot != own or window_end <= now:  # someone else may have turned it meanwhile
+                window_end, generation = now + expiry, generation + 1
+                self.HEAD.pack_into(self._memory, slot, digest, window_end, generation)
+            return self._add(slot, column, generation, amount), window_end
         finally:
             lock.release()
+
+    def _add(self, slot: int, column: int, generation: int, amount: int) -> int:
+        where = slot + self.HEAD.size + column * self.COLUMN.size
+        with self._own_writes:
+            column_generation, count = self.COLUMN.unpack_from(self._memory, where)
+            count = count + amount if column_generation == generation else amount
+            self.COLUMN.pack_into(self._memory, where, generation, count)
+        return self._total(slot, generation)
 
     def read(self, key: str, now: float) -> tuple[int, float]:
         """(count, window end) of a key; (0, now) when it has no live window."""
         digest, group = self._group(key)
-        lock = self._locked(group)
-        try:
-            own, _, _ = self._find(digest, group, now)
-            if own is None:
-                return 0, now
-            _, window_end, count = self.SLOT.unpack_from(self._memory, own)
-            return (count, window_end) if window_end > now else (0, now)
-        finally:
-            lock.release()
+        own, _, _ = self._find(digest, group, now)
+        if own is None:
+            return 0, now
+        _, window_end, generation = self.HEAD.unpack_from(self._memory, own)
+        return (self._total(own, generation), window_end) if window_end > now else (0, now)
 
     def clear(self, key: str, now: float) -> None:
         digest, group = self._group(key)
@@ -240,7 +296,8 @@ class HostCounters:
         try:
             own, _, _ = self._find(digest, group, now)
             if own is not None:
-                self.SLOT.pack_into(self._memory, own, 0, 0.0, 0)
+                _, _, generation = self.HEAD.unpack_from(self._memory, own)
+                self.HEAD.pack_into(self._memory, own, 0, 0.0, generation + 1)
         finally:
             lock.release()
 

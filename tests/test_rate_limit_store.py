@@ -120,3 +120,44 @@ def test_a_worker_killed_holding_a_stripe_lock_does_not_wedge_it():
     started = time.monotonic()
     assert counters.incr(key, 60, 1, now=1000.0)[0] == 1
     assert time.monotonic() - started < 1.0
+
+
+def test_hits_on_a_live_window_never_wait_for_a_lock_another_process_holds():
+    """A stripe lock held by a thread of another process (which may itself be waiting for
+    its process's GIL) once made hits wait 50 ms and fall back to per-process counts."""
+    counters = HostCounters()
+    key = "198.51.100.9/limit"
+    assert counters.incr(key, 60, 1, now=1000.0)[0] == 1
+    ready_r, ready_w = os.pipe()
+    child = os.fork()
+    if child == 0:  # holds the key's stripe lock, alive, for a long while
+        counters._locked(counters._group(key)[1])
+        os.write(ready_w, b"!")
+        time.sleep(5)
+        os._exit(0)
+    try:
+        os.read(ready_r, 1)
+        started = time.monotonic()
+        counts = [counters.incr(key, 60, 1, now=1001.0)[0] for _ in range(100)]
+        assert time.monotonic() - started < 0.5
+        assert counts == list(range(2, 102))
+    finally:
+        os.kill(child, 9)
+        os.waitpid(child, 0)
+
+
+def test_processes_hitting_one_key_at_once_are_all_counted_in_one_window():
+    counters = HostCounters()
+    key = "198.51.100.10/limit"
+    children = []
+    for _ in range(4):
+        child = os.fork()
+        if child == 0:
+            for _ in range(500):
+                counters.incr(key, 60, 1, now=1000.0)
+            os._exit(0)
+        children.append(child)
+    for child in children:
+        os.waitpid(child, 0)
+    assert counters.read(key, now=1001.0) == (2000, 1060.0)
+    assert counters.incr(key, 60, 1, now=1061.0) == (1, 1121.0)  # the next window starts from nothing
