@@ -192,11 +192,13 @@ class HostCounters:
         self._memory = mmap.mmap(-1, self.SLOTS * self.SLOT_SIZE)
         holders = mmap.mmap(-1, self.LOCKS * 8)
         self._locks = [_StripeLock(multiprocessing.Lock(), holders, index) for index in range(self.LOCKS)]
-        self._columns = mmap.mmap(-1, self.COLUMNS * 8)  # the pid owning each column (0: free)
+        # The pid owning each column (0: free), then how many columns were ever claimed
+        # (only those are summed).
+        self._columns = mmap.mmap(-1, (self.COLUMNS + 1) * 8)
         self._columns_lock = multiprocessing.Lock()
         self._column_of: tuple[int, int] | None = None  # (pid, column) of this process
         self._own_writes = threading.Lock()  # this process's threads, adding to its column
-        self._columns_pattern = struct.Struct(f"<{2 * self.COLUMNS}q")
+        self._patterns = [struct.Struct(f"<{2 * used}q") for used in range(self.COLUMNS + 1)]
 
     # Where things are -------------------------------------------------------------------
 
@@ -218,6 +220,8 @@ class HostCounters:
             if free is None:
                 raise SharedCountersBusy(f"more than {self.COLUMNS} processes share the rate-limit table")
             struct.pack_into("<q", self._columns, free * 8, pid)
+            used = struct.unpack_from("<q", self._columns, self.COLUMNS * 8)[0]
+            struct.pack_into("<q", self._columns, self.COLUMNS * 8, max(used, free + 1))
         self._column_of = (pid, free)
         return free
 
@@ -243,7 +247,8 @@ class HostCounters:
         return own, reusable, soonest
 
     def _total(self, offset: int, generation: int) -> int:
-        values = self._columns_pattern.unpack_from(self._memory, offset + self.HEAD.size)
+        used = struct.unpack_from("<q", self._columns, self.COLUMNS * 8)[0]
+        values = self._patterns[used].unpack_from(self._memory, offset + self.HEAD.size)
         return sum(count for column_generation, count in zip(values[::2], values[1::2])
                    if column_generation == generation)
 
