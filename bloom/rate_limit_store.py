@@ -190,12 +190,13 @@ class HostCounters:
         # MAP_SHARED: survives fork(). 8.6 MiB of address space; pages are touched (and
         # cost memory) only where keys land.
         self._memory = mmap.mmap(-1, self.SLOTS * self.SLOT_SIZE)
-        holders = mmap.mmap(-1, self.LOCKS * 8)
+        holders = mmap.mmap(-1, (self.LOCKS + 1) * 8)
         self._locks = [_StripeLock(multiprocessing.Lock(), holders, index) for index in range(self.LOCKS)]
         # The pid owning each column (0: free), then how many columns were ever claimed
-        # (only those are summed).
+        # (only those are summed). Claimed under a lock of its own, which a process killed
+        # while holding it does not wedge either.
         self._columns = mmap.mmap(-1, (self.COLUMNS + 1) * 8)
-        self._columns_lock = multiprocessing.Lock()
+        self._columns_lock = _StripeLock(multiprocessing.Lock(), holders, self.LOCKS)
         self._column_of: tuple[int, int] | None = None  # (pid, column) of this process
         self._own_writes = threading.Lock()  # this process's threads, adding to its column
         self._patterns = [struct.Struct(f"<{2 * used}q") for used in range(self.COLUMNS + 1)]
@@ -212,7 +213,9 @@ class HostCounters:
         pid = os.getpid()
         if self._column_of is not None and self._column_of[0] == pid:
             return self._column_of[1]
-        with self._columns_lock:
+        if not self._columns_lock.acquire(timeout=self.LOCK_TIMEOUT_S):
+            raise SharedCountersBusy("rate-limit table busy")
+        try:
             owners = struct.unpack_from(f"<{self.COLUMNS}q", self._columns)
             free = next((i for i, owner in enumerate(owners) if owner == pid), None)
             if free is None:
@@ -222,6 +225,8 @@ class HostCounters:
             struct.pack_into("<q", self._columns, free * 8, pid)
             used = struct.unpack_from("<q", self._columns, self.COLUMNS * 8)[0]
             struct.pack_into("<q", self._columns, self.COLUMNS * 8, max(used, free + 1))
+        finally:
+            self._columns_lock.release()
         self._column_of = (pid, free)
         return free
 

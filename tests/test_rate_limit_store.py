@@ -161,3 +161,15 @@ def test_processes_hitting_one_key_at_once_are_all_counted_in_one_window():
         os.waitpid(child, 0)
     assert counters.read(key, now=1001.0) == (2000, 1060.0)
     assert counters.incr(key, 60, 1, now=1061.0) == (1, 1121.0)  # the next window starts from nothing
+
+
+def test_a_worker_killed_while_claiming_its_count_column_does_not_wedge_the_others():
+    counters = HostCounters()
+    child = os.fork()
+    if child == 0:  # takes the column lock and dies holding it
+        counters._columns_lock.acquire(timeout=1.0)
+        os._exit(0)
+    os.waitpid(child, 0)
+    started = time.monotonic()
+    assert counters.incr("198.51.100.11/limit", 60, 1, now=1000.0)[0] == 1  # this process's first hit
+    assert time.monotonic() - started < 1.0
