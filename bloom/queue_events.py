@@ -79,6 +79,7 @@ class QueueEvents:
         self._pending: Counter[str] = Counter()
         self._pending_lock = threading.Lock()
         self._closed = False
+        self._failed_tries = 0
         self._announce_r, self._announce_w = os.pipe()
         os.set_blocking(self._announce_r, False)
         os.set_blocking(self._announce_w, False)
@@ -194,9 +195,18 @@ class QueueEvents:
             except Exception as error:
                 if self._closed:
                     return
-                log.warning("queue listener lost its connection (%s); reconnecting", type(error).__name__)
+                # An outage is said once when it starts, and once when it ends (_connected).
+                if self._failed_tries == 0:
+                    log.warning("queue listener lost its connection (%s); reconnecting every second",
+                                type(error).__name__)
+                self._failed_tries += 1
             self._bump()  # notifications may have been missed meanwhile
             time.sleep(1.0)
+
+    def _connected(self) -> None:
+        if self._failed_tries:
+            log.warning("queue listener connected again after %d failed tries", self._failed_tries)
+        self._failed_tries = 0
 
     def _listen(self) -> None:
         raw = self._engine.raw_connection()
@@ -205,6 +215,7 @@ class QueueEvents:
             connection.autocommit = True
             with connection.cursor() as cursor:
                 cursor.execute(f"LISTEN {CHANNEL}")
+            self._connected()
             next_send_at = 0.0  # announcements go out at most every ANNOUNCE_EVERY_S
             while True:
                 now = time.monotonic()

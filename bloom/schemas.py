@@ -222,8 +222,10 @@ ArtifactListQuery = Schema.from_dict(
 _INSTANCES: dict[type[Schema], Schema] = {}
 
 
-def load(schema_class: type[Schema], data: Any) -> dict[str, Any]:
-    """Validate `data`; raise ValidationFailed in the formErrors/fieldErrors shape of docs/API.md."""
+def load(schema_class: type[Schema], data: Any, *, check_text: bool = True) -> dict[str, Any]:
+    """Validate `data`; raise ValidationFailed in the formErrors/fieldErrors shape of
+    docs/API.md. Without check_text, the caller knows no text in it holds what PostgreSQL
+    cannot store (http.load_body)."""
     if not isinstance(data, Mapping):
         raise ValidationFailed(["Expected an object"], {})
     schema = _INSTANCES.get(schema_class)
@@ -233,7 +235,7 @@ def load(schema_class: type[Schema], data: Any) -> dict[str, Any]:
         loaded = schema.load(data)
     except ValidationError as error:
         raise _flatten(error.normalized_messages()) from None
-    unstorable = _unstorable_text(loaded)  # unknown keys are dropped by now: only what we keep counts
+    unstorable = check_text and _unstorable_text(loaded)  # unknown keys are dropped by now: only what we keep counts
     if unstorable:
         raise ValidationFailed([unstorable], {})
     return loaded

@@ -590,3 +590,25 @@ def test_a_batch_creates_its_tasks_all_or_nothing_with_idempotency_per_item(clie
     duplicate_keys = [{**TASK, "idempotency_key": "same"}, {**TASK, "idempotency_key": "same"}]
     assert client.post("/api/runtime/llm-tasks/batch", json={"tasks": duplicate_keys}).status_code == 400
     assert len(client.get("/api/runtime/llm-tasks").get_json()) == 5  # nothing from the refused batches
+
+
+def test_text_postgresql_cannot_store_is_a_400_however_the_body_writes_it(client):
+    """NUL and unpaired surrogates reach a string only through a \\u escape; the body is
+    looked through whenever it could hold one (also UTF-16 bodies, and a stray
+    escaped backslash), and a body that cannot is taken without the walk."""
+    def post(raw: bytes):
+        return client.post("/api/runtime/llm-tasks", data=raw, content_type="application/json")
+
+    prompt_with = '{"context_id": "c", "agent_slug": "s", "prompt": "%s"}'
+    for written in ("a\\u0000b", "a\\uD83Db", "a\\udfffb"):
+        response = post((prompt_with % written).encode())
+        assert response.status_code == 400, written
+        assert "NUL" in str(response.get_json()) or "surrogate" in str(response.get_json())
+    batch = ('{"tasks": [{"context_id": "c", "agent_slug": "s", "prompt": "fine"}, '
+             '{"context_id": "c", "agent_slug": "s", "prompt": "x", "context_hints": ["\\u0000"]}]}')
+    assert client.post("/api/runtime/llm-tasks/batch", data=batch.encode(),
+                       content_type="application/json").status_code == 400
+    assert post((prompt_with % "a\\u0000b").encode("utf-16")).status_code == 400  # detected as UTF-16
+    assert client.get("/api/runtime/llm-tasks?limit=10").get_json() == []  # nothing was created
+    stored = post((prompt_with % "a\\\\u0000b \\u00e9").encode())  # a literal backslash-u, and an é
+    assert stored.status_code == 201 and stored.get_json()["prompt"] == "a\\u0000b é"

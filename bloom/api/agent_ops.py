@@ -4,10 +4,10 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, jsonify
 
 from ..errors import BadRequest
-from ..http import json_body
+from ..http import json_body, load_body
 from ..install_script import DEFAULT_REPO_URL, install_script
 from ..openapi import documented
-from ..schemas import AgentUpdateSchema, InstallScriptQuery, load
+from ..schemas import AgentUpdateSchema, InstallScriptQuery
 from . import query
 from ..workers.agent_ops import AgentOperations
 
@@ -32,7 +32,7 @@ def agent_health(worker_id: str):
 @documented("Have the worker's agent update itself (up to 120 s)", body=AgentUpdateSchema,
             responses={200: "AgentOperation", **FAILURES})
 def agent_update(worker_id: str):
-    body = load(AgentUpdateSchema, json_body())
+    body = load_body(AgentUpdateSchema)
     return jsonify(operations().update(worker_id, {key: value for key, value in body.items() if value is not None}))
 
 

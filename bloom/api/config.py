@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify
-from ..http import json_body
+from ..http import load_body
 from ..membridge import MembridgeClient, UpstreamUnreachable
 from ..openapi import documented
 from ..membridge_settings import MembridgeSettingsStore
-from ..schemas import ConfigUpdateSchema, load
+from ..schemas import ConfigUpdateSchema
 
 bp = Blueprint("config", __name__, url_prefix="/api/runtime")
 
@@ -34,7 +34,7 @@ def get_config():
 @bp.post("/config")
 @documented("Change the Membridge settings", body=ConfigUpdateSchema, responses={200: "RuntimeConfig"})
 def update_config():
-    body = load(ConfigUpdateSchema, json_body())
+    body = load_body(ConfigUpdateSchema)
     membridge_settings().update(body["membridge_server_url"].rstrip("/"), body["admin_key"], actor=ACTOR)
     membridge().health.forget("Membridge settings changed; not tested since")
     return jsonify(_public(membridge_settings().current()))

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify
 
-from ..http import json_body
+from ..http import json_body, load_body
 from ..membridge import UpstreamResponse
 from ..openapi import documented
 from ..projects.service import ProjectService
-from ..schemas import CloneSchema, CreateProjectSchema, PageQuery, SyncMemorySchema, load
+from ..schemas import CloneSchema, CreateProjectSchema, PageQuery, SyncMemorySchema
 from . import query
 from .membridge import relay
 
@@ -29,7 +29,7 @@ def list_projects():
 @documented("Create a managed project (pending)", body=CreateProjectSchema,
             responses={201: "ManagedProject", 409: "Error"})
 def create_project():
-    return jsonify(projects().create_project(load(CreateProjectSchema, json_body()))), 201
+    return jsonify(projects().create_project(load_body(CreateProjectSchema))), 201
 
 
 @bp.get("/<project_id>")
@@ -54,7 +54,7 @@ def node_status(project_id: str):
 @documented("Clone the project on a node (default its primary node) through the node's agent (up to 60 s)",
             body=CloneSchema, responses={200: "ProjectCloned", 400: "Error", 404: "Error", 502: "Error"})
 def clone(project_id: str):
-    body = load(CloneSchema, json_body())
+    body = load_body(CloneSchema)
     return jsonify(projects().clone(project_id, body["node_id"]))
 
 
@@ -70,7 +70,7 @@ def propagate(project_id: str):
 @documented("Sync the project's memory through Membridge (push or pull, for a node)", body=SyncMemorySchema,
             responses={200: "MemorySynced", 400: "Error", 404: "Error", 422: "Error", 502: "Error"})
 def sync_memory(project_id: str):
-    body = load(SyncMemorySchema, json_body())
+    body = load_body(SyncMemorySchema)
     answer = projects().sync_memory(project_id, body["direction"], body["node_id"])
     if isinstance(answer, UpstreamResponse):
         return relay(answer)

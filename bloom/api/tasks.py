@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, current_app, jsonify, request
 
 from ..errors import Conflict, ValidationFailed
-from ..http import json_body
+from ..http import load_body
 from ..schemas import (
     CompleteTaskSchema,
     CreateTaskSchema,
@@ -14,7 +14,6 @@ from ..schemas import (
     FencingSchema,
     LeaseTaskSchema,
     TaskListQuery,
-    load,
 )
 from ..openapi import documented
 from . import lease_service, query, task_service
@@ -34,7 +33,7 @@ IDEMPOTENCY_KEY_MAX = 255
     responses={200: "LLMTask", 201: "LLMTask", 422: "Error"},
 )
 def create_task():
-    body = load(CreateTaskSchema, json_body())
+    body = load_body(CreateTaskSchema)
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX:
         raise ValidationFailed([f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters"], {})
@@ -49,7 +48,7 @@ def create_task():
     responses={200: "TaskBatch", 201: "TaskBatch", 422: "Error"},
 )
 def create_tasks():
-    body = load(CreateTasksSchema, json_body())
+    body = load_body(CreateTasksSchema)
     tasks, created = task_service().create_tasks(body["tasks"])
     return jsonify({"tasks": tasks}), 201 if created else 200
 
@@ -74,7 +73,7 @@ def get_task(task_id: str):
     responses={201: "LeaseGrant", 404: "Error", 409: "Error"},
 )
 def lease_task(task_id: str):
-    body = load(LeaseTaskSchema, json_body())
+    body = load_body(LeaseTaskSchema)
     granted = lease_service().lease_task(task_id, worker_id=body["worker_id"], ttl_seconds=body["ttl_seconds"])
     return jsonify(granted), 201
 
@@ -86,7 +85,7 @@ def lease_task(task_id: str):
     responses={202: "Dispatched", 404: "Error", 409: "Error", 502: "Dispatched", 503: "Error"},
 )
 def dispatch_task(task_id: str):
-    body = load(DispatchTaskSchema, json_body())
+    body = load_body(DispatchTaskSchema)
     outcome = current_app.extensions["bloom.dispatcher"].dispatch(
         task_id, worker_id=body["worker_id"], ttl_seconds=body["ttl_seconds"]
     )
@@ -100,7 +99,7 @@ def dispatch_task(task_id: str):
     responses={200: "HeartbeatReply", 404: "Error", 409: "Error"},
 )
 def heartbeat(task_id: str):
-    body = load(FencingSchema, json_body())
+    body = load_body(FencingSchema)
     return jsonify(lease_service().heartbeat(task_id, lease_id=body["lease_id"], worker_id=body["worker_id"]))
 
 
@@ -111,7 +110,7 @@ def heartbeat(task_id: str):
     responses={200: "Completion", 404: "Error", 409: "Error"},
 )
 def complete_task(task_id: str):
-    body = load(CompleteTaskSchema, json_body())
+    body = load_body(CompleteTaskSchema)
     return jsonify(lease_service().complete_task(task_id, body))
 
 
@@ -149,7 +148,7 @@ def runs():
     responses={200: "HeartbeatReply", 404: "Error", 409: "Error"},
 )
 def delivery_heartbeat(lease_id: str, task_id: str):
-    body = load(FencingSchema, json_body())
+    body = load_body(FencingSchema)
     _check_same_lease(lease_id, body.get("lease_id"))
     return jsonify(lease_service().heartbeat(task_id, lease_id=lease_id, worker_id=body["worker_id"]))
 
@@ -161,7 +160,7 @@ def delivery_heartbeat(lease_id: str, task_id: str):
     responses={200: "Completion", 404: "Error", 409: "Error"},
 )
 def delivery_complete(lease_id: str, task_id: str):
-    body = load(CompleteTaskSchema, json_body())
+    body = load_body(CompleteTaskSchema)
     _check_same_lease(lease_id, body.get("lease_id"))
     return jsonify(lease_service().complete_task(task_id, {**body, "lease_id": lease_id}))
 

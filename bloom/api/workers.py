@@ -10,8 +10,8 @@ from flask import Blueprint, Response, current_app, g, jsonify
 
 from .. import metrics
 from ..errors import ValidationFailed
-from ..http import caller_is_operator, json_body
-from ..schemas import ClaimSchema, PageQuery, RegisterWorkerSchema, WorkerHeartbeatSchema, load
+from ..http import caller_is_operator, load_body
+from ..schemas import ClaimSchema, PageQuery, RegisterWorkerSchema, WorkerHeartbeatSchema
 from ..openapi import documented
 from . import lease_service, query, worker_service
 
@@ -34,7 +34,7 @@ def get_worker(worker_id: str):
 @bp.post("")
 @documented("Register (201) or re-register (200) a worker", body=RegisterWorkerSchema, responses={200: "WorkerNode", 201: "WorkerNode", 403: "Error"})
 def register_worker():
-    body = load(RegisterWorkerSchema, json_body())
+    body = load_body(RegisterWorkerSchema)
     if body["url"] is not None and current_app.extensions["bloom.agents"].networks.literal_outside(body["url"]):
         raise ValidationFailed([], {"url": ["Must point inside BLOOM_AGENT_NETWORKS (where agents may live)."]})
     worker, created = worker_service().register_worker(body, may_move=caller_is_operator())
@@ -54,7 +54,7 @@ def remove_worker(worker_id: str):
     responses={200: "WorkerHeartbeatReply", 404: "Error"},
 )
 def heartbeat_worker(worker_id: str):
-    body = load(WorkerHeartbeatSchema, json_body())
+    body = load_body(WorkerHeartbeatSchema)
     return jsonify(lease_service().heartbeat_worker(worker_id, lease_ids=body["lease_ids"]))
 
 
@@ -75,7 +75,7 @@ def claim(worker_id: str):
 
     Without max_tasks the answer is one task, {task, lease}, as the Express service gave
     it; with max_tasks (1 to 32) it is {tasks, leases}, in queue order, from one statement."""
-    body = load(ClaimSchema, json_body())
+    body = load_body(ClaimSchema)
     claim_now = functools.partial(
         lease_service().claim_tasks, worker_id, ttl_seconds=body["ttl_seconds"], agent_slugs=body["agent_slugs"],
         max_tasks=body["max_tasks"] or 1,
