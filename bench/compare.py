@@ -43,7 +43,7 @@ def run_once(root: Path, run_args: list[str], scratch: Path) -> dict:
 def figures(result: dict) -> dict[str, float]:
     """The figures worth comparing, flattened: throughput and p99 of every call."""
     flat: dict[str, float] = {}
-    for kind in ("creation", "lifecycle", "worker_lifecycle"):
+    for kind in ("creation", "batch_creation", "lifecycle", "worker_lifecycle"):
         for run in result.get(kind, []):
             prefix = f"{kind} {run['clients']} clients"
             flat[f"{prefix}: tasks/s"] = run["tasks_per_s"]
