@@ -117,7 +117,7 @@ class Dispatcher:
         self._agents = agents
         self._events = events
         self._public_url = public_url
-        self.slots = DeliverySlots(MAX_IN_FLIGHT, DELIVERY_HARD_LIMIT)
+        self._slots = DeliverySlots(MAX_IN_FLIGHT, DELIVERY_HARD_LIMIT)
         self._thread: threading.Thread | None = None
         # Shutdown: no grant after `_stopping`; a grant under way finishes first (`_granting`),
         # and deliveries not yet taken or refused (`_unsettled`) are waited for.
@@ -133,13 +133,13 @@ class Dispatcher:
         taken the request or refused it."""
         if not self._public_url:
             raise Conflict("Dispatch is not configured: set BLOOM_PUBLIC_URL to the address agents call back")
-        if self._stopping.is_set() or not self.slots.reserve():
+        if self._stopping.is_set() or not self._slots.reserve():
             raise Unavailable("Too many dispatches in flight; try again later")
         try:
             granted = self._leases.grant_lease(task_id, worker_id=worker_id, ttl_seconds=ttl_seconds, push_only=True,
-                                               full_addresses=self.slots.full_addresses())
+                                               full_addresses=self._slots.full_addresses())
         except Conflict:
-            self.slots.release(None)
+            self._slots.release(None)
             earlier = self._current_delivery(task_id)
             if earlier is None:
                 raise
@@ -147,7 +147,7 @@ class Dispatcher:
             # is the answer, as a repeated request expects.
             return earlier
         except BaseException:
-            self.slots.release(None)
+            self._slots.release(None)
             raise
         delivery = self._start(granted)
         delivery.settled.wait(CONNECT_TIMEOUT_S * 2 + ACCEPT_WINDOW_S + 1.0)
@@ -202,21 +202,21 @@ class Dispatcher:
         started = 0
         for task_id in candidates:
             with self._granting:
-                if self._stopping.is_set() or not self.slots.reserve():
+                if self._stopping.is_set() or not self._slots.reserve():
                     break
                 try:
                     granted = self._leases.grant_lease(
                         task_id, worker_id=None, ttl_seconds=None, push_only=True, actor=DISPATCH_ACTOR,
-                        full_addresses=self.slots.full_addresses(),
+                        full_addresses=self._slots.full_addresses(),
                     )
                 except (Conflict, NotFound):  # taken by a pull worker or another dispatcher meanwhile
-                    self.slots.release(None)
+                    self._slots.release(None)
                     continue
                 except Unavailable:  # no push worker has room (or a fair share of slots left)
-                    self.slots.release(None)
+                    self._slots.release(None)
                     break
                 except BaseException:
-                    self.slots.release(None)
+                    self._slots.release(None)
                     raise
                 self._start(granted)
             started += 1
@@ -245,7 +245,7 @@ class Dispatcher:
 
     def _start(self, granted: dict[str, Any]) -> _Delivery:
         delivery = _Delivery(granted)
-        self.slots.assign(delivery.address)
+        self._slots.assign(delivery.address)
         with self._unsettled_lock:
             self._unsettled.add(delivery)
         delivery.on_settled = self._forget
@@ -262,7 +262,7 @@ class Dispatcher:
             if not delivery.settled.is_set():  # never taken: the task must not stay leased
                 self._refused(delivery, AgentAnswer(None, None, "internal error"))
         finally:
-            self.slots.release(delivery.address)
+            self._slots.release(delivery.address)
             self._events.poke()  # capacity may have freed up
 
     def _deliver_and_follow(self, delivery: _Delivery) -> None:

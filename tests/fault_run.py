@@ -24,6 +24,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -163,7 +164,7 @@ def run(seconds: float = 30.0, *, agents: int = 4, pull_workers: int = 2, produc
             pullers.append(psutil.Popen(
                 [sys.executable, "-m", "bloom.worker", "--server", served.base_url, "--name", f"puller-{n}",
                  "--concurrency", str(CAPACITY), "--wait", "2", "--ttl", "15", "--", sys.executable, str(runner), str(ledger)],
-                cwd=REPO_ROOT, stdout=open(scratch / f"puller-{n}.log", "wb"), stderr=-2,
+                cwd=REPO_ROOT, stdout=open(scratch / f"puller-{n}.log", "wb"), stderr=subprocess.STDOUT,
             ))
         clients = [_Producer(served, stop, acknowledged, seed * 100 + n, tasks_per_s / producers)
                    for n in range(producers)]
