@@ -55,6 +55,10 @@ def figures(result: dict) -> dict[str, float]:
                 flat[f"{prefix}: CPU {part} ms/task"] = ms
             if "waits" in run:  # bench_creation's WaitSampler
                 flat[f"{prefix}: busy backends on the notify lock"] = run["waits"].get("Lock: object", 0.0)
+    for run in result.get("floor", []):  # a bare Flask app under the same gunicorn
+        prefix = f"floor {run['clients']} clients"
+        flat[f"{prefix}: CPU gunicorn ms/request"] = run["cpu_ms_per_request"]["gunicorn"]
+        flat[f"{prefix}: lifecycle gunicorn CPU / floor's"] = run["lifecycle_gunicorn_cpu_ratio"]
     for what, count in result.get("limiter_trouble", {}).items():
         flat[f"rate limiter {what} (whole run)"] = count
     return flat

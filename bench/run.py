@@ -95,7 +95,7 @@ class Client:
 
 class Service:
     def __init__(self, database_url: str, workers: int, threads: int, postgres_pid: int | None = None,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, floor: bool = False) -> None:
         self.port = free_port()
         self.postgres_pid = postgres_pid
         self.database_url = database_url
@@ -114,9 +114,14 @@ class Service:
             **(extra_env or {}),
         }
         self.log = tempfile.TemporaryFile()
+        # The floor: a bare Flask app (bench/floor_app.py) under the same gunicorn settings.
+        command = (["--worker-class", "gthread", "--workers", str(workers), "--threads", str(threads),
+                    "--keep-alive", "5", "--bind", f"127.0.0.1:{self.port}", "floor_app:app"]
+                   if floor else ["-c", "gunicorn.conf.py", "wsgi:app"])
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
-            cwd=REPO_ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-m", "gunicorn", *command],
+            cwd=REPO_ROOT / "bench" if floor else REPO_ROOT,  # the floor without the service's gunicorn.conf.py
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         deadline = time.monotonic() + 30
         while True:
@@ -182,7 +187,7 @@ class CpuMeter:
                 parts["postgres"] = [postmaster, *postmaster.children()]
             except psutil.Error:
                 pass
-        else:  # DATABASE_URL: every PostgreSQL process on this machine
+        elif self.service.database_url:  # DATABASE_URL: every PostgreSQL process on this machine
             parts["postgres"] = [p for p in psutil.process_iter(["name"]) if p.info["name"] in ("postgres", "postmaster")]
         return parts
 
@@ -369,6 +374,23 @@ def bench_lifecycle(service: Service, clients: int, tasks: int) -> dict:
     report_cpu(cpu_ms)
     return {"clients": clients, "tasks_per_s": tasks / elapsed, "requests_per_s": requests / elapsed,
             "latency": report_latencies(latencies), "cpu_ms_per_request": cpu_ms}
+
+
+def bench_floor(service: Service, clients: int, requests_each: int) -> dict:
+    """The bare Flask app's CPU per request (bench/floor_app.py), with the lifecycle's
+    clients and a body like a task heartbeat's: the floor a lifecycle request is
+    compared to."""
+    fence = {"lease_id": "l" * 36, "worker_id": "bench-worker-0"}
+
+    def work(client: Client, index: int) -> None:
+        for position in range(requests_each):
+            client.call("floor", "POST", f"/floor/{index}-{position}", fence)
+
+    elapsed, requests, latencies, cpu_ms = run_clients(service, clients, work)
+    print(f"  floor (a bare Flask app, same gunicorn), {clients} clients: {requests / elapsed:.0f} requests/s")
+    report_cpu(cpu_ms)
+    return {"clients": clients, "requests_per_s": requests / elapsed, "latency": report_latencies(latencies),
+            "cpu_ms_per_request": cpu_ms}
 
 
 def bench_worker_lifecycle(service: Service, clients: int, tasks: int, batch: int = 8) -> dict:
@@ -595,6 +617,23 @@ def bench_fleet(service: Service, workers: int, leases_each: int, ttl_seconds: i
             "probe_alone": quiet_table, "probe_with_fleet": busy_table}
 
 
+def measure_floor(args, lifecycle_runs: list[dict]) -> list[dict]:
+    """The floor runs after the service's, each with a lifecycle run's clients and as many
+    requests; prints gunicorn's CPU per lifecycle request as a multiple of the floor's."""
+    floor = Service("", args.workers, args.threads, floor=True)
+    runs = []
+    try:
+        for lifecycle in lifecycle_runs:
+            clients = lifecycle["clients"]
+            run = bench_floor(floor, clients, max(1, 3 * args.tasks // clients))
+            ratio = lifecycle["cpu_ms_per_request"]["gunicorn"] / run["cpu_ms_per_request"]["gunicorn"]
+            print(f"    gunicorn CPU per lifecycle request, {clients} clients: {ratio:.2f}x the floor's")
+            runs.append({**run, "lifecycle_gunicorn_cpu_ratio": ratio})
+    finally:
+        floor.stop()
+    return runs
+
+
 def timed(client: Client, name: str, method: str, path: str, repeat: int, body=None) -> float:
     for _ in range(repeat):
         client.call(name, method, path, body)
@@ -760,6 +799,8 @@ def main() -> int:
                              "measure the service's CPU and lease/claim latency meanwhile")
     parser.add_argument("--seconds", type=float, default=20.0,
                         help="how long the --long-polls run, and each --fleet window, measures")
+    parser.add_argument("--no-floor", dest="floor", action="store_false",
+                        help="skip the floor runs (a bare Flask app under the same gunicorn)")
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     args = parser.parse_args()
     if args.smoke:
@@ -778,7 +819,7 @@ def main() -> int:
         database_url = server.get_uri(database="postgres", driver="psycopg2")
         postgres_pid = int((scratch / "pgdata" / "postmaster.pid").read_text().split()[0])
     results: dict = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "workers": args.workers,
-                     "threads": args.threads, "creation": [], "lifecycle": [], "worker_lifecycle": []}
+                     "threads": args.threads, "creation": [], "lifecycle": [], "worker_lifecycle": [], "floor": []}
     service = Service(database_url, args.workers, args.threads, postgres_pid)
     try:
         register_workers(service.port, count=4, capacity=32)
@@ -808,6 +849,8 @@ def main() -> int:
             for label, plan in results["scale"]["explain"].items():
                 print(f"  EXPLAIN {label}:\n" + "\n".join("      " + line for line in plan.splitlines()))
         results["limiter_trouble"] = service.limiter_trouble()
+        if args.floor and results["lifecycle"]:
+            results["floor"] = measure_floor(args, results["lifecycle"])
         print("  rate limiter: " + ", ".join(f"{what} {count}" for what, count in results["limiter_trouble"].items()))
         results["peak_rss_mib"] = {str(pid): rss / 2**20 for pid, rss in service.peak_rss.items()}
         print("  peak RSS per gunicorn worker: "
