@@ -11,10 +11,10 @@ prints (instructions of the second - of the first) / 600 requests. Two runs of o
 checkout agree within 0.2 %. PostgreSQL runs in its own process and is not counted; the
 driver's work in this one is. Needs valgrind (on this machine kind: /usr/bin/valgrind).
 
-Variants, to price a part of the request: `no-limiter` (Flask-Limiter disabled),
-`no-limit-headers` (its X-RateLimit headers off), `direct-limit` (Flask-Limiter disabled
-and the same limit, storage and headers done with one `limits` hit in a hook: what the
-request would cost without Flask-Limiter's per-request resolution).
+Variants, to price a part of the request: `no-limiter` (no rate limit at all),
+`no-limit-headers` (the shared limit's X-RateLimit headers off). Until 2026-12-03 a
+`direct-limit` variant priced the shared limit done as one `limits` hit in a hook instead
+of by Flask-Limiter: that is now how the app does it (bloom/rate_limits.py).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("as-is", "no-limiter", "no-limit-headers", "direct-limit")
+VARIANTS = ("as-is", "no-limiter", "no-limit-headers")
 
 
 def call(app, method: str, path: str, body=None):
@@ -45,38 +45,13 @@ def call(app, method: str, path: str, body=None):
 
 
 def apply_variant(app, variant: str) -> None:
-    limiter = app.extensions["bloom.limiter"]
+    """Take the shared limit's hooks (bloom/rate_limits.py) out, and with no-limiter
+    Flask-Limiter's too (it only looks at the connection test)."""
+    doomed = {"no-limiter": {"_count_request", "_add_headers"}, "no-limit-headers": {"_add_headers"}}.get(variant, set())
+    for hooks in (app.before_request_funcs, app.after_request_funcs):
+        hooks[None] = [hook for hook in hooks.get(None, []) if getattr(hook, "__name__", "") not in doomed]
     if variant == "no-limiter":
-        limiter.enabled = False
-    elif variant == "no-limit-headers":
-        limiter._headers_enabled = False
-    elif variant == "direct-limit":
-        from flask import g, request
-        from limits import parse
-        from limits.strategies import FixedWindowRateLimiter
-
-        limiter.enabled = False
-        strategy = FixedWindowRateLimiter(limiter._storage)
-        limit = parse(app.extensions["bloom.settings"].rate_limit)
-
-        @app.before_request
-        def _limit():
-            if request.path.startswith("/api/runtime/"):
-                key = request.remote_addr or ""
-                if not strategy.hit(limit, "bloom-runtime", key):
-                    return {"error": "Too many requests"}, 429
-                g.limit_key = key
-            return None
-
-        @app.after_request
-        def _limit_headers(response):
-            key = g.get("limit_key")
-            if key is not None:
-                reset, remaining = strategy.get_window_stats(limit, "bloom-runtime", key)
-                response.headers["X-RateLimit-Limit"] = str(limit.amount)
-                response.headers["X-RateLimit-Remaining"] = str(remaining)
-                response.headers["X-RateLimit-Reset"] = str(int(reset))
-            return response
+        app.extensions["bloom.limiter"].enabled = False
 
 
 def inner(lifecycles: int, variant: str) -> None:

@@ -163,7 +163,7 @@ class Service:
         self.log.seek(0)
         text = self.log.read().decode(errors="replace")
         self.log.seek(0, os.SEEK_END)
-        return {"fallbacks": text.count("falling back to in-memory storage"),
+        return {"fallbacks": text.count("falling back to in-memory storage") + text.count("counting in this process"),
                 "swallowed errors": text.count("Swallowing error")}
 
 

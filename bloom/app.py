@@ -14,7 +14,8 @@ from .settings import Settings
 from .db import Database, apply_schema
 from .dispatch import Dispatcher
 from .errors import register_error_handlers
-from .http import init_limiter, install_api_key_check, install_request_guards
+from .http import install_api_key_check, install_request_guards
+from .rate_limits import init_limiter
 from .jsonio import OrjsonProvider
 from .scheduler import Job, start_scheduler
 from .membridge import MembridgeClient, UpstreamHealth

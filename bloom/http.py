@@ -12,19 +12,15 @@ from typing import Any
 
 from flask import Flask, current_app, g, jsonify, redirect, request
 from marshmallow import Schema
-from flask_limiter import Limiter
-from flask_limiter.util import get_remote_address
-from limits import parse as parse_limit
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .settings import Settings
 from .errors import BadRequest, Unavailable, error_body
-from .rate_limit_store import memory_scheme
+from .rate_limits import PROTECTED_PREFIXES
 from .schemas import load, unstorable_reason
 
 log = logging.getLogger(__name__)
 
-PROTECTED_PREFIXES = ("/api/runtime/", "/api/membridge/")
 # Monitoring and the connection test stay open, as in the Express service.
 OPEN_PATHS = frozenset({
     "/api/runtime/health",
@@ -33,10 +29,6 @@ OPEN_PATHS = frozenset({
     "/api/runtime/test-connection",
     "/api/runtime/agent-install-script",  # holds no secret: the node's shell supplies the keys
 })
-
-# Monitoring is never throttled.
-UNLIMITED_PATHS = frozenset({"/api/runtime/health", "/api/runtime/ready", "/api/runtime/openapi.json", "/metrics"})
-TEST_CONNECTION_ENDPOINT = "config.test_connection"
 
 
 MAX_JSON_DEPTH = 32
@@ -170,59 +162,6 @@ def _nesting_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
-def _exempt_from_shared_limit() -> bool:
-    # UNLIMITED_PATHS never get here: the limiter's request filter lets them go first.
-    return not request.path.startswith(PROTECTED_PREFIXES)
-
-
-def within_failed_auth_limit() -> bool:
-    """Count one refused credential of this client on a path the limits exempt (/metrics),
-    against the configured limit: guesses are throttled like any other calls, while a
-    scraper with the right key is never counted. False once over the limit."""
-    limiter = current_app.extensions["bloom.limiter"]
-    limit = parse_limit(current_app.extensions["bloom.settings"].rate_limit)
-    try:
-        return limiter.limiter.hit(limit, "bloom-runtime", "failed-auth", get_remote_address())
-    except Exception as error:  # the store is away: refuse the guess rather than count nothing
-        log.warning("rate-limit store unavailable for a refused credential: %s", type(error).__name__)
-        return False
-
-
-def _limit_storage_uri(configured: str) -> str:
-    """memory:// is this host's shared memory under gunicorn, else this process's memory
-    (bloom/rate_limit_store.py, no timer threads); any other URI (redis://...) goes to
-    the `limits` library as it is."""
-    return f"{memory_scheme()}://" if configured == "memory://" else configured
-
-
-def init_limiter(app: Flask, config: Settings) -> Limiter:
-    """One counter per client address shared by all API routes, plus test-connection's own.
-
-    Call after the blueprints are registered: the stricter limit wraps a registered view.
-    """
-    limiter = Limiter(
-        key_func=get_remote_address,
-        app=None,
-        application_limits=[config.rate_limit],
-        application_limits_exempt_when=_exempt_from_shared_limit,
-        storage_uri=_limit_storage_uri(config.ratelimit_storage_uri),
-        headers_enabled=True,
-        swallow_errors=True,  # a rate-limit store outage must not take requests down with it
-        in_memory_fallback_enabled=True,
-        key_prefix="bloom-runtime",
-    )
-    # Monitoring paths leave before Flask-Limiter works out which limits apply (most of
-    # its cost per request); the exemption above covers the paths outside the API.
-    limiter.request_filter(lambda: request.path in UNLIMITED_PATHS)
-    limiter.init_app(app)
-    view = app.view_functions.get(TEST_CONNECTION_ENDPOINT)
-    if view is not None:
-        app.view_functions[TEST_CONNECTION_ENDPOINT] = limiter.limit(
-            config.test_connection_rate_limit, override_defaults=False
-        )(view)
-    return limiter
-
-
 def install_request_guards(app: Flask, config: Settings) -> None:
     app.extensions["bloom.large_bodies"] = LargeBodies(config.large_bodies_at_once)
     keep_large_buffers_out_of_the_heap()
@@ -287,8 +226,8 @@ def caller_is_operator() -> bool:
 
 
 def install_api_key_check(app: Flask, config: Settings) -> None:
-    """Call after init_limiter: a request with a wrong key still counts against its
-    client's limit, so a key cannot be guessed at line speed.
+    """Call after init_limiter (bloom/rate_limits.py): a request with a wrong key still
+    counts against its client's limit, so a key cannot be guessed at line speed.
 
     One key (RUNTIME_API_KEY) opens everything, as the Express service did. With
     BLOOM_OPERATOR_KEY set as well, that key opens the operator's routes, and the runtime

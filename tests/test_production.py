@@ -64,6 +64,30 @@ def test_requests_are_served_when_redis_goes_away(database_url):
         redis.stop()
 
 
+def test_while_redis_is_away_limits_hold_per_process_and_are_shared_again_once_it_is_back(database_url, caplog):
+    redis = RedisServer()
+    app = create_app(make_settings(database_url, RATELIMIT_STORAGE_URI=redis.url, BLOOM_RATE_LIMIT="3 per minute"))
+    client = app.test_client()
+    try:
+        first = client.get("/api/runtime/stats")
+        assert first.status_code == 200 and first.headers["X-RateLimit-Remaining"] == "2"
+        redis.stop()
+        with caplog.at_level("WARNING", logger="bloom.rate_limits"):
+            # Served, and still limited: counted in this process meanwhile.
+            assert [client.get("/api/runtime/stats").status_code for _ in range(4)] == [200, 200, 200, 429]
+        outage = [r.getMessage() for r in caplog.records if "rate-limit store unavailable" in r.getMessage()]
+        assert len(outage) == 1 and redis.url not in outage[0]  # once per outage, no URI (it may hold a password)
+        redis = RedisServer(port=redis.port)  # back, empty
+        time.sleep(1.2)  # the first retry of the shared store is 1 s after it failed
+        with caplog.at_level("WARNING", logger="bloom.rate_limits"):
+            back = client.get("/api/runtime/stats")
+        assert back.status_code == 200 and back.headers["X-RateLimit-Remaining"] == "2"  # the new server's count
+        assert any("answers again" in r.getMessage() for r in caplog.records)
+    finally:
+        redis.stop()
+        app.extensions["bloom.database"].dispose()
+
+
 def test_rate_limits_key_on_the_address_the_trusted_proxy_saw(database_url):
     app = create_app(make_settings(database_url, BLOOM_RATE_LIMIT="3 per minute", BLOOM_TRUSTED_PROXIES="1"))
     client = app.test_client()

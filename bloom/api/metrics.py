@@ -7,7 +7,7 @@ from flask import Blueprint, Response, current_app, request
 
 from .. import metrics
 from ..errors import ApiError
-from ..http import within_failed_auth_limit
+from ..rate_limits import within_failed_auth_limit
 from ..openapi import documented
 from . import record_service
 
