@@ -97,6 +97,7 @@ class Service:
     def __init__(self, database_url: str, workers: int, threads: int, postgres_pid: int | None = None,
                  extra_env: dict[str, str] | None = None, floor: bool = False) -> None:
         self.port = free_port()
+        self.workers, self.threads = workers, threads
         self.postgres_pid = postgres_pid
         self.database_url = database_url
         env = {
@@ -612,9 +613,47 @@ def bench_fleet(service: Service, workers: int, leases_each: int, ttl_seconds: i
     _, busy, _ = window(with_heartbeats=True, with_probe=True)
     print("    probe while the fleet heartbeats:")
     busy_table = report_latencies({name: busy[name] for name in ("lease", "claim")})
+    floor_share = floor_at_rate(service.workers, service.threads, sent / wall, senders, seconds,
+                                body={"lease_ids": next(iter(held.values()))})
+    print(f"    the floor at the same rate (a bare Flask app, same gunicorn, same senders and body): "
+          f"gunicorn {floor_share:.1%} of one core")
     return {"workers": workers, "leases": leases_held, "ttl_seconds": ttl_seconds, "heartbeats_per_s": sent / wall,
-            "leases_lost": lost[0], "cpu_share_of_one_core": alive_share, "idle_cpu_share_of_one_core": idle_share, "heartbeat_latency": heartbeat_table,
+            "leases_lost": lost[0], "cpu_share_of_one_core": alive_share, "idle_cpu_share_of_one_core": idle_share,
+            "floor_cpu_share_of_one_core": floor_share, "heartbeat_latency": heartbeat_table,
             "probe_alone": quiet_table, "probe_with_fleet": busy_table}
+
+
+def floor_at_rate(workers: int, threads: int, rate: float, senders: int, seconds: float, body: dict) -> float:
+    """gunicorn's CPU, as a share of one core, for the bare Flask app (bench/floor_app.py)
+    answering `rate` JSON POSTs a second from `senders` keep-alive connections: what any
+    request at that rate costs this stack, before any work of ours. At a low rate a request
+    costs about twice what it does under load (the processes wake for each one)."""
+    floor = Service("", workers, threads, floor=True)
+    meter = CpuMeter(floor)
+    stop = threading.Event()
+
+    def send(index: int) -> None:
+        client = Client(floor.port, defaultdict(list), threading.Lock())
+        started, sent = time.monotonic(), 0
+        while not stop.wait(max(0.0, started + (sent * senders + index) / rate - time.monotonic())):
+            client.call("floor", "POST", f"/floor/{index}-{sent}", body)
+            sent += 1
+
+    try:
+        threads_ = [threading.Thread(target=send, args=(i,)) for i in range(senders)]
+        before = meter.snapshot()
+        started = time.perf_counter()
+        for thread in threads_:
+            thread.start()
+        time.sleep(seconds)
+        stop.set()
+        for thread in threads_:
+            thread.join()
+        wall = time.perf_counter() - started
+        after = meter.snapshot()
+    finally:
+        floor.stop()
+    return sum(after["gunicorn"][pid] - before["gunicorn"].get(pid, 0.0) for pid in after["gunicorn"]) / wall
 
 
 def measure_floor(args, lifecycle_runs: list[dict]) -> list[dict]:
