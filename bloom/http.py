@@ -8,7 +8,7 @@ import json
 import logging
 import re
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from flask import Flask, current_app, g, jsonify, redirect, request
 from marshmallow import Schema
@@ -40,7 +40,7 @@ def json_body() -> Any:
     return _parsed_body()[0]
 
 
-def load_body(schema_class: type[Schema]) -> dict[str, Any]:
+def load_body(schema_class: type[Schema], fast: Callable[[Any], dict[str, Any] | None] | None = None) -> dict[str, Any]:
     """The request body, parsed (json_body) and validated against the schema. Its texts
     are looked through for what PostgreSQL cannot store only when the raw body could hold
     any: in JSON text a NUL character or an unpaired surrogate can only be written as a
@@ -49,7 +49,7 @@ def load_body(schema_class: type[Schema]) -> dict[str, Any]:
     1,000-task batch (docs/PERFORMANCE.md)."""
     value, raw = _parsed_body()
     may_hold_unstorable = json.detect_encoding(raw) != "utf-8" or _UNSTORABLE_ESCAPE.search(raw) is not None
-    return load(schema_class, value, check_text=may_hold_unstorable)
+    return load(schema_class, value, check_text=may_hold_unstorable, fast=fast)
 
 
 # \u0000, and \uD800-\uDFFF (surrogates), in either case; an escaped backslash before

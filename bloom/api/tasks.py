@@ -15,6 +15,7 @@ from ..schemas import (
     LeaseTaskSchema,
     TaskListQuery,
 )
+from .. import task_bodies
 from ..openapi import documented
 from . import lease_service, query, task_service
 
@@ -33,7 +34,7 @@ IDEMPOTENCY_KEY_MAX = 255
     responses={200: "LLMTask", 201: "LLMTask", 422: "Error"},
 )
 def create_task():
-    body = load_body(CreateTaskSchema)
+    body = load_body(CreateTaskSchema, fast=task_bodies.single_task)
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX:
         raise ValidationFailed([f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters"], {})
@@ -48,7 +49,7 @@ def create_task():
     responses={200: "TaskBatch", 201: "TaskBatch", 422: "Error"},
 )
 def create_tasks():
-    body = load_body(CreateTasksSchema)
+    body = load_body(CreateTasksSchema, fast=task_bodies.task_batch)
     tasks, created = task_service().create_tasks(body["tasks"])
     return jsonify({"tasks": tasks}), 201 if created else 200
 

@@ -1,0 +1,109 @@
+"""Task bodies the common way written, loaded without marshmallow's per-field machinery.
+
+A 1,000-task batch spent about half of its time in the service in marshmallow: 100,000
+field loads, each through several layers of calls (docs/PERFORMANCE.md). These loaders
+accept only a body that CreateTaskSchema / BatchTaskSchema / CreateTasksSchema (bloom/
+schemas.py) would accept, and return what they would return; anything else, or anything
+unusual (a float where an integer goes, a key that is null), they leave to marshmallow by
+returning None, so every error message still comes from the schemas. Kept equal to them
+by tests/test_task_bodies.py, which loads thousands of generated bodies both ways.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .schemas import _CONTROL_CHARACTER, KEY_TEXT_MAX
+
+_MISSING = object()
+DEFAULT_POLICY_TIMEOUT_SEC = 120
+MAX_TASKS_PER_BATCH = 1000
+
+
+def _key_text(value: Any) -> bool:
+    return type(value) is str and 0 < len(value) <= KEY_TEXT_MAX and not _CONTROL_CHARACTER.search(value)
+
+
+def _integer(value: Any, low: int, high: int) -> bool:
+    return type(value) is int and low <= value <= high
+
+
+def _policy(value: Any) -> dict[str, Any] | None:
+    if value is _MISSING:
+        return {"timeout_sec": DEFAULT_POLICY_TIMEOUT_SEC, "budget": 0}
+    if type(value) is not dict:
+        return None
+    timeout_sec = value.get("timeout_sec", DEFAULT_POLICY_TIMEOUT_SEC)
+    budget = value.get("budget", _MISSING)
+    if not _integer(timeout_sec, 1, 3600):
+        return None
+    if budget is _MISSING:
+        return {"timeout_sec": timeout_sec, "budget": 0}
+    if type(budget) not in (int, float):
+        return None
+    try:
+        budget = float(budget)
+    except OverflowError:  # an integer past float's range
+        return None
+    if not math.isfinite(budget) or budget < 0:
+        return None
+    return {"timeout_sec": timeout_sec, "budget": budget}
+
+
+def task(item: Any, *, with_idempotency_key: bool = False) -> dict[str, Any] | None:
+    """One task body as CreateTaskSchema (BatchTaskSchema with with_idempotency_key)
+    loads it, or None: then marshmallow decides."""
+    if type(item) is not dict:
+        return None
+    get = item.get
+    context_id, agent_slug, prompt = get("context_id"), get("agent_slug"), get("prompt")
+    if not (_key_text(context_id) and _key_text(agent_slug) and type(prompt) is str and prompt):
+        return None
+    hints = get("context_hints", _MISSING)
+    if hints is _MISSING:
+        hints = []
+    elif type(hints) is list and all(type(hint) is str for hint in hints):
+        hints = list(hints)
+    else:
+        return None
+    policy = _policy(get("policy", _MISSING))
+    desired_format = get("desired_format", "text")
+    max_attempts = get("max_attempts", 3)
+    priority = get("priority", 0)
+    run_at = get("run_at")
+    if (policy is None or desired_format not in ("text", "json") or type(desired_format) is not str
+            or not _integer(max_attempts, 1, 10) or not _integer(priority, -(2**31), 2**31 - 1)
+            or not (run_at is None or _integer(run_at, 0, 2**62))):
+        return None
+    loaded = {
+        "context_id": context_id, "agent_slug": agent_slug, "prompt": prompt, "context_hints": hints,
+        "policy": policy, "desired_format": desired_format, "max_attempts": max_attempts,
+        "priority": priority, "run_at": run_at,
+    }
+    if with_idempotency_key:
+        key = get("idempotency_key")
+        if not (key is None or _key_text(key)):
+            return None
+        loaded["idempotency_key"] = key
+    return loaded
+
+
+def single_task(body: Any) -> dict[str, Any] | None:
+    """POST /llm-tasks."""
+    return task(body)
+
+
+def task_batch(body: Any) -> dict[str, Any] | None:
+    """POST /llm-tasks/batch: {"tasks": [...]} as CreateTasksSchema loads it, or None."""
+    if type(body) is not dict:
+        return None
+    items = body.get("tasks")
+    if type(items) is not list or not 1 <= len(items) <= MAX_TASKS_PER_BATCH:
+        return None
+    loaded = []
+    for item in items:
+        one = task(item, with_idempotency_key=True)
+        if one is None:
+            return None
+        loaded.append(one)
+    return {"tasks": loaded}

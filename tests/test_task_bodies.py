@@ -1,0 +1,91 @@
+"""The fast loaders of task bodies (bloom/task_bodies.py) accept only what the marshmallow
+schemas accept, and return exactly what they return: thousands of generated bodies,
+valid and not, loaded both ways."""
+from __future__ import annotations
+
+import json
+import random
+
+from marshmallow import ValidationError
+
+from bloom import task_bodies
+from bloom.schemas import CreateTaskSchema, CreateTasksSchema
+
+MISSING = object()
+
+KEY_TEXTS = ["c", "a" * 255, "ünï-\u2028", "a" * 256, "", "x\ny", "x\x7f", 5, None, True, ["a"]]
+FIELDS = {
+    "context_id": KEY_TEXTS,
+    "agent_slug": KEY_TEXTS,
+    "prompt": ["p", "x" * 5000, "", None, 3, ["p"]],
+    "context_hints": [MISSING, [], ["a", "b"], ["a", 1], None, "ab", [None], {"a": 1}],
+    "policy": [MISSING, {}, {"timeout_sec": 60}, {"timeout_sec": 3600, "budget": 2.5}, {"budget": 0}, {"budget": 7},
+               {"timeout_sec": 0}, {"timeout_sec": 3601}, {"timeout_sec": True}, {"timeout_sec": 60.0},
+               {"budget": -1}, {"budget": float("nan")}, {"budget": float("inf")}, {"budget": 10**400},
+               {"budget": True}, {"budget": "1"}, {"budget": None}, {"timeout_sec": None}, None, [], {"extra": 1}],
+    "desired_format": [MISSING, "json", "text", "JSON", None, 1, ["json"]],
+    "max_attempts": [MISSING, 1, 10, 0, 11, True, 3.0, "3", None, 2**70],
+    "priority": [MISSING, 0, -(2**31), 2**31 - 1, 2**31, -(2**31) - 1, False, 1.5, None],
+    "run_at": [MISSING, None, 0, 2**62, 2**62 + 1, -1, True, 1.0, "1"],
+    "idempotency_key": [MISSING, None, "k", "", "k" * 256, "a\tb", 1],
+    "id": [MISSING, "x", None],  # unknown keys are dropped
+}
+
+
+def generated_item(rng: random.Random) -> dict:
+    item = {}
+    for name, values in FIELDS.items():
+        # Mostly a valid value (the first three or so), so that whole batches pass too.
+        value = rng.choice(values[:3]) if rng.random() < 0.85 else rng.choice(values)
+        if value is not MISSING:
+            item[name] = value
+    return item
+
+
+def marshmallow_load(schema_class, body):
+    try:
+        return schema_class().load(body)
+    except ValidationError:
+        return None
+
+
+def same(fast, slow) -> bool:
+    """Equal, types included (1 == 1.0 == True in Python; not in JSON text)."""
+    return json.dumps(fast, sort_keys=True) == json.dumps(slow, sort_keys=True)
+
+
+def test_a_single_task_body_loads_as_the_schema_loads_it():
+    rng = random.Random(23)
+    fast_taken = 0
+    for _ in range(6000):
+        body = generated_item(rng)
+        body.pop("idempotency_key", None)  # not a field of a single create
+        slow = marshmallow_load(CreateTaskSchema, body)
+        fast = task_bodies.single_task(body)
+        if fast is not None:
+            fast_taken += 1
+            assert slow is not None and same(fast, slow), body
+    assert fast_taken > 1000  # the common bodies do take the fast path
+
+
+def test_a_batch_loads_as_the_schema_loads_it():
+    rng = random.Random(7)
+    fast_taken = 0
+    for _ in range(3000):
+        body = {"tasks": [generated_item(rng) for _ in range(rng.choice([1, 1, 2, 3]))]}
+        slow = marshmallow_load(CreateTasksSchema, body)
+        fast = task_bodies.task_batch(body)
+        if fast is not None:
+            fast_taken += 1
+            assert slow is not None and same(fast, slow), body
+        elif slow is not None:
+            pass  # marshmallow alone decides the unusual (true for 1, a float budget of int type...)
+    assert fast_taken > 300
+
+
+def test_batch_bounds_and_shapes_are_left_to_the_schema():
+    item = {"context_id": "c", "agent_slug": "a", "prompt": "p"}
+    for body in ({"tasks": []}, {"tasks": [item] * 1001}, {"tasks": None}, {}, {"tasks": item}, [item]):
+        assert task_bodies.task_batch(body) is None
+    full = task_bodies.task_batch({"tasks": [item] * 1000, "extra": True})
+    assert full is not None and same(full, marshmallow_load(CreateTasksSchema, {"tasks": [item] * 1000}))
