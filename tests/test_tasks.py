@@ -203,6 +203,18 @@ def test_heartbeat_renews_the_lease_and_marks_the_task_running(client):
     assert client.get(f"/api/runtime/llm-tasks/{task['id']}").get_json()["status"] == "running"
 
 
+def test_later_heartbeats_renew_the_lease_and_leave_the_running_task_as_it_is(client):
+    register_worker(client, "w1")
+    task = create_task(client)
+    lease(client, task["id"], ttl_seconds=60)
+    first = heartbeat(client, task["id"]).get_json()
+    running = client.get(f"/api/runtime/llm-tasks/{task['id']}").get_json()
+    time.sleep(0.01)
+    second = heartbeat(client, task["id"]).get_json()
+    assert second["expires_at"] > first["expires_at"]
+    assert client.get(f"/api/runtime/llm-tasks/{task['id']}").get_json() == running  # updated_at too
+
+
 def test_heartbeat_without_a_lease_is_404(client):
     task = create_task(client)
     response = heartbeat(client, task["id"])

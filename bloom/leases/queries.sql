@@ -252,10 +252,12 @@ WITH current AS (
        AND (CAST(:worker_id AS text) IS NULL OR l.worker_id = :worker_id)
     RETURNING l.*
 ), task AS (
+    -- Only the first heartbeat changes the task: a running task's row (and its index
+    -- entries: updated_at is indexed) is not written again on every renewal.
     UPDATE llm_tasks t
        SET status = 'running', updated_at = :now
       FROM renewed r
-     WHERE t.id = r.task_id AND t.lease_id = r.id AND t.status IN ('leased', 'running')
+     WHERE t.id = r.task_id AND t.lease_id = r.id AND t.status = 'leased'
     RETURNING t.id
 ), alive_worker AS (
     SELECT worker_id FROM renewed
