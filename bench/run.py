@@ -576,18 +576,7 @@ def bench_fleet(service: Service, workers: int, leases_each: int, ttl_seconds: i
             threads += [threading.Thread(target=heartbeats, args=(stop, i)) for i in range(senders)]
         if with_probe:
             threads.append(threading.Thread(target=probe, args=(stop, probe_latencies)))
-        before = meter.snapshot()
-        started = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        time.sleep(seconds)
-        stop.set()
-        for thread in threads:
-            thread.join()
-        wall = time.perf_counter() - started
-        after = meter.snapshot()
-        share = {part: sum(after[part][pid] - before[part].get(pid, 0.0) for pid in after[part]) / wall
-                 for part in after}
+        share, wall = cpu_share_while(meter, threads, stop, seconds)
         return share, probe_latencies, wall
 
     # Before the leases exist (their ttl runs from the claim): what the service costs idle.
@@ -640,20 +629,29 @@ def floor_at_rate(workers: int, threads: int, rate: float, senders: int, seconds
             sent += 1
 
     try:
-        threads_ = [threading.Thread(target=send, args=(i,)) for i in range(senders)]
-        before = meter.snapshot()
-        started = time.perf_counter()
-        for thread in threads_:
-            thread.start()
-        time.sleep(seconds)
-        stop.set()
-        for thread in threads_:
-            thread.join()
-        wall = time.perf_counter() - started
-        after = meter.snapshot()
+        share, _ = cpu_share_while(meter, [threading.Thread(target=send, args=(i,)) for i in range(senders)],
+                                   stop, seconds)
     finally:
         floor.stop()
-    return sum(after["gunicorn"][pid] - before["gunicorn"].get(pid, 0.0) for pid in after["gunicorn"]) / wall
+    return share["gunicorn"]
+
+
+def cpu_share_while(meter: CpuMeter, threads: list[threading.Thread], stop: threading.Event,
+                    seconds: float) -> tuple[dict[str, float], float]:
+    """Run `threads` for `seconds`, then set `stop` and wait for them: the CPU each part
+    of the system spent meanwhile, as a share of one core, and the wall time."""
+    before = meter.snapshot()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    after = meter.snapshot()
+    return {part: sum(after[part][pid] - before[part].get(pid, 0.0) for pid in after[part]) / wall
+            for part in after}, wall
 
 
 def measure_floor(args, lifecycle_runs: list[dict]) -> list[dict]:
