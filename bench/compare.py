@@ -49,12 +49,20 @@ def figures(result: dict) -> dict[str, float]:
             flat[f"{prefix}: tasks/s"] = run["tasks_per_s"]
             for call, latency in run["latency"].items():
                 flat[f"{prefix}: p99 {call} ms"] = latency["p99_ms"]
+                flat[f"{prefix}: p99/p50 {call}"] = latency["p99_ms"] / latency["p50_ms"]
             for part, ms in run.get("cpu_ms_per_request", {}).items():
                 flat[f"{prefix}: CPU {part} ms/request"] = ms
             for part, ms in run.get("cpu_ms_per_task", {}).items():
                 flat[f"{prefix}: CPU {part} ms/task"] = ms
             if "waits" in run:  # bench_creation's WaitSampler
                 flat[f"{prefix}: busy backends on the notify lock"] = run["waits"].get("Lock: object", 0.0)
+    fleet = result.get("fleet")
+    if fleet:  # bench/run.py --fleet: CPU as a share of one core while the fleet heartbeats
+        for part, share in fleet["cpu_share_of_one_core"].items():
+            flat[f"fleet: CPU {part}, share of one core"] = share
+        if "floor_cpu_share_of_one_core" in fleet:
+            flat["fleet: the floor at the same rate, gunicorn share"] = fleet["floor_cpu_share_of_one_core"]
+        flat["fleet: p99 worker heartbeat ms"] = fleet["heartbeat_latency"]["worker heartbeat"]["p99_ms"]
     for run in result.get("floor", []):  # a bare Flask app under the same gunicorn
         prefix = f"floor {run['clients']} clients"
         flat[f"{prefix}: CPU gunicorn ms/request"] = run["cpu_ms_per_request"]["gunicorn"]
