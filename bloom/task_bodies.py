@@ -1,12 +1,14 @@
 """Task bodies the common way written, loaded without marshmallow's per-field machinery.
 
 A 1,000-task batch spent about half of its time in the service in marshmallow: 100,000
-field loads, each through several layers of calls (docs/PERFORMANCE.md). These loaders
-accept only a body that CreateTaskSchema / BatchTaskSchema / CreateTasksSchema (bloom/
-schemas.py) would accept, and return what they would return; anything else, or anything
-unusual (a float where an integer goes, a key that is null), they leave to marshmallow by
-returning None, so every error message still comes from the schemas. Kept equal to them
-by tests/test_task_bodies.py, which loads thousands of generated bodies both ways.
+field loads, each through several layers of calls (docs/PERFORMANCE.md); a lease,
+heartbeat or completion spends a few per cent of its CPU there. These loaders accept only
+a body that the task routes' schemas in bloom/schemas.py (CreateTaskSchema,
+CreateTasksSchema, LeaseTaskSchema, FencingSchema, CompleteTaskSchema) would accept, and
+return what they would return; anything else, or anything unusual (a float where an
+integer goes, a null where a list goes), they leave to marshmallow by returning None, so
+every error message still comes from the schemas. Kept equal to them by
+tests/test_task_bodies.py, which loads thousands of generated bodies both ways.
 """
 from __future__ import annotations
 
@@ -107,3 +109,64 @@ def task_batch(body: Any) -> dict[str, Any] | None:
             return None
         loaded.append(one)
     return {"tasks": loaded}
+
+
+def _optional_key_text(value: Any) -> bool:
+    return value is None or _key_text(value)
+
+
+def lease(body: Any) -> dict[str, Any] | None:
+    """POST /llm-tasks/<id>/lease as LeaseTaskSchema loads it, or None."""
+    if type(body) is not dict:
+        return None
+    worker_id, ttl_seconds = body.get("worker_id"), body.get("ttl_seconds", 300)
+    if not (_optional_key_text(worker_id) and _integer(ttl_seconds, 1, 86400)):
+        return None
+    return {"worker_id": worker_id, "ttl_seconds": ttl_seconds}
+
+
+def fencing(body: Any) -> dict[str, Any] | None:
+    """A task heartbeat's body as FencingSchema loads it, or None."""
+    if type(body) is not dict:
+        return None
+    lease_id, worker_id = body.get("lease_id"), body.get("worker_id")
+    if not (_optional_key_text(lease_id) and _optional_key_text(worker_id)):
+        return None
+    return {"lease_id": lease_id, "worker_id": worker_id}
+
+
+def _metrics(value: Any) -> dict[str, Any] | None:
+    if type(value) is not dict or not _integer(value.get("duration_ms"), 0, 2**62):
+        return None
+    loaded = {"duration_ms": value["duration_ms"]}
+    if "tokens_used" in value:  # no default: absent stays absent
+        tokens_used = value["tokens_used"]
+        if not (tokens_used is None or _integer(tokens_used, 0, 2**62)):
+            return None
+        loaded["tokens_used"] = tokens_used
+    return loaded
+
+
+def completion(body: Any) -> dict[str, Any] | None:
+    """POST /llm-tasks/<id>/complete as CompleteTaskSchema loads it, or None."""
+    if type(body) is not dict:
+        return None
+    get = body.get
+    fence = fencing(body)
+    status, output, error_message = get("status"), get("output"), get("error_message")
+    metrics = _metrics(get("metrics"))
+    artifact_type = get("artifact_type", "LLM_RESULT")
+    tags = get("artifact_tags", _MISSING)
+    if tags is _MISSING:
+        tags = []
+    elif type(tags) is list and len(tags) <= 64 and all(_key_text(tag) for tag in tags):
+        tags = list(tags)
+    else:
+        return None
+    if (fence is None or metrics is None or status not in ("success", "error") or type(status) is not str
+            or not (output is None or type(output) is str)
+            or not (error_message is None or type(error_message) is str)
+            or not (artifact_type is None or (type(artifact_type) is str and 1 <= len(artifact_type) <= 128))):
+        return None
+    return {**fence, "status": status, "output": output, "error_message": error_message, "metrics": metrics,
+            "artifact_type": artifact_type, "artifact_tags": tags}

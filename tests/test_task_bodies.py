@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
 from marshmallow import ValidationError
 
 from bloom import task_bodies
-from bloom.schemas import CreateTaskSchema, CreateTasksSchema
+from bloom.schemas import CompleteTaskSchema, CreateTaskSchema, CreateTasksSchema, FencingSchema, LeaseTaskSchema
 
 MISSING = object()
 
@@ -89,3 +90,49 @@ def test_batch_bounds_and_shapes_are_left_to_the_schema():
         assert task_bodies.task_batch(body) is None
     full = task_bodies.task_batch({"tasks": [item] * 1000, "extra": True})
     assert full is not None and same(full, marshmallow_load(CreateTasksSchema, {"tasks": [item] * 1000}))
+
+
+OPTIONAL_KEY_TEXTS = [MISSING, None, "lease-1", "a" * 256, "", "x\ny", 5, True]
+LIFECYCLE_FIELDS = {
+    "worker_id": OPTIONAL_KEY_TEXTS,
+    "lease_id": OPTIONAL_KEY_TEXTS,
+    "ttl_seconds": [MISSING, 300, 1, 86400, 0, 86401, True, 30.0, "30", None],
+    "status": ["success", "error", "done", None, 1, ["success"], MISSING],
+    "output": [MISSING, "text", None, "", 5, {"a": 1}, ["x"]],
+    "error_message": [MISSING, None, "boom", 3, ["x"]],
+    "metrics": [{"duration_ms": 5}, {"duration_ms": 0, "tokens_used": None}, {"duration_ms": 7, "tokens_used": 12},
+                {"duration_ms": 2**62, "extra": 1}, {}, {"duration_ms": -1}, {"duration_ms": 2**62 + 1},
+                {"duration_ms": 1.0}, {"duration_ms": True}, {"duration_ms": 1, "tokens_used": -1},
+                {"duration_ms": 1, "tokens_used": 1.5}, None, [], MISSING],
+    "artifact_type": [MISSING, "LLM_RESULT", None, "t" * 128, "", "t" * 129, 7],
+    "artifact_tags": [MISSING, [], ["a", "b"], None, ["a"] * 65, ["a"] * 64, [""], ["a\tb"], "a", [1]],
+    "extra": [MISSING, "ignored"],
+}
+
+
+def generated_lifecycle_body(rng: random.Random) -> dict:
+    body = {}
+    for name, values in LIFECYCLE_FIELDS.items():
+        value = rng.choice(values[:3]) if rng.random() < 0.85 else rng.choice(values)
+        if value is not MISSING:
+            body[name] = value
+    return body
+
+
+@pytest.mark.parametrize("schema_class, loader", [
+    (LeaseTaskSchema, task_bodies.lease), (FencingSchema, task_bodies.fencing),
+    (CompleteTaskSchema, task_bodies.completion),
+])
+def test_lease_heartbeat_and_completion_bodies_load_as_the_schemas_load_them(schema_class, loader):
+    rng = random.Random(schema_class.__name__)
+    fast_taken = 0
+    for _ in range(6000):
+        body = generated_lifecycle_body(rng)
+        slow = marshmallow_load(schema_class, body)
+        fast = loader(body)
+        if fast is not None:
+            fast_taken += 1
+            assert slow is not None and same(fast, slow), body
+    assert fast_taken > 1000
+    for odd in ([], None, "body", 5):
+        assert loader(odd) is None

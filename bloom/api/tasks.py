@@ -74,7 +74,7 @@ def get_task(task_id: str):
     responses={201: "LeaseGrant", 404: "Error", 409: "Error"},
 )
 def lease_task(task_id: str):
-    body = load_body(LeaseTaskSchema)
+    body = load_body(LeaseTaskSchema, fast=task_bodies.lease)
     granted = lease_service().lease_task(task_id, worker_id=body["worker_id"], ttl_seconds=body["ttl_seconds"])
     return jsonify(granted), 201
 
@@ -100,7 +100,7 @@ def dispatch_task(task_id: str):
     responses={200: "HeartbeatReply", 404: "Error", 409: "Error"},
 )
 def heartbeat(task_id: str):
-    body = load_body(FencingSchema)
+    body = load_body(FencingSchema, fast=task_bodies.fencing)
     return jsonify(lease_service().heartbeat(task_id, lease_id=body["lease_id"], worker_id=body["worker_id"]))
 
 
@@ -111,7 +111,7 @@ def heartbeat(task_id: str):
     responses={200: "Completion", 404: "Error", 409: "Error"},
 )
 def complete_task(task_id: str):
-    body = load_body(CompleteTaskSchema)
+    body = load_body(CompleteTaskSchema, fast=task_bodies.completion)
     return jsonify(lease_service().complete_task(task_id, body))
 
 
@@ -149,7 +149,7 @@ def runs():
     responses={200: "HeartbeatReply", 404: "Error", 409: "Error"},
 )
 def delivery_heartbeat(lease_id: str, task_id: str):
-    body = load_body(FencingSchema)
+    body = load_body(FencingSchema, fast=task_bodies.fencing)
     _check_same_lease(lease_id, body.get("lease_id"))
     return jsonify(lease_service().heartbeat(task_id, lease_id=lease_id, worker_id=body["worker_id"]))
 
@@ -161,7 +161,7 @@ def delivery_heartbeat(lease_id: str, task_id: str):
     responses={200: "Completion", 404: "Error", 409: "Error"},
 )
 def delivery_complete(lease_id: str, task_id: str):
-    body = load_body(CompleteTaskSchema)
+    body = load_body(CompleteTaskSchema, fast=task_bodies.completion)
     _check_same_lease(lease_id, body.get("lease_id"))
     return jsonify(lease_service().complete_task(task_id, {**body, "lease_id": lease_id}))
 
