@@ -33,14 +33,14 @@ FIELDS = {
 }
 
 
-def generated_item(rng: random.Random) -> dict:
-    item = {}
-    for name, values in FIELDS.items():
+def generated_body(rng: random.Random, fields: dict[str, list] = FIELDS) -> dict:
+    body = {}
+    for name, values in fields.items():
         # Mostly a valid value (the first three or so), so that whole batches pass too.
         value = rng.choice(values[:3]) if rng.random() < 0.85 else rng.choice(values)
         if value is not MISSING:
-            item[name] = value
-    return item
+            body[name] = value
+    return body
 
 
 def marshmallow_load(schema_class, body):
@@ -59,7 +59,7 @@ def test_a_single_task_body_loads_as_the_schema_loads_it():
     rng = random.Random(23)
     fast_taken = 0
     for _ in range(6000):
-        body = generated_item(rng)
+        body = generated_body(rng)
         body.pop("idempotency_key", None)  # not a field of a single create
         slow = marshmallow_load(CreateTaskSchema, body)
         fast = task_bodies.single_task(body)
@@ -73,7 +73,7 @@ def test_a_batch_loads_as_the_schema_loads_it():
     rng = random.Random(7)
     fast_taken = 0
     for _ in range(3000):
-        body = {"tasks": [generated_item(rng) for _ in range(rng.choice([1, 1, 2, 3]))]}
+        body = {"tasks": [generated_body(rng) for _ in range(rng.choice([1, 1, 2, 3]))]}
         slow = marshmallow_load(CreateTasksSchema, body)
         fast = task_bodies.task_batch(body)
         if fast is not None:
@@ -110,15 +110,6 @@ LIFECYCLE_FIELDS = {
 }
 
 
-def generated_lifecycle_body(rng: random.Random) -> dict:
-    body = {}
-    for name, values in LIFECYCLE_FIELDS.items():
-        value = rng.choice(values[:3]) if rng.random() < 0.85 else rng.choice(values)
-        if value is not MISSING:
-            body[name] = value
-    return body
-
-
 @pytest.mark.parametrize("schema_class, loader", [
     (LeaseTaskSchema, task_bodies.lease), (FencingSchema, task_bodies.fencing),
     (CompleteTaskSchema, task_bodies.completion),
@@ -127,7 +118,7 @@ def test_lease_heartbeat_and_completion_bodies_load_as_the_schemas_load_them(sch
     rng = random.Random(schema_class.__name__)
     fast_taken = 0
     for _ in range(6000):
-        body = generated_lifecycle_body(rng)
+        body = generated_body(rng, LIFECYCLE_FIELDS)
         slow = marshmallow_load(schema_class, body)
         fast = loader(body)
         if fast is not None:
