@@ -3,8 +3,9 @@
 A 1,000-task batch spent about half of its time in the service in marshmallow: 100,000
 field loads, each through several layers of calls (docs/PERFORMANCE.md); a lease,
 heartbeat or completion spends a few per cent of its CPU there. These loaders accept only
-a body that the task routes' schemas in bloom/schemas.py (CreateTaskSchema,
-CreateTasksSchema, LeaseTaskSchema, FencingSchema, CompleteTaskSchema) would accept, and
+a body that the schemas of the task routes and of the worker API in bloom/schemas.py
+(CreateTaskSchema, CreateTasksSchema, LeaseTaskSchema, FencingSchema, CompleteTaskSchema,
+WorkerHeartbeatSchema, ClaimSchema) would accept, and
 return what they would return; anything else, or anything unusual (a float where an
 integer goes, a null where a list goes), they leave to marshmallow by returning None, so
 every error message still comes from the schemas. Kept equal to them by
@@ -15,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .schemas import _CONTROL_CHARACTER, KEY_TEXT_MAX
+from .schemas import _CONTROL_CHARACTER, KEY_TEXT_MAX, MAX_TASKS_PER_CLAIM
 
 _MISSING = object()
 DEFAULT_POLICY_TIMEOUT_SEC = 120
@@ -159,10 +160,10 @@ def completion(body: Any) -> dict[str, Any] | None:
     tags = get("artifact_tags", _MISSING)
     if tags is _MISSING:
         tags = []
-    elif type(tags) is list and len(tags) <= 64 and all(_key_text(tag) for tag in tags):
-        tags = list(tags)
     else:
-        return None
+        tags = _key_texts(tags, 64)
+        if tags is None:
+            return None
     if (fence is None or metrics is None or status not in ("success", "error") or type(status) is not str
             or not (output is None or type(output) is str)
             or not (error_message is None or type(error_message) is str)
@@ -170,3 +171,43 @@ def completion(body: Any) -> dict[str, Any] | None:
         return None
     return {**fence, "status": status, "output": output, "error_message": error_message, "metrics": metrics,
             "artifact_type": artifact_type, "artifact_tags": tags}
+
+
+def _key_texts(value: Any, most: int) -> list[str] | None:
+    if type(value) is list and len(value) <= most and all(_key_text(item) for item in value):
+        return list(value)
+    return None
+
+
+def worker_heartbeat(body: Any) -> dict[str, Any] | None:
+    """POST /workers/<id>/heartbeat as WorkerHeartbeatSchema loads it, or None."""
+    if type(body) is not dict:
+        return None
+    lease_ids = body.get("lease_ids")
+    if lease_ids is None:
+        return {"lease_ids": None}
+    lease_ids = _key_texts(lease_ids, 1000)
+    return None if lease_ids is None else {"lease_ids": lease_ids}
+
+
+def claim(body: Any) -> dict[str, Any] | None:
+    """POST /workers/<id>/claim as ClaimSchema loads it, or None."""
+    if type(body) is not dict:
+        return None
+    get = body.get
+    ttl_seconds, wait_seconds = get("ttl_seconds", 300), get("wait_seconds", _MISSING)
+    agent_slugs, max_tasks = get("agent_slugs"), get("max_tasks")
+    if wait_seconds is _MISSING:
+        wait_seconds = 0
+    elif type(wait_seconds) in (int, float) and 0 <= wait_seconds <= 30:  # NaN fails the range
+        wait_seconds = float(wait_seconds)
+    else:
+        return None
+    if agent_slugs is not None:
+        agent_slugs = _key_texts(agent_slugs, 100)
+        if agent_slugs is None:
+            return None
+    if not (_integer(ttl_seconds, 1, 86400) and (max_tasks is None or _integer(max_tasks, 1, MAX_TASKS_PER_CLAIM))):
+        return None
+    return {"ttl_seconds": ttl_seconds, "wait_seconds": wait_seconds, "agent_slugs": agent_slugs,
+            "max_tasks": max_tasks}

@@ -10,7 +10,10 @@ import pytest
 from marshmallow import ValidationError
 
 from bloom import task_bodies
-from bloom.schemas import CompleteTaskSchema, CreateTaskSchema, CreateTasksSchema, FencingSchema, LeaseTaskSchema
+from bloom.schemas import (
+    ClaimSchema, CompleteTaskSchema, CreateTaskSchema, CreateTasksSchema, FencingSchema, LeaseTaskSchema,
+    WorkerHeartbeatSchema,
+)
 
 MISSING = object()
 
@@ -127,3 +130,29 @@ def test_lease_heartbeat_and_completion_bodies_load_as_the_schemas_load_them(sch
     assert fast_taken > 1000
     for odd in ([], None, "body", 5):
         assert loader(odd) is None
+
+
+WORKER_API_FIELDS = {
+    "lease_ids": [MISSING, ["l-1", "l-2"], None, [], ["l"] * 1000, ["l"] * 1001, [""], ["a\nb"], [1], "l-1", {}],
+    "ttl_seconds": [MISSING, 300, 30, 0, 86401, True, 30.0, None],
+    "wait_seconds": [MISSING, 0, 2.5, 30, 30.5, -1, True, "1", None, float("nan"), float("inf"), 10**400],
+    "agent_slugs": [MISSING, None, ["a", "b"], [], ["a"] * 101, ["a"] * 100, [""], [5], "a"],
+    "max_tasks": [MISSING, None, 8, 1, 32, 0, 33, True, 8.0, "8"],
+    "extra": [MISSING, 1],
+}
+
+
+@pytest.mark.parametrize("schema_class, loader", [
+    (WorkerHeartbeatSchema, task_bodies.worker_heartbeat), (ClaimSchema, task_bodies.claim),
+])
+def test_worker_heartbeat_and_claim_bodies_load_as_the_schemas_load_them(schema_class, loader):
+    rng = random.Random(schema_class.__name__)
+    fast_taken = 0
+    for _ in range(6000):
+        body = generated_body(rng, WORKER_API_FIELDS)
+        slow = marshmallow_load(schema_class, body)
+        fast = loader(body)
+        if fast is not None:
+            fast_taken += 1
+            assert slow is not None and same(fast, slow), body
+    assert fast_taken > 1000

@@ -8,7 +8,7 @@ import time
 
 from flask import Blueprint, Response, current_app, g, jsonify
 
-from .. import metrics
+from .. import metrics, task_bodies
 from ..errors import ValidationFailed
 from ..http import caller_is_operator, load_body
 from ..schemas import ClaimSchema, PageQuery, RegisterWorkerSchema, WorkerHeartbeatSchema
@@ -54,7 +54,7 @@ def remove_worker(worker_id: str):
     responses={200: "WorkerHeartbeatReply", 404: "Error"},
 )
 def heartbeat_worker(worker_id: str):
-    body = load_body(WorkerHeartbeatSchema)
+    body = load_body(WorkerHeartbeatSchema, fast=task_bodies.worker_heartbeat)
     return jsonify(lease_service().heartbeat_worker(worker_id, lease_ids=body["lease_ids"]))
 
 
@@ -75,7 +75,7 @@ def claim(worker_id: str):
 
     Without max_tasks the answer is one task, {task, lease}, as the Express service gave
     it; with max_tasks (1 to 32) it is {tasks, leases}, in queue order, from one statement."""
-    body = load_body(ClaimSchema)
+    body = load_body(ClaimSchema, fast=task_bodies.claim)
     claim_now = functools.partial(
         lease_service().claim_tasks, worker_id, ttl_seconds=body["ttl_seconds"], agent_slugs=body["agent_slugs"],
         max_tasks=body["max_tasks"] or 1,
