@@ -18,6 +18,8 @@ from .errors import ValidationFailed
 
 MAX_OFFSET = 2**31 - 1
 MAX_TASKS_PER_CLAIM = 32
+MAX_TASKS_PER_BATCH = 1000
+DEFAULT_TIMEOUT_SEC = 120  # a task's policy.timeout_sec when it gives none
 TASK_STATUSES = ("queued", "leased", "running", "completed", "failed", "dead", "cancelled")
 LEASE_STATUSES = ("active", "expired", "released", "failed")
 WORKER_STATUSES = ("online", "offline", "syncing", "error", "unknown")
@@ -110,7 +112,7 @@ class RegisterWorkerSchema(_Body):
 
 
 class PolicySchema(_Body):
-    timeout_sec = fields.Integer(strict=True, validate=validate.Range(1, 3600), load_default=120)
+    timeout_sec = fields.Integer(strict=True, validate=validate.Range(1, 3600), load_default=DEFAULT_TIMEOUT_SEC)
     budget = StrictNumber(validate=validate.Range(min=0), load_default=0)
 
 
@@ -119,7 +121,7 @@ class CreateTaskSchema(_Body):
     agent_slug = KeyText(required=True)
     prompt = NonEmptyString(required=True)
     context_hints = fields.List(fields.String(), load_default=list)
-    policy = fields.Nested(PolicySchema, load_default=lambda: {"timeout_sec": 120, "budget": 0})
+    policy = fields.Nested(PolicySchema, load_default=lambda: {"timeout_sec": DEFAULT_TIMEOUT_SEC, "budget": 0})
     desired_format = fields.String(load_default="text", validate=validate.OneOf(("json", "text")))
     max_attempts = fields.Integer(strict=True, validate=validate.Range(1, 10), load_default=3)
     priority = fields.Integer(strict=True, validate=validate.Range(-(2**31), 2**31 - 1), load_default=0)
@@ -132,7 +134,7 @@ class BatchTaskSchema(CreateTaskSchema):
 
 
 class CreateTasksSchema(_Body):
-    tasks = fields.List(fields.Nested(BatchTaskSchema), required=True, validate=validate.Length(1, 1000))
+    tasks = fields.List(fields.Nested(BatchTaskSchema), required=True, validate=validate.Length(1, MAX_TASKS_PER_BATCH))
 
 
 class LeaseTaskSchema(_Body):

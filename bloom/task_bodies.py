@@ -16,11 +16,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .schemas import _CONTROL_CHARACTER, KEY_TEXT_MAX, MAX_TASKS_PER_CLAIM
+from .schemas import (
+    _CONTROL_CHARACTER, DEFAULT_TIMEOUT_SEC, KEY_TEXT_MAX, MAX_TASKS_PER_BATCH, MAX_TASKS_PER_CLAIM,
+)
 
 _MISSING = object()
-DEFAULT_POLICY_TIMEOUT_SEC = 120
-MAX_TASKS_PER_BATCH = 1000
 
 
 def _key_text(value: Any) -> bool:
@@ -33,10 +33,10 @@ def _integer(value: Any, low: int, high: int) -> bool:
 
 def _policy(value: Any) -> dict[str, Any] | None:
     if value is _MISSING:
-        return {"timeout_sec": DEFAULT_POLICY_TIMEOUT_SEC, "budget": 0}
+        return {"timeout_sec": DEFAULT_TIMEOUT_SEC, "budget": 0}
     if type(value) is not dict:
         return None
-    timeout_sec = value.get("timeout_sec", DEFAULT_POLICY_TIMEOUT_SEC)
+    timeout_sec = value.get("timeout_sec", DEFAULT_TIMEOUT_SEC)
     budget = value.get("budget", _MISSING)
     if not _integer(timeout_sec, 1, 3600):
         return None
