@@ -78,7 +78,7 @@ class QueueEvents:
         # the listener thread to send them.
         self._pending: Counter[str] = Counter()
         self._pending_lock = threading.Lock()
-        self._closed = False
+        self._closed = threading.Event()
         self._failed_tries = 0
         self._announce_r, self._announce_w = os.pipe()
         os.set_blocking(self._announce_r, False)
@@ -136,7 +136,7 @@ class QueueEvents:
         self._ensure_listening()
         with self._pending_lock:
             self._pending.update(tasks_by_slug)
-        if self._closed:
+        if self._closed.is_set():
             return
         try:
             os.write(self._announce_w, b"!")
@@ -171,7 +171,9 @@ class QueueEvents:
     def close(self) -> None:
         """Stop listening (the process is done); what is pending is sent first."""
         with self._start_lock:
-            self._closed = True
+            if self._closed.is_set():
+                return
+            self._closed.set()
             thread = self._thread
         if thread is not None and thread.is_alive():
             os.write(self._announce_w, b"!")
@@ -182,18 +184,18 @@ class QueueEvents:
 
     def _ensure_listening(self) -> None:
         with self._start_lock:
-            if self._closed:
+            if self._closed.is_set():
                 return
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._listen_forever, name="bloom-queue-listener", daemon=True)
                 self._thread.start()
 
     def _listen_forever(self) -> None:
-        while not self._closed:
+        while not self._closed.is_set():
             try:
                 self._listen()
             except Exception as error:
-                if self._closed:
+                if self._closed.is_set():
                     return
                 # An outage is said once when it starts, and once when it ends (_connected).
                 if self._failed_tries == 0:
@@ -201,7 +203,7 @@ class QueueEvents:
                                 type(error).__name__)
                 self._failed_tries += 1
             self._bump()  # notifications may have been missed meanwhile
-            time.sleep(1.0)
+            self._closed.wait(1.0)  # a pause before reconnecting that close() ends at once
 
     def _connected(self) -> None:
         if self._failed_tries:
@@ -229,7 +231,7 @@ class QueueEvents:
                 if time.monotonic() >= next_send_at and self._has_pending():
                     self._send_pending(connection)
                     next_send_at = time.monotonic() + ANNOUNCE_EVERY_S
-                if self._closed:
+                if self._closed.is_set():
                     self._send_pending(connection)
                     return
                 connection.poll()

@@ -31,3 +31,17 @@ def test_each_created_task_wakes_one_waiting_claim_that_takes_its_slug(app, clie
 def test_a_slug_cannot_carry_the_count_mark_so_a_payload_means_one_thing(client):
     response = client.post("/api/runtime/llm-tasks", json={**TASK, "agent_slug": "2\x1fsummarizer"})
     assert response.status_code == 400  # control characters are refused in every key text
+
+
+def test_closing_a_listening_process_stops_its_listener_at_once(app):
+    """Every process closes its listener when it stops; it must not sit out the pause
+    that separates reconnect tries (it did: one second per close)."""
+    events = app.extensions["bloom.queue_events"]
+    events.enter_line(["summarizer"])  # starts the listener thread
+    wait_until(lambda: events._thread is not None and events._thread.is_alive(), timeout=5, what="the listener")
+    listener = events._thread
+    started = time.monotonic()
+    events.close()
+    assert not listener.is_alive()
+    assert time.monotonic() - started < 0.5  # it took 1.0 s: the reconnect pause ran out first
+    events.close()  # a second close (the app's teardown) is harmless
