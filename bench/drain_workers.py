@@ -9,10 +9,10 @@ import argparse
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
 from contextlib import closing
-import threading
 from pathlib import Path
 
 import psycopg2

@@ -24,7 +24,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import DONE, TASK, Client, Service, defaultdict, register_workers, run_clients, scratch_postgres, split, warm_up  # noqa: E402
+from run import (  # noqa: E402
+    DONE,
+    TASK,
+    Client,
+    Service,
+    defaultdict,
+    register_workers,
+    run_clients,
+    scratch_postgres,
+    split,
+    warm_up,
+)
 
 
 def frame_name(frame: str) -> str:

@@ -304,7 +304,7 @@ class WaitSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    def __enter__(self) -> "WaitSampler":
+    def __enter__(self) -> WaitSampler:
         self._thread.start()
         return self
 
@@ -418,7 +418,7 @@ def bench_worker_lifecycle(service: Service, clients: int, tasks: int, batch: in
                 return
             client.call("worker heartbeat", "POST", f"/api/runtime/workers/{name}/heartbeat",
                         {"lease_ids": [lease["id"] for lease in claimed["leases"]]})
-            for task, lease in zip(claimed["tasks"], claimed["leases"]):
+            for task, lease in zip(claimed["tasks"], claimed["leases"], strict=True):
                 client.call("complete", "POST", f"/api/runtime/llm-tasks/{task['id']}/complete",
                             {**DONE, "lease_id": lease["id"], "worker_id": name})
 

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-
 AGENT_HEADER = "X-MEMBRIDGE-AGENT"
 CONNECT_TIMEOUT_S = 2.0
 # One probe try, all told. A live agent that answers its /health in 2.5 s is alive.
@@ -249,6 +248,7 @@ class AgentClient:
             checked = self.networks.resolve_allowed(host, port, CONNECT_TIMEOUT_S)
         except AddressNotAllowed as refused:
             raise AgentUnreachable(str(refused)) from None
+        connection: http.client.HTTPConnection
         if target.scheme == "https":  # by name, for the certificate
             connection = http.client.HTTPSConnection(host, port, timeout=CONNECT_TIMEOUT_S)
         else:  # to the very address that was checked
@@ -316,7 +316,7 @@ def status_line_of(url: str, path: str, *, deadline_s: float, networks: AgentNet
 def _left(deadline: float) -> float:
     left = deadline - time.monotonic()
     if left <= 0:
-        raise socket.timeout("deadline passed")
+        raise TimeoutError("deadline passed")
     return left
 
 

@@ -9,30 +9,30 @@ from flask import Flask
 from sqlalchemy.exc import DBAPIError
 
 from .agents import AgentClient, AgentNetworks
+from .api.converters import WorkerIdConverter
 from .artifacts import MinioArtifactStore
-from .settings import Settings
 from .db import Database, apply_schema
 from .dispatch import Dispatcher
 from .errors import register_error_handlers
 from .http import install_api_key_check, install_request_guards
-from .rate_limits import init_limiter
 from .jsonio import OrjsonProvider
-from .scheduler import Job, start_scheduler
+from .leases.service import LeaseService
 from .membridge import MembridgeClient, UpstreamHealth
+from .membridge_settings import MembridgeSettingsStore
+from .projects.service import ProjectService
 from .proxies import TrustedProxies
 from .queue_events import QueueEvents, WaitingRoom
-from .request_log import install_request_log
-from .membridge_settings import MembridgeSettingsStore
-from .leases.service import LeaseService
-from .projects.service import ProjectService
+from .rate_limits import init_limiter
 from .records.retention import RetentionPolicy, prune
 from .records.service import RecordService
+from .request_log import install_request_log
+from .scheduler import Job, start_scheduler
+from .settings import Settings
 from .tasks.service import TaskService
 from .workers.agent_ops import AgentOperations
 from .workers.liveness import probe_push_workers, probe_round_budget_s
 from .workers.service import WorkerService
 from .workers.sync import run_worker_sync
-from .api.converters import WorkerIdConverter
 
 log = logging.getLogger("bloom")
 
@@ -70,7 +70,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.url_map.merge_slashes = False  # a worker id may hold "//"; never a redirect
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json = OrjsonProvider(app)
-    app.wsgi_app = TrustedProxies(app.wsgi_app, settings.trusted_proxy_networks, settings.proxy_hops)
+    app.wsgi_app = TrustedProxies(app.wsgi_app, settings.trusted_proxy_networks,  # type: ignore[method-assign]
+                                  settings.proxy_hops)
 
     database = Database(
         resolve_database_url(settings),

@@ -9,16 +9,15 @@ from __future__ import annotations
 import io
 import logging
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator
 
 import urllib3
 from minio import Minio
 from minio.error import S3Error
 
 from . import metrics
-
 from .settings import MinioSettings
 
 log = logging.getLogger(__name__)
@@ -42,7 +41,7 @@ class ObjectLocation:
         return f"{URL_SCHEME}{self.bucket}/{self.key}"
 
     @classmethod
-    def parse(cls, url: str) -> "ObjectLocation":
+    def parse(cls, url: str) -> ObjectLocation:
         if not url.startswith(URL_SCHEME) or "/" not in url[len(URL_SCHEME):]:
             raise ValueError(f"not an object store url: {url!r}")
         bucket, key = url[len(URL_SCHEME):].split("/", 1)

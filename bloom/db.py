@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import hashlib
-import time
-
 import logging
 import select
 import threading
+import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import psycopg2
 from psycopg2.extensions import TRANSACTION_STATUS_IDLE
@@ -84,7 +84,7 @@ class Database:
         self._ping_lock = threading.Lock()
 
     @contextmanager
-    def autocommit(self) -> Iterator["Queries"]:
+    def autocommit(self) -> Iterator[Queries]:
         """Statements that are each a whole unit of work, committed as they run."""
         try:
             connection = self.engine.raw_connection()
@@ -96,7 +96,7 @@ class Database:
             connection.close()  # back to the pool (or gone, if it was invalidated)
 
     @contextmanager
-    def transaction(self) -> Iterator["Queries"]:
+    def transaction(self) -> Iterator[Queries]:
         """Several statements as one unit: commit on a clean exit, roll back on any exception."""
         with self.autocommit() as queries:
             queries.execute("begin")
@@ -196,7 +196,8 @@ class Queries:
         return DBAPIError.instance(statement, params, error, psycopg2.Error, connection_invalidated=lost)
 
     def _transaction_status(self) -> int:
-        return self.connection.dbapi_connection.info.transaction_status
+        dbapi_connection: Any = self.connection.dbapi_connection
+        return dbapi_connection.info.transaction_status
 
     def _prepare(self) -> None:
         """Prepare every hot statement on this connection: once per pooled connection
@@ -221,18 +222,18 @@ class Queries:
     def all(self, query: str, **params: Any) -> list[dict[str, Any]]:
         with self._run(query, params) as cursor:
             names = _column_names(cursor)
-            return [dict(zip(names, row)) for row in cursor.fetchall()]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     def one_or_none(self, query: str, **params: Any) -> dict[str, Any] | None:
         with self._run(query, params) as cursor:
             row = cursor.fetchone()
-            return dict(zip(_column_names(cursor), row)) if row is not None else None
+            return dict(zip(_column_names(cursor), row, strict=True)) if row is not None else None
 
     def one(self, query: str, **params: Any) -> dict[str, Any]:
         with self._run(query, params) as cursor:
             if cursor.rowcount != 1:
                 raise LookupError(f"query {query!r} returned {cursor.rowcount} rows, expected exactly one")
-            return dict(zip(_column_names(cursor), cursor.fetchone()))
+            return dict(zip(_column_names(cursor), cursor.fetchone(), strict=True))
 
 
 def _column_names(cursor) -> list[str]:

@@ -24,8 +24,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import quote
 
 from sqlalchemy.exc import DBAPIError
@@ -33,16 +34,23 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from . import metrics
 from .agents import (
-    ACCEPT_WINDOW_S, ANSWER_GRACE_S, CONNECT_TIMEOUT_S, QUICK_ANSWER_S, AgentAnswer, AgentClient, AgentUnreachable,
+    ACCEPT_WINDOW_S,
+    ANSWER_GRACE_S,
+    CONNECT_TIMEOUT_S,
+    QUICK_ANSWER_S,
+    AgentAnswer,
+    AgentClient,
+    AgentUnreachable,
 )
+from .bounds import DEFAULT_TIMEOUT_SEC
 from .db import Database
 from .delivery_slots import DeliverySlots
 from .errors import ApiError, Conflict, NotFound, Unavailable, is_transient
-from .workers.liveness import take_workers_out
-from .queue_events import QueueEvents
 from .leases.service import LeaseService
+from .queue_events import QueueEvents
 from .records.service import RecordService
 from .stamps import now_ms
+from .workers.liveness import take_workers_out
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +275,7 @@ class Dispatcher:
 
     def _deliver_and_follow(self, delivery: _Delivery) -> None:
         task, worker = delivery.task, delivery.worker
-        timeout_sec = int((task.get("policy") or {}).get("timeout_sec") or 120)
+        timeout_sec = int((task.get("policy") or {}).get("timeout_sec") or DEFAULT_TIMEOUT_SEC)
         try:
             run = self._agents.send_task(
                 worker["url"], self._agent_body(task, delivery.lease["id"]),
@@ -298,7 +306,7 @@ class Dispatcher:
             "desired_format": task["desired_format"],
             "context_hints": task["context_hints"],
             "policy": task["policy"],
-            "runtime_url": delivery_callback_url(self._public_url, lease_id),
+            "runtime_url": delivery_callback_url(self._public_url or "", lease_id),
         }
 
     def _refused(self, delivery: _Delivery, answer: AgentAnswer) -> None:

@@ -8,16 +8,17 @@ import json
 import logging
 import re
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from flask import Flask, current_app, g, jsonify, redirect, request
 from marshmallow import Schema
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from .settings import Settings
 from .errors import BadRequest, Unavailable, error_body
 from .rate_limits import PROTECTED_PREFIXES
 from .schemas import load, unstorable_reason
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def _body_bytes() -> bytes:
     Past the limit: 413, whether the length was announced or the body came chunked (where
     werkzeug would stop reading at the limit and hand over a truncated body)."""
     limit = current_app.config["MAX_CONTENT_LENGTH"]
-    req = request._get_current_object()
+    req = request._get_current_object()  # type: ignore[attr-defined]
     length = req.content_length
     if length is not None:
         if limit and length > limit:

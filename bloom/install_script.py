@@ -13,7 +13,6 @@ import re
 import shlex
 
 DEFAULT_REPO_URL = "https://github.com/maxfraieho/membridge.git"
-DEFAULT_AGENT_PORT = 8001
 _PLACEHOLDER = re.compile(r"__(?:RUNTIME_URL|CONTROL_PLANE_URL|REPO_URL|AGENT_PORT|NODE_ID)__")
 
 _SCRIPT = r"""#!/usr/bin/env bash

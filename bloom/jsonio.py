@@ -37,4 +37,4 @@ class OrjsonProvider(JSONProvider):
 
     def response(self, *args: Any, **kwargs: Any):
         body = dumps_bytes(self._prepare_response_obj(args, kwargs)) + b"\n"
-        return self._app.response_class(body, mimetype="application/json")
+        return self._app.response_class(body, mimetype="application/json")  # type: ignore[arg-type]

@@ -11,15 +11,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import quote
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from . import metrics
-from urllib3.util.retry import Retry
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class UpstreamHealth:
 
     def __init__(self, on_change: Callable[[dict[str, Any]], None] | None = None) -> None:
         self._lock = threading.Lock()
-        self._state = {"consecutiveFailures": 0, "lastSuccess": None, "lastError": None, "connected": False}
+        self._state: dict[str, Any] = {"consecutiveFailures": 0, "lastSuccess": None, "lastError": None, "connected": False}
         self._observed_at = 0
         self.on_change = on_change
 

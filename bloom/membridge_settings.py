@@ -108,9 +108,10 @@ class MembridgeSettingsStore:
         with self._db.autocommit() as tx:
             rows = {row["key"]: row["value"] for row in tx.all("get_settings", keys=_KEYS)}
         last_test = rows.get("last_test")
+        stored_admin_key = rows.get("admin_key")
         return MembridgeConfig(
             server_url=rows.get("membridge_server_url") or self._defaults.server_url,
-            admin_key=rows.get("admin_key") if rows.get("admin_key") is not None else self._defaults.admin_key,
+            admin_key=stored_admin_key if stored_admin_key is not None else self._defaults.admin_key,
             connected=rows.get("connected") == "true",
             last_test=int(last_test) if last_test and last_test.isdigit() else None,
             upstream_status=_json_or_none(rows.get(UPSTREAM_STATUS_KEY)),

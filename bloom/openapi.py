@@ -9,7 +9,8 @@ answers against this document (test_documented_answers.py, and the schemathesis 
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
@@ -34,7 +35,8 @@ def documented(
     """
 
     def attach(view: Callable) -> Callable:
-        view.__openapi__ = {"summary": summary, "body": body, "query": query, "responses": responses}
+        view.__openapi__ = {"summary": summary, "body": body, "query": query,  # type: ignore[attr-defined]
+                            "responses": responses}
         return view
 
     return attach
@@ -108,7 +110,7 @@ def build_openapi(app: Flask) -> dict[str, Any]:
         if meta is None:
             continue
         path = _CONVERTER.sub(r"{\1}", rule.rule)
-        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
             spec.path(path=path, operations={method.lower(): _operation(rule, path, meta)})
     return spec.to_dict()
 

@@ -10,7 +10,7 @@ scheme, applied to every forwarded header.
 from __future__ import annotations
 
 import ipaddress
-from typing import Iterable
+from collections.abc import Iterable
 
 from werkzeug.middleware.proxy_fix import ProxyFix
 

@@ -33,6 +33,7 @@ import select
 import threading
 import time
 from collections import Counter
+from typing import Any
 
 from sqlalchemy.engine import Engine
 
@@ -213,7 +214,7 @@ class QueueEvents:
     def _listen(self) -> None:
         raw = self._engine.raw_connection()
         try:
-            connection = raw.driver_connection
+            connection: Any = raw.driver_connection  # psycopg2's own connection
             connection.autocommit = True
             with connection.cursor() as cursor:
                 cursor.execute(f"LISTEN {CHANNEL}")

@@ -24,7 +24,6 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import ClassVar
 
 from limits.storage import Storage
 
@@ -51,7 +50,7 @@ class _LocalStorage(Storage):
 
 
 class ProcessMemoryStorage(_LocalStorage):
-    STORAGE_SCHEME: ClassVar[list[str]] = [SCHEME]
+    STORAGE_SCHEME = [SCHEME]
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -254,7 +253,7 @@ class HostCounters:
     def _total(self, offset: int, generation: int) -> int:
         used = struct.unpack_from("<q", self._columns, self.COLUMNS * 8)[0]
         values = self._patterns[used].unpack_from(self._memory, offset + self.HEAD.size)
-        return sum(count for column_generation, count in zip(values[::2], values[1::2])
+        return sum(count for column_generation, count in zip(values[::2], values[1::2], strict=True)
                    if column_generation == generation)
 
     # What the store asks --------------------------------------------------------------
@@ -331,7 +330,7 @@ def memory_scheme() -> str:
 
 
 class HostSharedStorage(_LocalStorage):
-    STORAGE_SCHEME: ClassVar[list[str]] = [HOST_SCHEME]
+    STORAGE_SCHEME = [HOST_SCHEME]
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -145,7 +145,8 @@ def init_limiter(app: Flask, config: Settings) -> Limiter:
                                                        FixedWindowRateLimiter(limiter.storage))
     view = app.view_functions.get(TEST_CONNECTION_ENDPOINT)
     if view is not None:
-        app.view_functions[TEST_CONNECTION_ENDPOINT] = limiter.limit(
+        # Flask-Limiter's decorator is typed for async views too.
+        app.view_functions[TEST_CONNECTION_ENDPOINT] = limiter.limit(  # type: ignore[assignment]
             config.test_connection_rate_limit, override_defaults=False
         )(view)
     return limiter

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import atexit
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from apscheduler.schedulers.background import BackgroundScheduler
 

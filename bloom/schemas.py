@@ -9,20 +9,18 @@ from __future__ import annotations
 import json
 import numbers
 import re
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
+from . import bounds
+from .bounds import AGENT_INFO_MAX, KEY_TEXT_MAX, MAX_OFFSET, URL_MAX, WORKER_STATUSES
 from .errors import ValidationFailed
 
-MAX_OFFSET = 2**31 - 1
-MAX_TASKS_PER_CLAIM = 32
-MAX_TASKS_PER_BATCH = 1000
-DEFAULT_TIMEOUT_SEC = 120  # a task's policy.timeout_sec when it gives none
 TASK_STATUSES = ("queued", "leased", "running", "completed", "failed", "dead", "cancelled")
 LEASE_STATUSES = ("active", "expired", "released", "failed")
-WORKER_STATUSES = ("online", "offline", "syncing", "error", "unknown")
 
 
 class StrictBoolean(fields.Boolean):
@@ -37,14 +35,6 @@ class StrictNumber(fields.Float):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise self.make_error("invalid")
         return super()._deserialize(value, attr, data, **kwargs)
-
-
-# Texts that go into an index or a key (ids, slugs, names, tags) are bounded: an index
-# row has a size limit, and one oversized value must never reach it (a task whose
-# context_id could not be indexed would stop every grant).
-KEY_TEXT_MAX = 255
-URL_MAX = 2048
-AGENT_INFO_MAX = 4096
 
 
 def NonEmptyString(**kwargs: Any) -> fields.String:
@@ -94,7 +84,7 @@ class _Body(Schema):
 
 class CapabilitiesSchema(_Body):
     claude_cli = StrictBoolean(load_default=True)
-    max_concurrency = fields.Integer(strict=True, validate=validate.Range(1, 32), load_default=1)
+    max_concurrency = fields.Integer(strict=True, validate=validate.Range(*bounds.MAX_CONCURRENCY_RANGE), load_default=1)
     labels = fields.List(KeyText(), load_default=list, validate=validate.Length(max=64))
 
 
@@ -112,7 +102,8 @@ class RegisterWorkerSchema(_Body):
 
 
 class PolicySchema(_Body):
-    timeout_sec = fields.Integer(strict=True, validate=validate.Range(1, 3600), load_default=DEFAULT_TIMEOUT_SEC)
+    timeout_sec = fields.Integer(strict=True, validate=validate.Range(*bounds.TIMEOUT_SEC_RANGE),
+                                 load_default=bounds.DEFAULT_TIMEOUT_SEC)
     budget = StrictNumber(validate=validate.Range(min=0), load_default=0)
 
 
@@ -121,12 +112,15 @@ class CreateTaskSchema(_Body):
     agent_slug = KeyText(required=True)
     prompt = NonEmptyString(required=True)
     context_hints = fields.List(fields.String(), load_default=list)
-    policy = fields.Nested(PolicySchema, load_default=lambda: {"timeout_sec": DEFAULT_TIMEOUT_SEC, "budget": 0})
-    desired_format = fields.String(load_default="text", validate=validate.OneOf(("json", "text")))
-    max_attempts = fields.Integer(strict=True, validate=validate.Range(1, 10), load_default=3)
-    priority = fields.Integer(strict=True, validate=validate.Range(-(2**31), 2**31 - 1), load_default=0)
+    policy = fields.Nested(PolicySchema, load_default=lambda: {"timeout_sec": bounds.DEFAULT_TIMEOUT_SEC, "budget": 0})
+    desired_format = fields.String(load_default=bounds.DEFAULT_FORMAT, validate=validate.OneOf(bounds.TASK_FORMATS))
+    max_attempts = fields.Integer(strict=True, validate=validate.Range(*bounds.MAX_ATTEMPTS_RANGE),
+                                  load_default=bounds.DEFAULT_MAX_ATTEMPTS)
+    priority = fields.Integer(strict=True, validate=validate.Range(*bounds.PRIORITY_RANGE),
+                              load_default=bounds.DEFAULT_PRIORITY)
     # Not to be claimed or dispatched before this time (epoch ms).
-    run_at = fields.Integer(strict=True, validate=validate.Range(0, 2**62), load_default=None, allow_none=True)
+    run_at = fields.Integer(strict=True, validate=validate.Range(*bounds.RUN_AT_RANGE), load_default=None,
+                            allow_none=True)
 
 
 class BatchTaskSchema(CreateTaskSchema):
@@ -134,34 +128,38 @@ class BatchTaskSchema(CreateTaskSchema):
 
 
 class CreateTasksSchema(_Body):
-    tasks = fields.List(fields.Nested(BatchTaskSchema), required=True, validate=validate.Length(1, MAX_TASKS_PER_BATCH))
+    tasks = fields.List(fields.Nested(BatchTaskSchema), required=True, validate=validate.Length(1, bounds.MAX_TASKS_PER_BATCH))
 
 
 class LeaseTaskSchema(_Body):
     worker_id = KeyText(load_default=None, allow_none=True)
-    ttl_seconds = fields.Integer(strict=True, validate=validate.Range(1, 86400), load_default=300)
+    ttl_seconds = fields.Integer(strict=True, validate=validate.Range(*bounds.TTL_SECONDS_RANGE),
+                                 load_default=bounds.DEFAULT_TTL_SECONDS)
 
 
 class DispatchTaskSchema(_Body):
     """Like a lease; without ttl_seconds the lease lasts policy.timeout_sec + 60 s."""
 
     worker_id = KeyText(load_default=None, allow_none=True)
-    ttl_seconds = fields.Integer(strict=True, validate=validate.Range(1, 86400), load_default=None, allow_none=True)
+    ttl_seconds = fields.Integer(strict=True, validate=validate.Range(*bounds.TTL_SECONDS_RANGE), load_default=None,
+                                 allow_none=True)
 
 
 class ClaimSchema(_Body):
-    ttl_seconds = fields.Integer(strict=True, validate=validate.Range(1, 86400), load_default=300)
-    wait_seconds = StrictNumber(validate=validate.Range(0, 30), load_default=0)
-    agent_slugs = fields.List(KeyText(), load_default=None, allow_none=True, validate=validate.Length(max=100))
+    ttl_seconds = fields.Integer(strict=True, validate=validate.Range(*bounds.TTL_SECONDS_RANGE),
+                                 load_default=bounds.DEFAULT_TTL_SECONDS)
+    wait_seconds = StrictNumber(validate=validate.Range(*bounds.WAIT_SECONDS_RANGE), load_default=0)
+    agent_slugs = fields.List(KeyText(), load_default=None, allow_none=True,
+                              validate=validate.Length(max=bounds.MAX_CLAIM_AGENT_SLUGS))
     # Given: up to this many tasks, answered as {tasks, leases}; absent: one, as {task, lease}.
-    max_tasks = fields.Integer(strict=True, validate=validate.Range(1, MAX_TASKS_PER_CLAIM), load_default=None)
+    max_tasks = fields.Integer(strict=True, validate=validate.Range(1, bounds.MAX_TASKS_PER_CLAIM), load_default=None)
 
 
 class WorkerHeartbeatSchema(_Body):
     """The leases the worker believes it holds: only those are renewed (all of its
     leases when the field is absent), and those not renewed come back as lost."""
 
-    lease_ids = fields.List(KeyText(), load_default=None, validate=validate.Length(max=1000))
+    lease_ids = fields.List(KeyText(), load_default=None, validate=validate.Length(max=bounds.MAX_HEARTBEAT_LEASE_IDS))
 
 
 class FencingSchema(_Body):
@@ -172,18 +170,20 @@ class FencingSchema(_Body):
 
 
 class MetricsSchema(_Body):
-    duration_ms = fields.Integer(strict=True, required=True, validate=validate.Range(min=0, max=2**62))
+    duration_ms = fields.Integer(strict=True, required=True, validate=validate.Range(*bounds.COUNT_RANGE))
     # A Membridge agent always sends "tokens_used": null.
-    tokens_used = fields.Integer(strict=True, allow_none=True, validate=validate.Range(min=0, max=2**62))
+    tokens_used = fields.Integer(strict=True, allow_none=True, validate=validate.Range(*bounds.COUNT_RANGE))
 
 
 class CompleteTaskSchema(FencingSchema):
-    status = fields.String(required=True, validate=validate.OneOf(("success", "error")))
+    status = fields.String(required=True, validate=validate.OneOf(bounds.COMPLETION_STATUSES))
     output = fields.String(load_default=None, allow_none=True)
     error_message = fields.String(load_default=None, allow_none=True)
     metrics = fields.Nested(MetricsSchema, required=True)
-    artifact_type = fields.String(load_default="LLM_RESULT", allow_none=True, validate=validate.Length(min=1, max=128))
-    artifact_tags = fields.List(KeyText(), load_default=list, allow_none=True, validate=validate.Length(max=64))
+    artifact_type = fields.String(load_default=bounds.DEFAULT_ARTIFACT_TYPE, allow_none=True,
+                                  validate=validate.Length(*bounds.ARTIFACT_TYPE_LENGTH))
+    artifact_tags = fields.List(KeyText(), load_default=list, allow_none=True,
+                                validate=validate.Length(max=bounds.MAX_ARTIFACT_TAGS))
 
 
 class ConfigUpdateSchema(_Body):
@@ -317,7 +317,7 @@ InstallScriptQuery = Schema.from_dict({
         "description": "the runtime's address as the node reaches it; default BLOOM_PUBLIC_URL"}),
     "node_id": fields.String(load_default=None, validate=[validate.Length(min=1, max=128), _no_control_characters],
                              metadata={"description": "default: the node's hostname"}),
-    "port": fields.Integer(load_default=8001, validate=validate.Range(1, 65535)),
+    "port": fields.Integer(load_default=bounds.DEFAULT_AGENT_PORT, validate=validate.Range(1, 65535)),
     "repo_url": fields.String(load_default=None, validate=_repository_url),
 }, name="InstallScriptQuery")
 

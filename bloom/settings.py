@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 
 class ConfigError(ValueError):
@@ -72,19 +72,19 @@ def _networks(env: Mapping[str, str], name: str, default: str) -> tuple:
     return tuple(networks)
 
 
-def _trusted_proxies(env: Mapping[str, str]) -> dict[str, object]:
+def _trusted_proxies(env: Mapping[str, str]) -> tuple[tuple[str, ...], int]:
     """BLOOM_TRUSTED_PROXIES: a hop count (the proxy on this host: 127.0.0.1 and ::1), or
     a comma list of proxy addresses/CIDRs (hops then from BLOOM_PROXY_HOPS, default 1)."""
     raw = env.get("BLOOM_TRUSTED_PROXIES", "").strip() or "1"
     if raw.isdigit():
-        return {"trusted_proxy_networks": LOOPBACK_PROXIES, "proxy_hops": int(raw)}
+        return LOOPBACK_PROXIES, int(raw)
     networks = tuple(part.strip() for part in raw.split(",") if part.strip())
     for network in networks:
         try:
             ipaddress.ip_network(network, strict=False)
         except ValueError:
             raise ConfigError(f"BLOOM_TRUSTED_PROXIES: {network!r} is not an address or CIDR") from None
-    return {"trusted_proxy_networks": networks, "proxy_hops": _int(env, "BLOOM_PROXY_HOPS", 1)}
+    return networks, _int(env, "BLOOM_PROXY_HOPS", 1)
 
 
 def _port(env: Mapping[str, str]) -> int:
@@ -159,7 +159,7 @@ class Settings:
     agent_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         database_url = env.get("DATABASE_URL", "").strip() or None
         minio_endpoint = env.get("MINIO_ENDPOINT", "").strip()
@@ -174,9 +174,9 @@ class Settings:
                 bucket=env.get("MINIO_ARTIFACT_BUCKET", "").strip() or "bloom-artifacts",
             )
         deployment = (env.get("BLOOM_ENV") or env.get("NODE_ENV") or "").strip().lower()
-        proxies = _trusted_proxies(env)
-        if proxies["proxy_hops"] < 0:
-            raise ConfigError(f"BLOOM_PROXY_HOPS must be 0 or more, got {proxies['proxy_hops']}")
+        trusted_proxy_networks, proxy_hops = _trusted_proxies(env)
+        if proxy_hops < 0:
+            raise ConfigError(f"BLOOM_PROXY_HOPS must be 0 or more, got {proxy_hops}")
         return cls(
             port=_port(env),
             database_url=normalize_database_url(database_url) if database_url else None,
@@ -188,7 +188,8 @@ class Settings:
             ratelimit_storage_uri=env.get("RATELIMIT_STORAGE_URI", "").strip() or "memory://",
             rate_limit=env.get("BLOOM_RATE_LIMIT", "").strip() or "100 per minute",
             test_connection_rate_limit=env.get("BLOOM_TEST_CONNECTION_RATE_LIMIT", "").strip() or "20 per minute",
-            **proxies,
+            trusted_proxy_networks=trusted_proxy_networks,
+            proxy_hops=proxy_hops,
             production=deployment == "production",
             max_body_bytes=_count(env, "BLOOM_MAX_BODY_BYTES", 16 * 1024 * 1024),
             worker_sync_interval_s=_seconds(env, "WORKER_SYNC_INTERVAL_S", 10.0),

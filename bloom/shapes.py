@@ -10,15 +10,16 @@ answers against the document (tests/test_documented_answers.py).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from marshmallow import Schema, fields
 
-from . import schemas
+from . import bounds, schemas
 
 DEFAULT_CAPABILITIES = {"claude_cli": True, "max_concurrency": 1, "labels": []}
 CLONE_STATUSES = ("pending", "cloning", "cloned", "failed", "propagating", "synced")
-DEFAULT_POLICY = {"timeout_sec": 120, "budget": 0}
+DEFAULT_POLICY = {"timeout_sec": bounds.DEFAULT_TIMEOUT_SEC, "budget": 0}
 
 
 def capabilities_json(stored: Any) -> dict[str, Any]:
@@ -50,7 +51,7 @@ class WorkerNode(Schema):
     id = fields.String(required=True)
     node_id = fields.String(allow_none=True, required=True)
     url = fields.String(allow_none=True, required=True)
-    status = fields.String(required=True, metadata={"enum": list(schemas.WORKER_STATUSES)})
+    status = fields.String(required=True, metadata={"enum": list(bounds.WORKER_STATUSES)})
     capabilities = fields.Nested(WorkerCapabilities, required=True,
                                  metadata={"from_row": lambda row: capabilities_json(row.get("capabilities"))})
     last_heartbeat = fields.Integer(allow_none=True, required=True)

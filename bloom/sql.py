@@ -36,6 +36,7 @@ _PARAMETER = re.compile(r"(?<![:\w\\]):(\w+)(?!:)")
 PARAMETER_TYPES = {
     "now": "bigint",  # epoch milliseconds
     "ttl_seconds": "integer",
+    "default_timeout_sec": "integer",
     "max_attempts": "integer",
     "priority": "integer",
     "agent_slugs": "text[]",
@@ -63,7 +64,7 @@ def parse_named_queries(*sources: str) -> dict[str, NamedQuery]:
     fragments: dict[str, str] = {}
     for source in sources:
         parts = _HEADER.split(source)
-        for kind, name, prepared, body in zip(parts[1::4], parts[2::4], parts[3::4], parts[4::4]):
+        for kind, name, prepared, body in zip(parts[1::4], parts[2::4], parts[3::4], parts[4::4], strict=True):
             text = body.strip()
             if name in queries or name in fragments:
                 raise ValueError(f"query {name!r} is defined twice")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 # Who an audit entry says acted: a caller of the API (the default), or a background duty.
 API_ACTOR = "api"
@@ -19,4 +19,4 @@ def new_id() -> str:
 
 def iso(epoch_ms: int) -> str:
     """Epoch milliseconds as an ISO 8601 UTC time, for messages."""
-    return datetime.fromtimestamp(epoch_ms / 1000, tz=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(epoch_ms / 1000, tz=UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

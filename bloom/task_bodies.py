@@ -16,9 +16,31 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .schemas import (
-    _CONTROL_CHARACTER, DEFAULT_TIMEOUT_SEC, KEY_TEXT_MAX, MAX_TASKS_PER_BATCH, MAX_TASKS_PER_CLAIM,
+from .bounds import (
+    ARTIFACT_TYPE_LENGTH,
+    COMPLETION_STATUSES,
+    COUNT_RANGE,
+    DEFAULT_ARTIFACT_TYPE,
+    DEFAULT_FORMAT,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_PRIORITY,
+    DEFAULT_TIMEOUT_SEC,
+    DEFAULT_TTL_SECONDS,
+    KEY_TEXT_MAX,
+    MAX_ARTIFACT_TAGS,
+    MAX_ATTEMPTS_RANGE,
+    MAX_CLAIM_AGENT_SLUGS,
+    MAX_HEARTBEAT_LEASE_IDS,
+    MAX_TASKS_PER_BATCH,
+    MAX_TASKS_PER_CLAIM,
+    PRIORITY_RANGE,
+    RUN_AT_RANGE,
+    TASK_FORMATS,
+    TIMEOUT_SEC_RANGE,
+    TTL_SECONDS_RANGE,
+    WAIT_SECONDS_RANGE,
 )
+from .schemas import _CONTROL_CHARACTER
 
 _MISSING = object()
 
@@ -27,8 +49,8 @@ def _key_text(value: Any) -> bool:
     return type(value) is str and 0 < len(value) <= KEY_TEXT_MAX and not _CONTROL_CHARACTER.search(value)
 
 
-def _integer(value: Any, low: int, high: int) -> bool:
-    return type(value) is int and low <= value <= high
+def _integer(value: Any, bounds: tuple[int, int]) -> bool:
+    return type(value) is int and bounds[0] <= value <= bounds[1]
 
 
 def _policy(value: Any) -> dict[str, Any] | None:
@@ -38,7 +60,7 @@ def _policy(value: Any) -> dict[str, Any] | None:
         return None
     timeout_sec = value.get("timeout_sec", DEFAULT_TIMEOUT_SEC)
     budget = value.get("budget", _MISSING)
-    if not _integer(timeout_sec, 1, 3600):
+    if not _integer(timeout_sec, TIMEOUT_SEC_RANGE):
         return None
     if budget is _MISSING:
         return {"timeout_sec": timeout_sec, "budget": 0}
@@ -70,13 +92,13 @@ def task(item: Any, *, with_idempotency_key: bool = False) -> dict[str, Any] | N
     else:
         return None
     policy = _policy(get("policy", _MISSING))
-    desired_format = get("desired_format", "text")
-    max_attempts = get("max_attempts", 3)
-    priority = get("priority", 0)
+    desired_format = get("desired_format", DEFAULT_FORMAT)
+    max_attempts = get("max_attempts", DEFAULT_MAX_ATTEMPTS)
+    priority = get("priority", DEFAULT_PRIORITY)
     run_at = get("run_at")
-    if (policy is None or desired_format not in ("text", "json") or type(desired_format) is not str
-            or not _integer(max_attempts, 1, 10) or not _integer(priority, -(2**31), 2**31 - 1)
-            or not (run_at is None or _integer(run_at, 0, 2**62))):
+    if (policy is None or desired_format not in TASK_FORMATS or type(desired_format) is not str
+            or not _integer(max_attempts, MAX_ATTEMPTS_RANGE) or not _integer(priority, PRIORITY_RANGE)
+            or not (run_at is None or _integer(run_at, RUN_AT_RANGE))):
         return None
     loaded = {
         "context_id": context_id, "agent_slug": agent_slug, "prompt": prompt, "context_hints": hints,
@@ -120,8 +142,8 @@ def lease(body: Any) -> dict[str, Any] | None:
     """POST /llm-tasks/<id>/lease as LeaseTaskSchema loads it, or None."""
     if type(body) is not dict:
         return None
-    worker_id, ttl_seconds = body.get("worker_id"), body.get("ttl_seconds", 300)
-    if not (_optional_key_text(worker_id) and _integer(ttl_seconds, 1, 86400)):
+    worker_id, ttl_seconds = body.get("worker_id"), body.get("ttl_seconds", DEFAULT_TTL_SECONDS)
+    if not (_optional_key_text(worker_id) and _integer(ttl_seconds, TTL_SECONDS_RANGE)):
         return None
     return {"worker_id": worker_id, "ttl_seconds": ttl_seconds}
 
@@ -137,12 +159,12 @@ def fencing(body: Any) -> dict[str, Any] | None:
 
 
 def _metrics(value: Any) -> dict[str, Any] | None:
-    if type(value) is not dict or not _integer(value.get("duration_ms"), 0, 2**62):
+    if type(value) is not dict or not _integer(value.get("duration_ms"), COUNT_RANGE):
         return None
     loaded = {"duration_ms": value["duration_ms"]}
     if "tokens_used" in value:  # no default: absent stays absent
         tokens_used = value["tokens_used"]
-        if not (tokens_used is None or _integer(tokens_used, 0, 2**62)):
+        if not (tokens_used is None or _integer(tokens_used, COUNT_RANGE)):
             return None
         loaded["tokens_used"] = tokens_used
     return loaded
@@ -156,18 +178,19 @@ def completion(body: Any) -> dict[str, Any] | None:
     fence = fencing(body)
     status, output, error_message = get("status"), get("output"), get("error_message")
     metrics = _metrics(get("metrics"))
-    artifact_type = get("artifact_type", "LLM_RESULT")
+    artifact_type = get("artifact_type", DEFAULT_ARTIFACT_TYPE)
     tags = get("artifact_tags", _MISSING)
     if tags is _MISSING:
         tags = []
     else:
-        tags = _key_texts(tags, 64)
+        tags = _key_texts(tags, MAX_ARTIFACT_TAGS)
         if tags is None:
             return None
-    if (fence is None or metrics is None or status not in ("success", "error") or type(status) is not str
+    if (fence is None or metrics is None or status not in COMPLETION_STATUSES or type(status) is not str
             or not (output is None or type(output) is str)
             or not (error_message is None or type(error_message) is str)
-            or not (artifact_type is None or (type(artifact_type) is str and 1 <= len(artifact_type) <= 128))):
+            or not (artifact_type is None or (type(artifact_type) is str
+                                              and ARTIFACT_TYPE_LENGTH[0] <= len(artifact_type) <= ARTIFACT_TYPE_LENGTH[1]))):
         return None
     return {**fence, "status": status, "output": output, "error_message": error_message, "metrics": metrics,
             "artifact_type": artifact_type, "artifact_tags": tags}
@@ -186,7 +209,7 @@ def worker_heartbeat(body: Any) -> dict[str, Any] | None:
     lease_ids = body.get("lease_ids")
     if lease_ids is None:
         return {"lease_ids": None}
-    lease_ids = _key_texts(lease_ids, 1000)
+    lease_ids = _key_texts(lease_ids, MAX_HEARTBEAT_LEASE_IDS)
     return None if lease_ids is None else {"lease_ids": lease_ids}
 
 
@@ -195,19 +218,20 @@ def claim(body: Any) -> dict[str, Any] | None:
     if type(body) is not dict:
         return None
     get = body.get
-    ttl_seconds, wait_seconds = get("ttl_seconds", 300), get("wait_seconds", _MISSING)
+    ttl_seconds, wait_seconds = get("ttl_seconds", DEFAULT_TTL_SECONDS), get("wait_seconds", _MISSING)
     agent_slugs, max_tasks = get("agent_slugs"), get("max_tasks")
     if wait_seconds is _MISSING:
         wait_seconds = 0
-    elif type(wait_seconds) in (int, float) and 0 <= wait_seconds <= 30:  # NaN fails the range
-        wait_seconds = float(wait_seconds)
+    elif type(wait_seconds) in (int, float) and WAIT_SECONDS_RANGE[0] <= wait_seconds <= WAIT_SECONDS_RANGE[1]:
+        wait_seconds = float(wait_seconds)  # NaN fails the range
     else:
         return None
     if agent_slugs is not None:
-        agent_slugs = _key_texts(agent_slugs, 100)
+        agent_slugs = _key_texts(agent_slugs, MAX_CLAIM_AGENT_SLUGS)
         if agent_slugs is None:
             return None
-    if not (_integer(ttl_seconds, 1, 86400) and (max_tasks is None or _integer(max_tasks, 1, MAX_TASKS_PER_CLAIM))):
+    if not (_integer(ttl_seconds, TTL_SECONDS_RANGE)
+            and (max_tasks is None or (type(max_tasks) is int and 1 <= max_tasks <= MAX_TASKS_PER_CLAIM))):
         return None
     return {"ttl_seconds": ttl_seconds, "wait_seconds": wait_seconds, "agent_slugs": agent_slugs,
             "max_tasks": max_tasks}

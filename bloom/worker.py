@@ -25,7 +25,6 @@ import sys
 import threading
 import time
 from typing import Any
-
 from urllib.parse import quote
 
 import requests
@@ -175,7 +174,7 @@ class Worker:
         response = self.api.call("POST", path, body, timeout=self.wait_seconds + 30)
         if response.status_code == 201:
             claimed = response.json()
-            return list(zip(claimed["tasks"], claimed["leases"]))
+            return list(zip(claimed["tasks"], claimed["leases"], strict=True))
         if response.status_code == 204:
             # The server had no room for another waiting poll: come back when it says.
             retry_after = response.headers.get("Retry-After", "")

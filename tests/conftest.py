@@ -21,7 +21,8 @@ def postgres() -> PostgresCluster:
     server = None
     if not admin_url:
         admin_url, server = start_embedded_cluster()
-    cluster = PostgresCluster(admin_url)
+    # Under pytest-xdist every process of the run has a template of its own.
+    cluster = PostgresCluster(admin_url, template=f"bloom_test_template_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}")
     cluster.create_template()
     yield cluster
     cluster.dispose()
@@ -149,10 +150,14 @@ def fleet_server(database_url, membridge):
         assert AGENT_KEY not in served.log() and ADMIN_KEY not in served.log()
 
 
-# `make test-quick`: the tests that run in this process only, for a change's first
-# feedback in about a minute. A test is slow when it starts a server of its own (gunicorn,
-# an agent, S3) or a process; `make test` runs everything.
-_SLOW_FIXTURES = {"server", "fleet_server", "served", "s3", "s3_app", "bucket", "agents"}
+# `make test-quick` runs the tests that start no server or process (`-m "not slow"`).
+# A test is slow when it uses one of these fixtures, directly or through another one:
+# each starts a server of its own (gunicorn, redis-server, nginx, SeaweedFS) or stand-in
+# agents. A test that starts a process in its own body says so with @pytest.mark.slow;
+# under `make test-quick` the test servers refuse to start (tests/support.py), so a
+# test that forgets to say it fails there instead of slowing the quick run down.
+SERVER_FIXTURES = {"server", "fleet_server", "served", "s3", "agents", "limited_server", "fuzz_server",
+                   "redis_url", "nginx_front"}
 
 
 def pytest_configure(config):
@@ -160,11 +165,6 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    import inspect
-
     for item in items:
-        function = getattr(item, "function", None)
-        source = inspect.getsource(function) if function is not None else ""
-        if _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or any(
-                marker in source for marker in ("GunicornServer(", "subprocess.", "WorkerProcess(", "os.fork(", "fault_run.")):
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)

@@ -269,7 +269,7 @@ def _check(outcome: Outcome, database_url: str, acknowledged: list[str], fleet: 
         spans.sort()
         if len(spans) > 1:
             outcome.ran_twice[task] = [runner for _, _, runner in spans]
-        if any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])):
+        if any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:], strict=False)):
             outcome.overlapping_runs.append(task)
     with closing(psycopg2.connect(database_url)) as connection, connection.cursor() as cursor:
         for task in outcome.ran_twice:

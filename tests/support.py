@@ -39,12 +39,18 @@ def wait_until(predicate, *, timeout: float, interval: float = 0.05, what: str =
         time.sleep(interval)
 
 
+def refuse_in_quick_run(what: str) -> None:
+    """`make test-quick` promises no server and no process: a test that starts one
+    without being marked slow fails there (conftest.py says how tests are marked)."""
+    if os.environ.get("BLOOM_TESTS_QUICK"):
+        raise AssertionError(f"{what} started by a test not marked slow (make test-quick starts no server)")
+
+
 class PostgresCluster:
     """Creates throw-away databases, each a copy of a template that has the schema."""
 
-    TEMPLATE = "bloom_test_template"
-
-    def __init__(self, admin_url: str) -> None:
+    def __init__(self, admin_url: str, *, template: str = "bloom_test_template") -> None:
+        self.template = template
         self.admin_url = make_url(admin_url).set(drivername="postgresql+psycopg2")
         self._admin = create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
 
@@ -55,16 +61,16 @@ class PostgresCluster:
         from bloom.db import Database, apply_schema
 
         with self._admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{self.TEMPLATE}" WITH (FORCE)'))
-            conn.execute(text(f'CREATE DATABASE "{self.TEMPLATE}"'))
-        database = Database(self.url_for(self.TEMPLATE))
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{self.template}" WITH (FORCE)'))
+            conn.execute(text(f'CREATE DATABASE "{self.template}"'))
+        database = Database(self.url_for(self.template))
         apply_schema(database)
         database.dispose()
 
     def create_database(self) -> str:
         name = f"bloom_test_{uuid.uuid4().hex[:12]}"
         with self._admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{self.TEMPLATE}"'))
+            conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"'))
         return name
 
     def drop_database(self, name: str) -> None:
@@ -110,6 +116,7 @@ class GunicornServer:
         With `listen_socket`, gunicorn serves a socket it inherits, as from systemd's
         socket activation (LISTEN_FDS): the socket outlives this server, so a stop and a
         new start lose no connection made in between."""
+        refuse_in_quick_run("gunicorn")
         self.port = listen_socket.getsockname()[1] if listen_socket is not None else free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         if public:
@@ -180,6 +187,7 @@ class SeaweedS3:
     SECRET_KEY = "bloom-test-secret-key"
 
     def __init__(self) -> None:
+        refuse_in_quick_run("SeaweedFS")
         weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
         self.root = Path(tempfile.mkdtemp(prefix="bloom-seaweed-"))
         (self.root / "data").mkdir()
@@ -252,6 +260,7 @@ class RedisServer:
 
     def __init__(self, port: int | None = None) -> None:
         """On `port` when given: a server started again where an earlier one ran."""
+        refuse_in_quick_run("redis-server")
         binary = shutil.which("redis-server")
         if binary is None:
             try:

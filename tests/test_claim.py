@@ -197,7 +197,7 @@ def test_a_claim_with_max_tasks_takes_up_to_the_free_capacity_in_queue_order(cli
     assert set(body) == {"tasks", "leases"}
     # priority, then age: the two 5s in creation order, then 4 and 3
     assert [task["id"] for task in body["tasks"]] == [ids[1], ids[3], ids[5], ids[2]]
-    for task, granted in zip(body["tasks"], body["leases"]):
+    for task, granted in zip(body["tasks"], body["leases"], strict=True):
         assert granted["task_id"] == task["id"] and task["lease_id"] == granted["id"]
         assert task["status"] == "leased" and task["worker_id"] == "w1" and task["attempts"] == 1
         assert granted["status"] == "active" and granted["ttl_seconds"] == 120
@@ -258,7 +258,7 @@ def test_batch_claims_from_many_workers_at_once_grant_each_task_once_within_capa
             body = response.json()
             with lock:
                 most_in_one_answer[0] = max(most_in_one_answer[0], len(body["tasks"]))
-            for task, granted in zip(body["tasks"], body["leases"]):
+            for task, granted in zip(body["tasks"], body["leases"], strict=True):
                 done = session.post(server.url(f"/api/runtime/llm-tasks/{task['id']}/complete"), json={
                     "status": "success", "output": name, "metrics": {"duration_ms": 1},
                     "lease_id": granted["id"], "worker_id": name,

@@ -1,9 +1,12 @@
 """With no DATABASE_URL the service starts its own PostgreSQL and keeps its data there."""
 from __future__ import annotations
 
+import pytest
 import requests
 
 from .support import GunicornServer
+
+pytestmark = pytest.mark.slow  # every test here starts servers or processes of its own
 
 
 def test_service_runs_on_an_embedded_postgresql_and_keeps_data_across_restarts(tmp_path):

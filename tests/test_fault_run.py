@@ -3,7 +3,11 @@ PostgreSQL stopped at once and started again, while clients create tasks and a f
 push agents and pull workers runs them. The long run and its figures: docs/FAULTS.md."""
 from __future__ import annotations
 
+import pytest
+
 from . import fault_run
+
+pytestmark = pytest.mark.slow  # every test here starts servers or processes of its own
 
 
 def test_under_kills_and_a_database_crash_every_acknowledged_task_completes_once_and_nothing_runs_twice_at_once():

@@ -15,7 +15,6 @@ import requests
 from .helpers import actions, api, create_task, new_task, results_of, task_of, worker_of
 from .support import free_port, wait_until
 
-
 # Callbacks as the agent sends them -------------------------------------------------------
 
 

@@ -222,6 +222,7 @@ def test_control_characters_in_a_path_cannot_forge_a_log_line(database_url, capl
     assert len(lines) == 1 and "\n" not in lines[0] and "\\n" in lines[0]
 
 
+@pytest.mark.slow  # starts processes of its own
 def test_each_gunicorn_instance_has_its_own_control_socket(module_database_url, tmp_path):
     first = GunicornServer({"DATABASE_URL": module_database_url, "BLOOM_DATA_DIR": str(tmp_path)}, workers=1)
     second = GunicornServer({"DATABASE_URL": module_database_url, "BLOOM_DATA_DIR": str(tmp_path)}, workers=1)
@@ -238,6 +239,7 @@ def test_each_gunicorn_instance_has_its_own_control_socket(module_database_url, 
 # Starvation -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # starts processes of its own
 def test_idle_long_polls_never_starve_short_requests(database_url):
     served = GunicornServer({"DATABASE_URL": database_url}, workers=1, threads=12)  # 4 may wait at once
     try:
@@ -277,6 +279,7 @@ def test_idle_long_polls_never_starve_short_requests(database_url):
 # A frozen database ------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # starts processes of its own
 def test_a_frozen_postgresql_makes_ready_say_no_within_two_seconds_and_health_does_no_io():
     from bloom.embedded_postgres import import_pgserver
 

@@ -38,6 +38,7 @@ def test_zero_retention_still_means_keep_for_ever():
     assert Settings.from_env({"BLOOM_RETENTION_FAILED_S": "0"}).retention_failed_s == 0
 
 
+@pytest.mark.slow  # starts processes of its own
 def test_gunicorn_refuses_to_start_with_a_zero_interval_and_says_why(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
@@ -52,6 +53,7 @@ def test_gunicorn_refuses_to_start_with_a_zero_interval_and_says_why(tmp_path):
 
 @pytest.mark.parametrize("option, value", [("--ttl", "0"), ("--ttl", "-3"), ("--wait", "-1"), ("--wait", "31"),
                                            ("--grace", "-1"), ("--concurrency", "0")])
+@pytest.mark.slow  # starts processes of its own
 def test_the_worker_client_refuses_intervals_that_would_spin(option, value):
     result = subprocess.run(
         [sys.executable, "-m", "bloom.worker", "--server", "http://127.0.0.1:9", "--name", "w", option, value,

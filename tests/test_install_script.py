@@ -73,6 +73,7 @@ def test_the_script_holds_no_secret_and_no_address_from_the_request(client):
     assert _script(client, server_url="http://10.0.0.5:3002").count("RUNTIME_URL=http://10.0.0.5:3002") == 1
 
 
+@pytest.mark.slow  # starts processes of its own
 def test_hostile_values_stay_values(client, tmp_path):
     Path("/tmp/bloom-pwned").unlink(missing_ok=True)
     script = _script(client, node_id=HOSTILE, repo_url="https://example.org/x.git")

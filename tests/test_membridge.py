@@ -12,6 +12,7 @@ from bloom import create_app
 from .conftest import make_settings
 from .fake_membridge import ADMIN_KEY
 
+
 @pytest.fixture
 def app(membridge_app):
     return membridge_app

@@ -18,6 +18,8 @@ from bloom import create_app
 from .conftest import make_settings
 from .support import GunicornServer, RedisServer, wait_until
 
+pytestmark = pytest.mark.slow  # every test here starts servers or processes of its own
+
 TASK = {"context_id": "c", "agent_slug": "a", "prompt": "p"}
 
 

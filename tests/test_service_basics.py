@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import json
 
-from .conftest import make_settings
 from bloom import create_app
+
+from .conftest import make_settings
 
 
 def test_health_reports_the_service_and_postgresql_storage(client):

@@ -277,7 +277,7 @@ def test_complete_writes_artifact_result_and_releases_the_lease(client):
     assert result["output"] == "A summary." and result["status"] == "success"
     assert result["metrics"] == {"duration_ms": 1200, "tokens_used": 321}
     leases = client.get("/api/runtime/leases").get_json()
-    assert [(l["id"], l["status"]) for l in leases] == [(granted["id"], "released")]
+    assert [(lease["id"], lease["status"]) for lease in leases] == [(granted["id"], "released")]
     assert client.get("/api/runtime/workers/w1").get_json()["active_leases"] == 0
     assert [a["id"] for a in client.get(f"/api/runtime/artifacts?task_id={task['id']}").get_json()] == [artifact["id"]]
     assert audit_actions(client)[0] == "task_completed"
@@ -440,7 +440,7 @@ def test_sweep_requeues_leased_and_running_tasks_whose_lease_expired(client, lea
         assert (swept["status"], swept["lease_id"], swept["worker_id"], swept["attempts"]) == ("queued", None, None, 1)
     assert client.get(f"/api/runtime/llm-tasks/{live_task['id']}").get_json()["status"] == "leased"
     assert client.get("/api/runtime/workers/w1").get_json()["active_leases"] == 1
-    assert {l["status"] for l in client.get("/api/runtime/leases?status=expired").get_json()} == {"expired"}
+    assert {lease["status"] for lease in client.get("/api/runtime/leases?status=expired").get_json()} == {"expired"}
     assert len(client.get("/api/runtime/leases?status=expired").get_json()) == 2
     # The swept task can be leased again.
     assert lease(client, running_task["id"]).status_code == 201

@@ -11,6 +11,7 @@ from bloom.workers.sync import SyncFailed, run_worker_sync, sync_workers
 from .fake_membridge import ADMIN_KEY
 from .support import GunicornServer, wait_until
 
+
 @pytest.fixture
 def app(membridge_app):
     return membridge_app

@@ -8,8 +8,8 @@ from ..http import json_body, load_body
 from ..install_script import DEFAULT_REPO_URL, install_script
 from ..openapi import documented
 from ..schemas import AgentUpdateSchema, InstallScriptQuery
-from . import query
 from ..workers.agent_ops import AgentOperations
+from . import query
 
 bp = Blueprint("agent_ops", __name__, url_prefix="/api/runtime/workers")
 install_bp = Blueprint("agent_install", __name__, url_prefix="/api/runtime")

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify
+
 from ..http import load_body
 from ..membridge import MembridgeClient, UpstreamUnreachable
-from ..openapi import documented
 from ..membridge_settings import MembridgeSettingsStore
+from ..openapi import documented
 from ..schemas import ConfigUpdateSchema
 
 bp = Blueprint("config", __name__, url_prefix="/api/runtime")

@@ -15,7 +15,7 @@ bp = Blueprint("membridge", __name__, url_prefix="/api/membridge")
 
 # Upstream answers pass through; an upstream error keeps its status, except a refused
 # admin key (401/403), which is 502 so that callers can tell it from the runtime's own 401.
-PROXIED = {200: "Any", 404: "Error", 422: "Error", 500: "Error", 502: "Error"}
+PROXIED: dict[int, str | None] = {200: "Any", 404: "Error", 422: "Error", 500: "Error", 502: "Error"}
 
 
 def _client() -> MembridgeClient:

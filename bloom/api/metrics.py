@@ -7,8 +7,8 @@ from flask import Blueprint, Response, current_app, request
 
 from .. import metrics
 from ..errors import ApiError
-from ..rate_limits import within_failed_auth_limit
 from ..openapi import documented
+from ..rate_limits import within_failed_auth_limit
 from . import record_service
 
 bp = Blueprint("metrics", __name__)

@@ -5,10 +5,9 @@ from flask import Blueprint, Response, jsonify
 
 from ..artifacts import ObjectStoreUnavailable
 from ..errors import BadGateway, NotFound
-from ..shapes import artifact_json
-
-from ..schemas import ArtifactListQuery, LeaseListQuery, PageQuery
 from ..openapi import documented
+from ..schemas import ArtifactListQuery, LeaseListQuery, PageQuery
+from ..shapes import artifact_json
 from . import lease_service, query, record_service
 
 bp = Blueprint("records", __name__, url_prefix="/api/runtime")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, request
 
+from .. import task_bodies
 from ..errors import Conflict, ValidationFailed
 from ..http import load_body
+from ..openapi import documented
 from ..schemas import (
     CompleteTaskSchema,
     CreateTaskSchema,
@@ -15,8 +17,6 @@ from ..schemas import (
     LeaseTaskSchema,
     TaskListQuery,
 )
-from .. import task_bodies
-from ..openapi import documented
 from . import lease_service, query, task_service
 
 bp = Blueprint("tasks", __name__, url_prefix="/api/runtime")

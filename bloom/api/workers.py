@@ -11,8 +11,8 @@ from flask import Blueprint, Response, current_app, g, jsonify
 from .. import metrics, task_bodies
 from ..errors import ValidationFailed
 from ..http import caller_is_operator, load_body
-from ..schemas import ClaimSchema, PageQuery, RegisterWorkerSchema, WorkerHeartbeatSchema
 from ..openapi import documented
+from ..schemas import ClaimSchema, PageQuery, RegisterWorkerSchema, WorkerHeartbeatSchema
 from . import lease_service, query, worker_service
 
 bp = Blueprint("workers", __name__, url_prefix="/api/runtime/workers")
@@ -96,7 +96,7 @@ def claim(worker_id: str):
     if claimed is None:
         return Response(status=204)
     if body["max_tasks"] is None:
-        claimed = {"task": claimed["tasks"][0], "lease": claimed["leases"][0]}
+        return jsonify({"task": claimed["tasks"][0], "lease": claimed["leases"][0]}), 201
     return jsonify(claimed), 201
 
 

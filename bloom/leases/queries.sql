@@ -97,7 +97,7 @@ WITH picked AS (
            :now, context_id, :push_only
       FROM task
      CROSS JOIN LATERAL (
-           SELECT COALESCE(:ttl_seconds, COALESCE((task.policy ->> 'timeout_sec')::int, 120) + 60) AS seconds
+           SELECT COALESCE(:ttl_seconds, COALESCE((task.policy ->> 'timeout_sec')::int, :default_timeout_sec) + 60) AS seconds
      ) ttl
     RETURNING *
 ), audit AS (

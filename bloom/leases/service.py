@@ -16,6 +16,7 @@ from sqlalchemy.exc import DBAPIError
 
 from .. import metrics
 from ..artifacts import MinioArtifactStore
+from ..bounds import DEFAULT_TIMEOUT_SEC
 from ..db import Database
 from ..errors import Conflict, NotFound, Unavailable, is_data_error
 from ..shapes import artifact_json, capabilities_json, lease_json, result_json, task_json, worker_json
@@ -113,7 +114,8 @@ class LeaseService:
         the time; its one row says what was granted, or why not. (A claim names its ids
         itself, one per task it may take: claim_tasks.)"""
         return self.db.script(
-            "lease_task", lease_id=new_id(), ttl_seconds=ttl_seconds, now=now_ms(), audit_id=new_id(), **params,
+            "lease_task", lease_id=new_id(), ttl_seconds=ttl_seconds, default_timeout_sec=DEFAULT_TIMEOUT_SEC, now=now_ms(),
+            audit_id=new_id(), **params,
         )
 
     @staticmethod
@@ -167,7 +169,8 @@ class LeaseService:
         for task_id in candidates:
             try:
                 with self.db.transaction() as tx:
-                    tx.one("lease_task", lease_id=new_id(), ttl_seconds=ttl_seconds, now=now_ms(),
+                    tx.one("lease_task", lease_id=new_id(), ttl_seconds=ttl_seconds, default_timeout_sec=DEFAULT_TIMEOUT_SEC,
+                           now=now_ms(),
                            audit_id=new_id(), actor=API_ACTOR, task_id=task_id, worker_id=worker_id, push_only=False,
                            full_addresses=[])
                     raise _TrialGrant()
@@ -227,21 +230,21 @@ class LeaseService:
             raise Conflict(f"Task is not leased to worker '{worker_id}'")
 
     def complete_task(self, task_id: str, body: dict[str, Any], *, actor: str = API_ACTOR) -> dict[str, Any]:
-        output = body.get("output")
+        output: Any = body.get("output")
         expected = "expected 'leased' or 'running'"
         now = now_ms()
-        uploads = self.artifacts is not None and output is not None
+        upload_to = self.artifacts if output is not None else None
         # With an upload, the lease stays locked from before the upload to the commit.
-        with (self.db.transaction() if uploads else self.db.autocommit()) as tx:
+        with (self.db.transaction() if upload_to is not None else self.db.autocommit()) as tx:
             object_url = None
-            if uploads:
+            if upload_to is not None:
                 current = tx.one_or_none("lock_current_lease", task_id=task_id)
                 if current is None:
                     raise NotFound("Task not found")
                 if current["task_status"] not in ("leased", "running"):
                     raise Conflict(f"Task status is '{current['task_status']}', {expected}")
                 content_type = "application/json" if current["desired_format"] == "json" else "text/plain; charset=utf-8"
-                object_url = self.artifacts.put(task_id, output, completed_at_ms=now, content_type=content_type)
+                object_url = upload_to.put(task_id, output, completed_at_ms=now, content_type=content_type)
             try:
                 row = tx.one_or_none(
                     "complete_task",
@@ -269,8 +272,8 @@ class LeaseService:
                     self._explain_refused_completion(tx, row, body)
             except BaseException:
                 # Not committed: the object would be an orphan nothing points to.
-                if object_url is not None:
-                    self.artifacts.remove(object_url)
+                if upload_to is not None and object_url is not None:
+                    upload_to.remove(object_url)
                 raise
         metrics.LEASES_RELEASED.inc()
         metrics.COMPLETIONS.labels(row["result"]["status"]).inc()

@@ -17,9 +17,9 @@ from ..agents import AgentClient
 from ..db import Database
 from ..errors import BadGateway, BadRequest, Conflict, NotFound
 from ..membridge import MembridgeClient, UpstreamResponse, UpstreamUnreachable
-from ..stamps import API_ACTOR, new_id, now_ms
 from ..records.service import RecordService
 from ..shapes import node_status_json, project_json
+from ..stamps import API_ACTOR, new_id, now_ms
 from ..workers.service import agent_url_of
 
 CLONE_S = 60.0
@@ -103,7 +103,7 @@ class ProjectService:
             outcomes = list(pool.map(lambda target: self._clone_to(project, target["id"], target["url"]), targets))
         results = [{"node_id": target["id"], "status": outcome["status"],
                     **({"error": outcome["error"]} if outcome["error"] else {})}
-                   for target, outcome in zip(targets, outcomes)]
+                   for target, outcome in zip(targets, outcomes, strict=True)]
         every = all(result["status"] == "cloned" for result in results)
         with self._db.autocommit() as tx:
             tx.one_or_none("set_project_status", project_id=project_id, status="synced" if every else "failed",
@@ -125,10 +125,11 @@ class ProjectService:
             return {"status": "failed", "error": error, "node": None, "result": said}
         repo_path = said.get("path") if isinstance(said.get("path"), str) else project["target_path"]
         node = self._set(project["id"], node_id, "cloned", None, synced_at=now_ms(), repo_path=repo_path)
-        return {"status": "cloned", "error": None, "node": node_status_json(node), "result": said}
+        # The project may have been deleted meanwhile: then there is no node row to show.
+        return {"status": "cloned", "error": None, "node": node_status_json(node) if node else None, "result": said}
 
     def _set(self, project_id: str, node_id: str, status: str, error: str | None, *,
-             synced_at: int | None = None, repo_path: str | None = None) -> dict[str, Any]:
+             synced_at: int | None = None, repo_path: str | None = None) -> dict[str, Any] | None:
         with self._db.autocommit() as tx:
             return tx.one_or_none("set_clone_status", project_id=project_id, node_id=node_id, status=status,
                                   error_message=error, synced_at=synced_at, repo_path=repo_path, row_id=new_id(),

@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..db import Database
 from ..errors import Conflict, NotFound, Unavailable, Unprocessable, ValidationFailed

@@ -10,7 +10,6 @@ agent answered is written back to the worker afterwards, in a short unit of work
 from __future__ import annotations
 
 import json
-import numbers
 import threading
 from typing import Any
 
@@ -114,7 +113,7 @@ def _capabilities(said: Any) -> dict[str, Any]:
     if isinstance(said.get("claude_cli"), bool):
         kept["claude_cli"] = said["claude_cli"]
     concurrency = said.get("max_concurrency")
-    if isinstance(concurrency, numbers.Integral) and not isinstance(concurrency, bool) and 1 <= concurrency <= 32:
+    if isinstance(concurrency, int) and not isinstance(concurrency, bool) and 1 <= concurrency <= 32:
         kept["max_concurrency"] = int(concurrency)
     if _text_list(said.get("labels")):
         kept["labels"] = said["labels"]

@@ -12,6 +12,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
+from ..bounds import WORKER_STATUSES
 from ..db import Database
 from ..membridge import SYNC_TIMEOUT_S, MembridgeClient, UpstreamUnreachable
 from ..shapes import DEFAULT_CAPABILITIES
@@ -19,7 +20,6 @@ from ..stamps import now_ms
 
 log = logging.getLogger(__name__)
 
-WORKER_STATUSES = {"online", "offline", "syncing", "error", "unknown"}
 STALE_AFTER_MS = 60_000
 
 
