@@ -64,7 +64,7 @@ def on_starting(server):
     announce_settings(settings)  # once, here, not once per worker
     os.environ[ANNOUNCED_ENV] = "1"
 
-    from bloom.rate_limit_store import share_counters_across_workers
+    from bloom.web.rate_limit_store import share_counters_across_workers
 
     # Before any fork: every worker inherits one table, so `memory://` limits hold per
     # client across all workers of this host.
@@ -76,7 +76,7 @@ def on_starting(server):
 
 
 def post_fork(server, worker):
-    from bloom import server_errors
+    from bloom.web import server_errors
 
     server_errors.install()
 

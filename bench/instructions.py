@@ -27,6 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bloom.services import services
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("as-is", "no-limiter", "no-limit-headers")
 
@@ -76,7 +78,7 @@ def inner(lifecycles: int, variant: str) -> None:
             fence = {"lease_id": granted["lease"]["id"], "worker_id": granted["worker"]["id"]}
             call(app, "POST", f"/api/runtime/llm-tasks/{task_id}/heartbeat", fence)
             call(app, "POST", f"/api/runtime/llm-tasks/{task_id}/complete", {**DONE, **fence})
-        app.extensions["bloom.database"].dispose()
+        services(app).database.dispose()
 
 
 def count(lifecycles: int, variant: str, scratch: Path) -> int:

@@ -15,7 +15,7 @@ from flask import Flask
 
 from .api import register_blueprints
 from .api.converters import WorkerIdConverter
-from .openapi import build_openapi
+from .web.openapi import build_openapi
 
 PREFACE = """# BLOOM Runtime API reference
 

@@ -8,29 +8,30 @@ import click
 from flask import Flask
 from sqlalchemy.exc import DBAPIError
 
-from .agents import AgentClient, AgentNetworks
+from .agents.client import AgentClient, AgentNetworks
+from .agents.dispatch import Dispatcher
+from .agents.liveness import probe_push_workers, probe_round_budget_s
+from .agents.operations import AgentOperations
 from .api.converters import WorkerIdConverter
 from .artifacts import MinioArtifactStore
 from .db import Database, apply_schema
-from .dispatch import Dispatcher
-from .errors import register_error_handlers
-from .http import install_api_key_check, install_request_guards
-from .jsonio import OrjsonProvider
 from .leases.service import LeaseService
-from .membridge import MembridgeClient, UpstreamHealth
-from .membridge_settings import MembridgeSettingsStore
+from .membridge.client import MembridgeClient, UpstreamHealth
+from .membridge.settings import MembridgeSettingsStore
 from .projects.service import ProjectService
-from .proxies import TrustedProxies
 from .queue_events import QueueEvents, WaitingRoom
-from .rate_limits import init_limiter
 from .records.retention import RetentionPolicy, prune
 from .records.service import RecordService
-from .request_log import install_request_log
 from .scheduler import Job, start_scheduler
+from .services import EXTENSION_KEY, Services, services
 from .settings import Settings
 from .tasks.service import TaskService
-from .workers.agent_ops import AgentOperations
-from .workers.liveness import probe_push_workers, probe_round_budget_s
+from .web.error_handlers import register_error_handlers
+from .web.guards import install_api_key_check, install_request_guards
+from .web.jsonio import OrjsonProvider
+from .web.proxies import TrustedProxies
+from .web.rate_limits import LIMITER_KEY, init_limiter
+from .web.request_log import install_request_log
 from .workers.service import WorkerService
 from .workers.sync import run_worker_sync
 
@@ -83,29 +84,32 @@ def create_app(settings: Settings | None = None) -> Flask:
     artifact_store = MinioArtifactStore(settings.minio) if settings.minio else None
     leases = LeaseService(database, artifact_store)
     records = RecordService(database, artifact_store)
-    app.extensions["bloom.settings"] = settings
-    app.extensions["bloom.database"] = database
-    queue_events = app.extensions["bloom.queue_events"] = QueueEvents(database.engine)
-    app.extensions["bloom.tasks"] = TaskService(database, queue_events.announce)
-    app.extensions["bloom.leases"] = leases
-    app.extensions["bloom.workers"] = WorkerService(database)
-    app.extensions["bloom.records"] = records
-    app.extensions["bloom.waiting_room"] = WaitingRoom(settings.max_waiting_claims)
-    agents = app.extensions["bloom.agents"] = AgentClient(settings.agent_key, AgentNetworks(settings.agent_networks))
-    app.extensions["bloom.agent_ops"] = AgentOperations(database, agents, records)
-    app.extensions["bloom.dispatcher"] = Dispatcher(
-        leases, records, database, agents, queue_events, public_url=settings.public_url
-    )
+    queue_events = QueueEvents(database.engine)
+    agents = AgentClient(settings.agent_key, AgentNetworks(settings.agent_networks))
     membridge_settings = MembridgeSettingsStore(
         database,
         default_server_url=settings.membridge_server_url,
         default_admin_key=settings.membridge_admin_key,
     )
-    app.extensions["bloom.membridge_settings"] = membridge_settings
-    app.extensions["bloom.membridge"] = MembridgeClient(
+    membridge = MembridgeClient(
         membridge_settings.target, UpstreamHealth(on_change=membridge_settings.publish_upstream_status)
     )
-    app.extensions["bloom.projects"] = ProjectService(database, agents, app.extensions["bloom.membridge"], records)
+    app.extensions[EXTENSION_KEY] = Services(
+        settings=settings,
+        database=database,
+        queue_events=queue_events,
+        waiting_room=WaitingRoom(settings.max_waiting_claims),
+        tasks=TaskService(database, queue_events.announce),
+        leases=leases,
+        workers=WorkerService(database),
+        records=records,
+        projects=ProjectService(database, agents, membridge, records),
+        agents=agents,
+        agent_ops=AgentOperations(database, agents, records),
+        dispatcher=Dispatcher(leases, records, database, agents, queue_events, public_url=settings.public_url),
+        membridge_settings=membridge_settings,
+        membridge=membridge,
+    )
 
     from .api import register_blueprints
 
@@ -113,7 +117,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     register_error_handlers(app)
     install_request_log(app)  # first, so that even a refused request gets an id and a log line
     install_request_guards(app, settings)
-    app.extensions["bloom.limiter"] = init_limiter(app, settings)
+    app.extensions[LIMITER_KEY] = init_limiter(app, settings)
     install_api_key_check(app, settings)
     _register_cli(app, database)
 
@@ -147,14 +151,11 @@ def start_background_jobs(app: Flask) -> None:
 
     Not started by create_app, so `flask init-db` and test apps run no jobs.
     """
-    settings: Settings = app.extensions["bloom.settings"]
-    if not settings.run_scheduler or "bloom.scheduler" in app.extensions:
+    built = services(app)
+    settings = built.settings
+    if not settings.run_scheduler or built.scheduler is not None:
         return
-    leases: LeaseService = app.extensions["bloom.leases"]
-    records: RecordService = app.extensions["bloom.records"]
-    database: Database = app.extensions["bloom.database"]
-    membridge_client: MembridgeClient = app.extensions["bloom.membridge"]
-    agents: AgentClient = app.extensions["bloom.agents"]
+    leases, records, database, agents = built.leases, built.records, built.database, built.agents
 
     # Two jobs at one interval: the runtime's own probes never wait behind a slow Membridge.
     probe_budget_s = probe_round_budget_s(settings.worker_sync_interval_s)
@@ -162,28 +163,27 @@ def start_background_jobs(app: Flask) -> None:
     jobs = [
         Job("lease-sweep", settings.lease_sweep_interval_s, leases.sweep_expired_leases),
         Job("worker-sync", settings.worker_sync_interval_s,
-            lambda: run_worker_sync(membridge_client, database, liveness_s=settings.worker_liveness_s)),
+            lambda: run_worker_sync(built.membridge, database, liveness_s=settings.worker_liveness_s)),
         Job("worker-probe", settings.worker_sync_interval_s,
             lambda: probe_push_workers(database, agents, budget_s=probe_budget_s)),
         Job("retention", settings.prune_interval_s, lambda: prune(database, records.artifacts, policy)),
     ]
-    app.extensions["bloom.scheduler"] = start_scheduler(database, jobs)
-    app.extensions["bloom.membridge_settings"].refresh_in_background()
+    built.scheduler = start_scheduler(database, jobs)
+    built.membridge_settings.refresh_in_background()
     if settings.dispatch_enabled:
-        app.extensions["bloom.dispatcher"].start()
+        built.dispatcher.start()
 
 
 def stop_background_jobs(app: Flask) -> None:
     """Stop this process's scheduler and dispatcher (gunicorn's worker_exit calls this,
     once the process has served its last request)."""
-    extensions = getattr(app, "extensions", {})
-    scheduler = extensions.get("bloom.scheduler")
-    if scheduler is not None and scheduler.running:
-        scheduler.shutdown(wait=False)
-    if "bloom.dispatcher" in extensions:
-        extensions["bloom.dispatcher"].stop()
-    if "bloom.queue_events" in extensions:
-        extensions["bloom.queue_events"].close()
+    built: Services | None = getattr(app, "extensions", {}).get(EXTENSION_KEY)
+    if built is None:
+        return
+    if built.scheduler is not None and built.scheduler.running:
+        built.scheduler.shutdown(wait=False)
+    built.dispatcher.stop()
+    built.queue_events.close()
 
 
 def _register_cli(app: Flask, database: Database) -> None:

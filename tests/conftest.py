@@ -8,6 +8,7 @@ import uuid
 import pytest
 
 from bloom import create_app, stop_background_jobs
+from bloom.services import services
 from bloom.settings import Settings
 
 from .fake_agent import AGENT_KEY, FakeAgent
@@ -51,7 +52,7 @@ def app(database_url: str):
     app = create_app(make_settings(database_url))
     yield app
     stop_background_jobs(app)
-    app.extensions["bloom.database"].dispose()
+    services(app).database.dispose()
 
 
 @pytest.fixture
@@ -61,7 +62,7 @@ def client(app):
 
 @pytest.fixture
 def leases(app):
-    return app.extensions["bloom.leases"]
+    return services(app).leases
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def s3_app(database_url, s3, bucket):
     """The app with its artifacts in the real S3 server."""
     app = create_app(make_settings(database_url, **s3.env(bucket)))
     yield app
-    app.extensions["bloom.database"].dispose()
+    services(app).database.dispose()
 
 
 @pytest.fixture
@@ -113,7 +114,7 @@ def membridge():
 def membridge_app(database_url, membridge):
     app = create_app(make_settings(database_url, MEMBRIDGE_SERVER_URL=membridge.url, MEMBRIDGE_ADMIN_KEY=ADMIN_KEY))
     yield app
-    app.extensions["bloom.database"].dispose()
+    services(app).database.dispose()
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bloom import create_app
+from bloom.services import services
 
 from .conftest import make_settings
 from .fake_agent import AGENT_KEY
@@ -15,7 +16,7 @@ from .helpers import audit_actions, create_task, lease
 def app(database_url):
     app = create_app(make_settings(database_url, MEMBRIDGE_AGENT_KEY=AGENT_KEY))
     yield app
-    app.extensions["bloom.database"].dispose()
+    services(app).database.dispose()
 
 
 def _register(client, agent, name=None):

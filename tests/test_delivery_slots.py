@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from bloom.delivery_slots import DeliverySlots
+from bloom.agents.delivery_slots import DeliverySlots
 
 
 def _fill(slots: DeliverySlots, address: str, count: int) -> None:

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from bloom.services import services
 from bloom.settings import ConfigError, Settings
 
 from .support import REPO_ROOT, free_port
@@ -77,7 +78,7 @@ def test_wrong_metrics_tokens_are_throttled_and_the_right_one_never_is(database_
         for _ in range(8):  # the scraper with the key is not counted, nor held back by the guesser
             assert client.get("/metrics", headers={"Authorization": "Bearer scrape-secret"}).status_code == 200
     finally:
-        app.extensions["bloom.database"].dispose()
+        services(app).database.dispose()
 
 
 def test_large_bodies_are_handled_a_few_at_a_time_and_the_rest_told_to_come_back(database_url):
@@ -100,4 +101,4 @@ def test_large_bodies_are_handled_a_few_at_a_time_and_the_rest_told_to_come_back
         assert client.post("/api/runtime/llm-tasks/batch", json=big).status_code == 201
         assert client.post("/api/runtime/llm-tasks/batch", json=big).status_code == 201  # its slot came back
     finally:
-        app.extensions["bloom.database"].dispose()
+        services(app).database.dispose()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import requests
 
-from bloom.agents import AgentClient, AgentNetworks
+from bloom.agents.client import AgentClient, AgentNetworks
 from bloom.settings import Settings
 
 from .fake_agent import AGENT_KEY

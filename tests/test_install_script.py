@@ -13,6 +13,7 @@ from urllib.parse import quote
 import pytest
 
 from bloom import create_app
+from bloom.services import services
 
 from .conftest import make_settings
 
@@ -26,7 +27,7 @@ def app(database_url):
     app = create_app(make_settings(database_url, MEMBRIDGE_AGENT_KEY=AGENT_KEY, RUNTIME_API_KEY=RUNTIME_KEY,
                                    BLOOM_PUBLIC_URL="https://bloom.example.test"))
     yield app
-    app.extensions["bloom.database"].dispose()
+    services(app).database.dispose()
 
 
 def _script(client, **params) -> str:

@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from bloom import create_app
+from bloom.services import services
 
 from .conftest import make_settings
 from .support import GunicornServer, RedisServer, wait_until
@@ -74,20 +75,20 @@ def test_while_redis_is_away_limits_hold_per_process_and_are_shared_again_once_i
         first = client.get("/api/runtime/stats")
         assert first.status_code == 200 and first.headers["X-RateLimit-Remaining"] == "2"
         redis.stop()
-        with caplog.at_level("WARNING", logger="bloom.rate_limits"):
+        with caplog.at_level("WARNING", logger="bloom.web.rate_limits"):
             # Served, and still limited: counted in this process meanwhile.
             assert [client.get("/api/runtime/stats").status_code for _ in range(4)] == [200, 200, 200, 429]
         outage = [r.getMessage() for r in caplog.records if "rate-limit store unavailable" in r.getMessage()]
         assert len(outage) == 1 and redis.url not in outage[0]  # once per outage, no URI (it may hold a password)
         redis = RedisServer(port=redis.port)  # back, empty
         time.sleep(1.2)  # the first retry of the shared store is 1 s after it failed
-        with caplog.at_level("WARNING", logger="bloom.rate_limits"):
+        with caplog.at_level("WARNING", logger="bloom.web.rate_limits"):
             back = client.get("/api/runtime/stats")
         assert back.status_code == 200 and back.headers["X-RateLimit-Remaining"] == "2"  # the new server's count
         assert any("answers again" in r.getMessage() for r in caplog.records)
     finally:
         redis.stop()
-        app.extensions["bloom.database"].dispose()
+        services(app).database.dispose()
 
 
 def test_rate_limits_key_on_the_address_the_trusted_proxy_saw(database_url):

@@ -8,6 +8,7 @@ import hashlib
 import pytest
 
 from bloom import create_app
+from bloom.services import services
 
 from .conftest import make_settings
 from .fake_agent import AGENT_KEY
@@ -20,7 +21,7 @@ def app(database_url, membridge):
     app = create_app(make_settings(database_url, MEMBRIDGE_AGENT_KEY=AGENT_KEY, MEMBRIDGE_SERVER_URL=membridge.url,
                                    MEMBRIDGE_ADMIN_KEY=ADMIN_KEY))
     yield app
-    app.extensions["bloom.database"].dispose()
+    services(app).database.dispose()
 
 
 def _node(client, agents, name, **options):

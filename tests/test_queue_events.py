@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+from bloom.services import services
+
 from .helpers import TASK
 from .support import wait_until
 
@@ -13,7 +15,7 @@ def _line(events, slugs, count):
 
 
 def test_each_created_task_wakes_one_waiting_claim_that_takes_its_slug(app, client):
-    events = app.extensions["bloom.queue_events"]
+    events = services(app).queue_events
     summarizers = _line(events, ["summarizer"], 3)
     others = _line(events, ["translator"], 2)
     response = client.post("/api/runtime/llm-tasks/batch", json={"tasks": [TASK, TASK]})
@@ -36,7 +38,7 @@ def test_a_slug_cannot_carry_the_count_mark_so_a_payload_means_one_thing(client)
 def test_closing_a_listening_process_stops_its_listener_at_once(app):
     """Every process closes its listener when it stops; it must not sit out the pause
     that separates reconnect tries (it did: one second per close)."""
-    events = app.extensions["bloom.queue_events"]
+    events = services(app).queue_events
     events.enter_line(["summarizer"])  # starts the listener thread
     wait_until(lambda: events._thread is not None and events._thread.is_alive(), timeout=5, what="the listener")
     listener = events._thread

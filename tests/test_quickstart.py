@@ -6,11 +6,13 @@ import re
 import subprocess
 import sys
 
+import pytest
 import requests
 
 from .support import REPO_ROOT, GunicornServer
 
 
+@pytest.mark.slow  # starts processes of its own
 def test_the_quick_start_runs_as_written(database_url):
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     block = re.search(r"<!-- quickstart -->\n```sh\n(.*?)```\n<!-- /quickstart -->", readme, re.S).group(1)

@@ -6,10 +6,11 @@ import os
 import threading
 import time
 
+import pytest
 from limits import parse
 from limits.strategies import FixedWindowRateLimiter
 
-from bloom.rate_limit_store import HostCounters, ProcessMemoryStorage
+from bloom.web.rate_limit_store import HostCounters, ProcessMemoryStorage
 
 
 class Clock:
@@ -108,6 +109,7 @@ def test_a_flood_of_distinct_addresses_never_resets_a_counted_client():
     assert counters.incr(flood[-1], 60, 1, now=1061.0)[0] == 1  # room again once windows end
 
 
+@pytest.mark.slow  # starts processes of its own
 def test_a_worker_killed_holding_a_stripe_lock_does_not_wedge_it():
     counters = HostCounters()
     key = "198.51.100.7/limit"
@@ -122,6 +124,7 @@ def test_a_worker_killed_holding_a_stripe_lock_does_not_wedge_it():
     assert time.monotonic() - started < 1.0
 
 
+@pytest.mark.slow  # starts processes of its own
 def test_hits_on_a_live_window_never_wait_for_a_lock_another_process_holds():
     """A stripe lock held by a thread of another process (which may itself be waiting for
     its process's GIL) once made hits wait 50 ms and fall back to per-process counts."""
@@ -146,6 +149,7 @@ def test_hits_on_a_live_window_never_wait_for_a_lock_another_process_holds():
         os.waitpid(child, 0)
 
 
+@pytest.mark.slow  # starts processes of its own
 def test_processes_hitting_one_key_at_once_are_all_counted_in_one_window():
     counters = HostCounters()
     key = "198.51.100.10/limit"
@@ -163,6 +167,7 @@ def test_processes_hitting_one_key_at_once_are_all_counted_in_one_window():
     assert counters.incr(key, 60, 1, now=1061.0) == (1, 1121.0)  # the next window starts from nothing
 
 
+@pytest.mark.slow  # starts processes of its own
 def test_a_worker_killed_while_claiming_its_count_column_does_not_wedge_the_others():
     counters = HostCounters()
     child = os.fork()

@@ -6,6 +6,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from bloom.records.retention import RetentionPolicy, prune
+from bloom.services import services
 
 from .helpers import DONE, TASK, create_task, lease, register_worker
 from .test_artifacts import objects_of
@@ -50,7 +51,7 @@ def test_finished_tasks_go_after_their_retention_with_everything_they_own(app, c
     age(database_url, still_queued["id"], 400)  # never finished: never pruned
     assert objects_of(s3, bucket, old_done["id"])
 
-    outcome = prune(app.extensions["bloom.database"], app.extensions["bloom.records"].artifacts,
+    outcome = prune(services(app).database, services(app).records.artifacts,
                     RetentionPolicy(completed_s=7 * 86400, failed_s=30 * 86400, audit_s=30 * 86400), batch=1)
 
     assert (outcome.tasks, outcome.objects) == (2, 2)
@@ -72,11 +73,12 @@ def test_zero_keeps_for_ever(app, client, database_url):
     register_worker(client, "w1")
     task = finished(client)
     age(database_url, task["id"], 3650)
-    outcome = prune(app.extensions["bloom.database"], None, RetentionPolicy(0, 0, 0))
+    outcome = prune(services(app).database, None, RetentionPolicy(0, 0, 0))
     assert (outcome.tasks, outcome.audit_entries) == (0, 0)
     assert client.get(f"/api/runtime/llm-tasks/{task['id']}").status_code == 200
 
 
+@pytest.mark.slow  # starts processes of its own
 def test_the_retention_job_runs_under_gunicorn(database_url):
     import requests
 
@@ -108,7 +110,7 @@ def test_an_idempotency_key_outlives_a_short_retention_for_its_window(app, clien
     plain = finished(client)
     age(database_url, keyed["id"], days=2)
     age(database_url, plain["id"], days=2)
-    prune(app.extensions["bloom.database"], None, RetentionPolicy(completed_s=86_400, failed_s=86_400, audit_s=0))
+    prune(services(app).database, None, RetentionPolicy(completed_s=86_400, failed_s=86_400, audit_s=0))
     assert client.get(f"/api/runtime/llm-tasks/{plain['id']}").status_code == 404  # gone after its retention
     # Created less than a day ago: the key's task stays, so a retry of the request finds it.
     retried = client.post("/api/runtime/llm-tasks", json={**TASK, "prompt": "once"},
@@ -119,5 +121,5 @@ def test_an_idempotency_key_outlives_a_short_retention_for_its_window(app, clien
         connection.execute(text("UPDATE llm_tasks SET created_at = created_at - :day WHERE id = :id"),
                            {"day": 2 * DAY_MS, "id": keyed["id"]})
     engine.dispose()
-    prune(app.extensions["bloom.database"], None, RetentionPolicy(completed_s=86_400, failed_s=86_400, audit_s=0))
+    prune(services(app).database, None, RetentionPolicy(completed_s=86_400, failed_s=86_400, audit_s=0))
     assert client.get(f"/api/runtime/llm-tasks/{keyed['id']}").status_code == 404

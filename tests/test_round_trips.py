@@ -13,6 +13,7 @@ import psycopg2.extensions
 import pytest
 from sqlalchemy import event
 
+from bloom.services import services
 from bloom.sql import PREPARE_STATEMENTS
 
 from .helpers import DONE, TASK, create_task, lease, register_worker
@@ -41,15 +42,15 @@ def listening(app) -> None:
     """The queue listener holds a pooled connection of its own from its first use on (a
     create announces its task through it): started first, it cannot take the connection
     a test has just warmed up."""
-    engine = app.extensions["bloom.database"].engine
-    events = app.extensions["bloom.queue_events"]
+    engine = services(app).database.engine
+    events = services(app).queue_events
     events.wait_for_change(events.generation, 0)
     wait_until(lambda: engine.pool.checkedout() == 1, timeout=10, what="the queue listener's connection")
 
 
 @pytest.fixture
 def statements(app):
-    engine = app.extensions["bloom.database"].engine
+    engine = services(app).database.engine
 
     def counting_connections(dialect, connection_record, cargs, cparams):
         cparams["connection_factory"] = CountingConnection
@@ -97,7 +98,7 @@ def test_hot_calls_survive_a_session_that_forgot_its_prepared_statements(app, cl
     listening(app)
     register_worker(client, "w1", max_concurrency=4)
     create_task(client)
-    engine = app.extensions["bloom.database"].engine
+    engine = services(app).database.engine
     assert engine.pool.checkedin() == 1  # the test client's one pooled connection
     with engine.connect() as connection:
         connection.exec_driver_sql("DEALLOCATE ALL")
@@ -161,7 +162,7 @@ def test_inside_a_callers_transaction_a_forgotten_statement_is_an_error_not_a_si
     from sqlalchemy.exc import DBAPIError
 
     listening(app)
-    database = app.extensions["bloom.database"]
+    database = services(app).database
     task = create_task(client)
     with pytest.raises(DBAPIError) as raised, database.transaction() as tx:
         tx.run_sql("DEALLOCATE ALL")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import requests
 
 from bloom.db import Database
@@ -48,6 +49,7 @@ def test_a_failing_job_is_logged_and_does_not_raise(database_url, caplog):
     database.dispose()
 
 
+@pytest.mark.slow  # starts processes of its own
 def test_gunicorn_workers_share_one_sweep_per_interval(database_url):
     served = GunicornServer(
         {"DATABASE_URL": database_url, "LEASE_SWEEP_INTERVAL_S": "1", "BLOOM_LOG_LEVEL": "DEBUG"}, workers=4

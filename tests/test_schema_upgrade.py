@@ -4,6 +4,7 @@ from __future__ import annotations
 from sqlalchemy import create_engine, text
 
 from bloom import create_app
+from bloom.services import services
 
 from .conftest import make_settings
 
@@ -65,7 +66,7 @@ def test_an_express_database_is_upgraded_in_place_and_keeps_working(postgres):
         assert "leases_one_active_per_task" in indexes
         assert users_rows == 0  # another service's table: left as it was
         create_app(make_settings(url))  # applying the schema again changes nothing and does not fail
-        app.extensions["bloom.database"].dispose()
+        services(app).database.dispose()
     finally:
         engine.dispose()
         postgres.drop_database(name)

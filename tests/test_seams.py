@@ -15,6 +15,7 @@ from collections import Counter
 import pytest
 import requests
 
+from bloom.services import services
 from bloom.workers.sync import offline_silent_workers, sync_workers
 
 from .fake_membridge import ADMIN_KEY
@@ -182,7 +183,7 @@ def test_a_removed_worker_stays_removed_while_membridge_lists_it_until_it_regist
     membridge.add_agent("listed", "http://127.0.0.1:9")
 
     def sync():
-        sync_workers(membridge_app.extensions["bloom.membridge"], membridge_app.extensions["bloom.database"])
+        sync_workers(services(membridge_app).membridge, services(membridge_app).database)
 
     sync()
     assert client.get("/api/runtime/workers/listed").status_code == 200
@@ -198,12 +199,13 @@ def test_a_removed_worker_stays_removed_while_membridge_lists_it_until_it_regist
 def test_a_silent_worker_goes_offline_and_its_next_call_brings_it_back(app, client):
     register_worker(client, "quiet")
     time.sleep(0.05)
-    assert offline_silent_workers(app.extensions["bloom.database"], liveness_s=0.01) == 1
+    assert offline_silent_workers(services(app).database, liveness_s=0.01) == 1
     assert client.get("/api/runtime/workers/quiet").get_json()["status"] == "offline"
     assert client.post("/api/runtime/workers/quiet/heartbeat", json={}).status_code == 200
     assert client.get("/api/runtime/workers/quiet").get_json()["status"] == "online"
 
 
+@pytest.mark.slow  # starts processes of its own
 def test_without_membridge_a_silent_pull_worker_goes_offline_under_gunicorn(database_url):
     served = GunicornServer({"DATABASE_URL": database_url, "WORKER_SYNC_INTERVAL_S": "0.5",
                              "BLOOM_WORKER_LIVENESS_S": "1"}, workers=2)

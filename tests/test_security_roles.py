@@ -6,7 +6,8 @@ import pytest
 import requests
 
 from bloom import create_app
-from bloom.agents import AgentClient, AgentNetworks, AgentUnreachable
+from bloom.agents.client import AgentClient, AgentNetworks, AgentUnreachable
+from bloom.services import services
 from bloom.settings import Settings
 
 from .conftest import make_settings
@@ -24,7 +25,7 @@ DONE = {"status": "success", "output": "ok", "error_message": None, "metrics": {
 def split_app(database_url):
     app = create_app(make_settings(database_url, RUNTIME_API_KEY=WORKER_KEY, BLOOM_OPERATOR_KEY=OPERATOR_KEY))
     yield app
-    app.extensions["bloom.database"].dispose()
+    services(app).database.dispose()
 
 
 def test_the_workers_key_does_a_workers_work_and_nothing_else(split_app):
@@ -84,7 +85,7 @@ def test_one_key_alone_opens_everything_as_before(database_url):
         assert moved.status_code == 200 and moved.get_json()["url"] == "http://127.0.0.1:8002"
         assert client.get("/api/runtime/llm-tasks", headers=AS_WORKER).status_code == 200
     finally:
-        app.extensions["bloom.database"].dispose()
+        services(app).database.dispose()
 
 
 @pytest.mark.parametrize("url", ["http://8.8.8.8:8001", "http://169.254.169.254/latest", "http://[2001:db8::1]:80"])

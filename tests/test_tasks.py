@@ -6,6 +6,8 @@ import time
 import pytest
 from sqlalchemy import text
 
+from bloom.services import services
+
 from .helpers import DONE, TASK, audit_actions, create_task, lease, register_worker
 
 
@@ -294,7 +296,7 @@ def test_error_completion_of_the_last_attempt_fails_the_task(client):
 
 def _make_due(app, task_id: str) -> None:
     """Time passes: the task's retry_at is now behind it."""
-    with app.extensions["bloom.database"].engine.begin() as connection:
+    with services(app).database.engine.begin() as connection:
         connection.execute(text("UPDATE llm_tasks SET retry_at = 1 WHERE id = :id"), {"id": task_id})
 
 

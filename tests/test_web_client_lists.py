@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import requests
 from sqlalchemy import text
+
+from bloom.services import services
 
 from .helpers import DONE, TASK, create_task, lease, register_worker
 from .support import GunicornServer
@@ -20,12 +23,12 @@ def test_the_lists_without_limit_keep_what_the_client_acts_on(app, client):
                 json={**DONE, "status": "error", "lease_id": granted["id"]})
     for _ in range(2):
         assert client.post("/api/runtime/llm-tasks/batch", json={"tasks": [TASK] * 1000}).status_code == 201
-    with app.extensions["bloom.database"].engine.begin() as connection:
+    with services(app).database.engine.begin() as connection:
         connection.execute(text("UPDATE llm_tasks SET status = 'completed' WHERE status = 'queued'"))
     in_flight = [create_task(client)["id"] for _ in range(3)]
     for task_id in in_flight:
         assert lease(client, task_id).status_code == 201
-    with app.extensions["bloom.database"].engine.begin() as connection:  # leased before everything else
+    with services(app).database.engine.begin() as connection:  # leased before everything else
         connection.execute(text("UPDATE llm_tasks SET created_at = 1 WHERE id = ANY(:ids)"), {"ids": in_flight})
         connection.execute(text("UPDATE leases SET started_at = 1 WHERE task_id = ANY(:ids)"), {"ids": in_flight})
 
@@ -44,6 +47,7 @@ def test_the_lists_without_limit_keep_what_the_client_acts_on(app, client):
     assert len(page) == 100 and failed["id"] not in {task["id"] for task in page}
 
 
+@pytest.mark.slow  # starts processes of its own
 def test_config_right_after_a_connection_test_shows_it_whichever_process_answers(database_url):
     served = GunicornServer({"DATABASE_URL": database_url, "MEMBRIDGE_SERVER_URL": "http://127.0.0.1:9"},
                             workers=3)

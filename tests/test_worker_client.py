@@ -251,6 +251,7 @@ def test_concurrency_runs_several_tasks_at_once_under_one_heartbeat(server):
     assert "/claim" in server.log() and f"/workers/w-{slug}/heartbeat" in server.log()
 
 
+@pytest.mark.slow  # starts processes of its own
 def test_a_429_slows_the_worker_down_and_never_ends_it(module_database_url):
     limited = GunicornServer({"DATABASE_URL": module_database_url, "BLOOM_RATE_LIMIT": "4 per second"}, workers=1)
     slug = f"limited-{uuid.uuid4().hex[:6]}"
@@ -270,6 +271,7 @@ def test_a_429_slows_the_worker_down_and_never_ends_it(module_database_url):
         limited.stop()
 
 
+@pytest.mark.slow  # starts processes of its own
 def test_the_worker_client_imports_no_part_of_the_service():
     """A worker node needs `requests`, not Flask, SQLAlchemy, psycopg2 or minio."""
     loaded = subprocess.run(
@@ -280,6 +282,7 @@ def test_the_worker_client_imports_no_part_of_the_service():
     assert loaded == ""
 
 
+@pytest.mark.slow  # starts processes of its own
 def test_the_console_script_is_the_worker_client():
     """`make` installs `bloom-worker` beside the interpreter (pyproject.toml)."""
     script = Path(sys.executable).parent / "bloom-worker"

@@ -6,6 +6,7 @@ import time
 import pytest
 import requests
 
+from bloom.services import services
 from bloom.workers.sync import SyncFailed, run_worker_sync, sync_workers
 
 from .fake_membridge import ADMIN_KEY
@@ -20,7 +21,7 @@ def app(membridge_app):
 @pytest.fixture
 def sync(app):
     def run():
-        return sync_workers(app.extensions["bloom.membridge"], app.extensions["bloom.database"])
+        return sync_workers(services(app).membridge, services(app).database)
 
     return run
 
@@ -117,11 +118,12 @@ def test_an_upstream_failure_changes_nothing(app, client, membridge, sync, mode)
     with pytest.raises(SyncFailed):
         sync()
     assert workers_by_id(client) == before  # node-a is stale, yet not marked offline
-    run_worker_sync(app.extensions["bloom.membridge"], app.extensions["bloom.database"])
+    run_worker_sync(services(app).membridge, services(app).database)
     health = client.get("/api/runtime/health").get_json()["membridge"]
     assert health["connected"] is False and health["consecutiveFailures"] >= 1
 
 
+@pytest.mark.slow  # starts processes of its own
 def test_gunicorn_syncs_once_per_interval_and_survives_an_upstream_outage(database_url, membridge):
     membridge.state.agents = [{"name": "remote-1", "url": "http://r1", "status": "online", "last_seen": time.time()}]
     served = GunicornServer(
@@ -161,6 +163,7 @@ def test_gunicorn_syncs_once_per_interval_and_survives_an_upstream_outage(databa
     assert ADMIN_KEY not in served.log()
 
 
+@pytest.mark.slow  # starts processes of its own
 def test_an_idle_service_without_membridge_logs_an_outage_once_not_every_round(database_url):
     served = GunicornServer({"DATABASE_URL": database_url, "MEMBRIDGE_SERVER_URL": "http://127.0.0.1:9",
                              "WORKER_SYNC_INTERVAL_S": "0.5"}, workers=3)

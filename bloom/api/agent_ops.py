@@ -1,14 +1,15 @@
 """Operations on a worker's agent: health, update, restart, uninstall (workers/agent_ops.py)."""
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, jsonify
 
+from ..agents.install_script import DEFAULT_REPO_URL, install_script
+from ..agents.operations import AgentOperations
 from ..errors import BadRequest
-from ..http import json_body, load_body
-from ..install_script import DEFAULT_REPO_URL, install_script
-from ..openapi import documented
 from ..schemas import AgentUpdateSchema, InstallScriptQuery
-from ..workers.agent_ops import AgentOperations
+from ..services import services
+from ..web.guards import json_body, load_body
+from ..web.openapi import documented
 from . import query
 
 bp = Blueprint("agent_ops", __name__, url_prefix="/api/runtime/workers")
@@ -18,7 +19,7 @@ FAILURES = {400: "Error", 404: "Error", 502: "Error", 503: "Error"}
 
 
 def operations() -> AgentOperations:
-    return current_app.extensions["bloom.agent_ops"]
+    return services().agent_ops
 
 
 @bp.get("/<worker_id:worker_id>/agent-health")
@@ -58,12 +59,12 @@ def agent_install_script():
     """Open like /health: it holds no secret. The runtime's address comes from the query
     or BLOOM_PUBLIC_URL, never from the request's Host."""
     params = query(InstallScriptQuery)
-    runtime_url = params["server_url"] or current_app.extensions["bloom.settings"].public_url
+    runtime_url = params["server_url"] or services().settings.public_url
     if not runtime_url:
         raise BadRequest("server_url is needed (or set BLOOM_PUBLIC_URL): the address the node reaches the runtime at")
     script = install_script(
         runtime_url=runtime_url.rstrip("/"),
-        control_plane_url=current_app.extensions["bloom.membridge_settings"].current().server_url,
+        control_plane_url=services().membridge_settings.current().server_url,
         node_id=params["node_id"], port=params["port"], repo_url=params["repo_url"] or DEFAULT_REPO_URL,
     )
     return Response(script, mimetype="text/plain")

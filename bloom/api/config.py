@@ -1,13 +1,14 @@
 """Runtime config (Membridge URL and admin key) and the connection test."""
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, jsonify
 
-from ..http import load_body
-from ..membridge import MembridgeClient, UpstreamUnreachable
-from ..membridge_settings import MembridgeSettingsStore
-from ..openapi import documented
+from ..membridge.client import MembridgeClient, UpstreamUnreachable
+from ..membridge.settings import MembridgeSettingsStore
 from ..schemas import ConfigUpdateSchema
+from ..services import services
+from ..web.guards import load_body
+from ..web.openapi import documented
 
 bp = Blueprint("config", __name__, url_prefix="/api/runtime")
 
@@ -15,11 +16,11 @@ ACTOR = "api"
 
 
 def membridge_settings() -> MembridgeSettingsStore:
-    return current_app.extensions["bloom.membridge_settings"]
+    return services().membridge_settings
 
 
 def membridge() -> MembridgeClient:
-    return current_app.extensions["bloom.membridge"]
+    return services().membridge
 
 
 def _public(config) -> dict:

@@ -5,7 +5,8 @@ import time
 
 from flask import Blueprint, current_app, jsonify
 
-from ..openapi import build_openapi, documented
+from ..services import services
+from ..web.openapi import build_openapi, documented
 
 bp = Blueprint("health", __name__, url_prefix="/api/runtime")
 
@@ -27,8 +28,8 @@ def health():
 
 def _membridge_status() -> dict:
     """The freshest of this process's own upstream calls and the deployment's last one."""
-    mine = current_app.extensions["bloom.membridge"].health.snapshot()
-    return current_app.extensions["bloom.membridge_settings"].cached().freshest_status(mine)
+    mine = services().membridge.health.snapshot()
+    return services().membridge_settings.cached().freshest_status(mine)
 
 
 READY_TIMEOUT_S = 1.5
@@ -37,7 +38,7 @@ READY_TIMEOUT_S = 1.5
 @bp.get("/ready")
 @documented("Readiness: 200 when PostgreSQL answers within 1.5 s, else 503", responses={200: "Ready", 503: "Ready"})
 def ready():
-    if not current_app.extensions["bloom.database"].answers_within(READY_TIMEOUT_S):
+    if not services().database.answers_within(READY_TIMEOUT_S):
         return jsonify({"status": "unavailable", "error": "database unreachable"}), 503
     return jsonify({"status": "ready"})
 
@@ -45,7 +46,8 @@ def ready():
 @bp.get("/openapi.json")
 @documented("This document", responses={200: "Any"})
 def openapi_document():
-    document = current_app.extensions.get("bloom.openapi")
-    if document is None:
-        document = current_app.extensions["bloom.openapi"] = build_openapi(current_app)
+    built = services()
+    if built.openapi_document is None:
+        built.openapi_document = build_openapi(current_app)
+    document = built.openapi_document
     return jsonify(document)

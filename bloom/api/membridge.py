@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, jsonify
 
 from ..errors import BadGateway
-from ..http import json_body
-from ..membridge import MembridgeClient, UpstreamResponse, UpstreamUnreachable, encode_segment
-from ..openapi import documented
+from ..membridge.client import MembridgeClient, UpstreamResponse, UpstreamUnreachable, encode_segment
+from ..services import services
+from ..web.guards import json_body
+from ..web.openapi import documented
 
 bp = Blueprint("membridge", __name__, url_prefix="/api/membridge")
 
@@ -19,7 +20,7 @@ PROXIED: dict[int, str | None] = {200: "Any", 404: "Error", 422: "Error", 500: "
 
 
 def _client() -> MembridgeClient:
-    return current_app.extensions["bloom.membridge"]
+    return services().membridge
 
 
 def _forward(method: str, path: str, body: Any = None):
@@ -40,13 +41,13 @@ def relay(response: UpstreamResponse):
 
 
 def _redacted(message: str) -> str:
-    admin_key = current_app.extensions["bloom.membridge_settings"].current().admin_key
+    admin_key = services().membridge_settings.current().admin_key
     return message.replace(admin_key, "****") if admin_key else message
 
 
 def _redacted_json(value: Any) -> Any:
     """Upstream's detail as JSON, with the admin key masked wherever it was echoed."""
-    admin_key = current_app.extensions["bloom.membridge_settings"].current().admin_key
+    admin_key = services().membridge_settings.current().admin_key
     encoded = json.dumps(value)
     if admin_key and admin_key in encoded:
         return json.loads(encoded.replace(admin_key, "****"))
@@ -84,7 +85,7 @@ def select_leader(cid: str):
     response = _forward("POST", f"/projects/{encode_segment(cid)}/leadership/select", body)
     if 200 <= response[1] < 300:
         chosen = body.get("primary_node_id") if isinstance(body, dict) else None
-        current_app.extensions["bloom.records"].record_audit(
+        services().records.record_audit(
             "leadership_promote", "project", cid, {"primary_node_id": chosen}
         )
     return response

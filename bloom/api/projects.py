@@ -1,13 +1,14 @@
 """Managed projects: list, create, read, delete, clone, propagate, sync memory (projects/service.py)."""
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, jsonify
 
-from ..http import json_body, load_body
-from ..membridge import UpstreamResponse
-from ..openapi import documented
+from ..membridge.client import UpstreamResponse
 from ..projects.service import ProjectService
 from ..schemas import CloneSchema, CreateProjectSchema, PageQuery, SyncMemorySchema
+from ..services import services
+from ..web.guards import json_body, load_body
+from ..web.openapi import documented
 from . import query
 from .membridge import relay
 
@@ -15,7 +16,7 @@ bp = Blueprint("projects", __name__, url_prefix="/api/runtime/projects")
 
 
 def projects() -> ProjectService:
-    return current_app.extensions["bloom.projects"]
+    return services().projects
 
 
 @bp.get("")

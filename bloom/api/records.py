@@ -5,10 +5,11 @@ from flask import Blueprint, Response, jsonify
 
 from ..artifacts import ObjectStoreUnavailable
 from ..errors import BadGateway, NotFound
-from ..openapi import documented
 from ..schemas import ArtifactListQuery, LeaseListQuery, PageQuery
+from ..services import services
 from ..shapes import artifact_json
-from . import lease_service, query, record_service
+from ..web.openapi import documented
+from . import query
 
 bp = Blueprint("records", __name__, url_prefix="/api/runtime")
 
@@ -17,7 +18,7 @@ bp = Blueprint("records", __name__, url_prefix="/api/runtime")
 @documented("Leases, newest first", query=LeaseListQuery, responses={200: "Lease[]"})
 def list_leases():
     params = query(LeaseListQuery)
-    return jsonify(lease_service().list_leases(status=params["status"], limit=params["limit"], offset=params["offset"]))
+    return jsonify(services().leases.list_leases(status=params["status"], limit=params["limit"], offset=params["offset"]))
 
 
 @bp.get("/artifacts")
@@ -25,16 +26,16 @@ def list_leases():
 def list_artifacts():
     params = query(ArtifactListQuery)
     return jsonify(
-        record_service().list_artifacts(task_id=params["task_id"], limit=params["limit"], offset=params["offset"])
+        services().records.list_artifacts(task_id=params["task_id"], limit=params["limit"], offset=params["offset"])
     )
 
 
 @bp.get("/artifacts/<artifact_id>")
 @documented("An artifact, with a presigned download_url when object-stored", responses={200: "RuntimeArtifact", 404: "Error"})
 def get_artifact(artifact_id: str):
-    row = record_service().get_artifact(artifact_id)
+    row = services().records.get_artifact(artifact_id)
     artifact = artifact_json(row)
-    store = record_service().artifacts
+    store = services().records.artifacts
     if artifact["url"] and store is not None:
         artifact["download_url"] = store.presigned_download_url(artifact["url"])
     return jsonify(artifact)
@@ -44,13 +45,13 @@ def get_artifact(artifact_id: str):
 @documented("The output itself, from the database or the object store", responses={200: "Text", 404: "Error", 502: "Error"})
 def get_artifact_content(artifact_id: str):
     """The output itself, from the database row or streamed from the object store."""
-    row = record_service().get_artifact(artifact_id)
+    row = services().records.get_artifact(artifact_id)
     mimetype = "application/json" if row.get("desired_format") == "json" else "text/plain"
     if row["content"] is not None:
         return Response(row["content"], mimetype=mimetype)
     if not row["url"]:
         raise NotFound("Artifact has no content")
-    store = record_service().artifacts
+    store = services().records.artifacts
     if store is None:
         raise BadGateway("Object store is not configured")
     try:
@@ -64,10 +65,10 @@ def get_artifact_content(artifact_id: str):
 @documented("Audit entries, newest first", query=PageQuery, responses={200: "AuditLogEntry[]"})
 def list_audit():
     params = query(PageQuery)
-    return jsonify(record_service().list_audit(limit=params["limit"], offset=params["offset"]))
+    return jsonify(services().records.list_audit(limit=params["limit"], offset=params["offset"]))
 
 
 @bp.get("/stats")
 @documented("Counts by SQL aggregates", responses={200: "Stats"})
 def stats():
-    return jsonify(record_service().stats())
+    return jsonify(services().records.stats())

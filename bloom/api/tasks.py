@@ -2,12 +2,10 @@
 cancel, requeue, and an agent's fenced delivery callbacks."""
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, jsonify, request
 
 from .. import task_bodies
 from ..errors import Conflict, ValidationFailed
-from ..http import load_body
-from ..openapi import documented
 from ..schemas import (
     CompleteTaskSchema,
     CreateTaskSchema,
@@ -17,7 +15,10 @@ from ..schemas import (
     LeaseTaskSchema,
     TaskListQuery,
 )
-from . import lease_service, query, task_service
+from ..services import services
+from ..web.guards import load_body
+from ..web.openapi import documented
+from . import query
 
 bp = Blueprint("tasks", __name__, url_prefix="/api/runtime")
 
@@ -38,7 +39,7 @@ def create_task():
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX:
         raise ValidationFailed([f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters"], {})
-    task, created = task_service().create_task(body, idempotency_key=key)
+    task, created = services().tasks.create_task(body, idempotency_key=key)
     return jsonify(task), 201 if created else 200
 
 
@@ -50,7 +51,7 @@ def create_task():
 )
 def create_tasks():
     body = load_body(CreateTasksSchema, fast=task_bodies.task_batch)
-    tasks, created = task_service().create_tasks(body["tasks"])
+    tasks, created = services().tasks.create_tasks(body["tasks"])
     return jsonify({"tasks": tasks}), 201 if created else 200
 
 
@@ -58,13 +59,13 @@ def create_tasks():
 @documented("Tasks, newest first", query=TaskListQuery, responses={200: "LLMTask[]"})
 def list_tasks():
     params = query(TaskListQuery)
-    return jsonify(task_service().list_tasks(status=params["status"], limit=params["limit"], offset=params["offset"]))
+    return jsonify(services().tasks.list_tasks(status=params["status"], limit=params["limit"], offset=params["offset"]))
 
 
 @bp.get("/llm-tasks/<task_id>")
 @documented("One task, with its latest result", responses={200: "TaskDetail", 404: "Error"})
 def get_task(task_id: str):
-    return jsonify(task_service().get_task(task_id))
+    return jsonify(services().tasks.get_task(task_id))
 
 
 @bp.post("/llm-tasks/<task_id>/lease")
@@ -75,7 +76,7 @@ def get_task(task_id: str):
 )
 def lease_task(task_id: str):
     body = load_body(LeaseTaskSchema, fast=task_bodies.lease)
-    granted = lease_service().lease_task(task_id, worker_id=body["worker_id"], ttl_seconds=body["ttl_seconds"])
+    granted = services().leases.lease_task(task_id, worker_id=body["worker_id"], ttl_seconds=body["ttl_seconds"])
     return jsonify(granted), 201
 
 
@@ -87,7 +88,7 @@ def lease_task(task_id: str):
 )
 def dispatch_task(task_id: str):
     body = load_body(DispatchTaskSchema)
-    outcome = current_app.extensions["bloom.dispatcher"].dispatch(
+    outcome = services().dispatcher.dispatch(
         task_id, worker_id=body["worker_id"], ttl_seconds=body["ttl_seconds"]
     )
     return jsonify(outcome.json()), 202 if outcome.dispatched else 502
@@ -101,7 +102,7 @@ def dispatch_task(task_id: str):
 )
 def heartbeat(task_id: str):
     body = load_body(FencingSchema, fast=task_bodies.fencing)
-    return jsonify(lease_service().heartbeat(task_id, lease_id=body["lease_id"], worker_id=body["worker_id"]))
+    return jsonify(services().leases.heartbeat(task_id, lease_id=body["lease_id"], worker_id=body["worker_id"]))
 
 
 @bp.post("/llm-tasks/<task_id>/complete")
@@ -112,7 +113,7 @@ def heartbeat(task_id: str):
 )
 def complete_task(task_id: str):
     body = load_body(CompleteTaskSchema, fast=task_bodies.completion)
-    return jsonify(lease_service().complete_task(task_id, body))
+    return jsonify(services().leases.complete_task(task_id, body))
 
 
 @bp.post("/llm-tasks/<task_id>/cancel")
@@ -121,19 +122,19 @@ def complete_task(task_id: str):
     responses={200: "LLMTask", 404: "Error", 409: "Error"},
 )
 def cancel_task(task_id: str):
-    return jsonify(task_service().cancel_task(task_id))
+    return jsonify(services().tasks.cancel_task(task_id))
 
 
 @bp.post("/llm-tasks/<task_id>/requeue")
 @documented("Queue a failed or dead task again", responses={200: "LLMTask", 404: "Error", 409: "Error"})
 def requeue_task(task_id: str):
-    return jsonify(task_service().requeue_task(task_id))
+    return jsonify(services().tasks.requeue_task(task_id))
 
 
 @bp.get("/runs")
 @documented("The 50 newest tasks", responses={200: "LLMTask[]"})
 def runs():
-    return jsonify(task_service().list_tasks(status=None, limit=RUNS_SHOWN, offset=0))
+    return jsonify(services().tasks.list_tasks(status=None, limit=RUNS_SHOWN, offset=0))
 
 
 # Callbacks of one delivery to a Membridge agent. The agent calls
@@ -151,7 +152,7 @@ def runs():
 def delivery_heartbeat(lease_id: str, task_id: str):
     body = load_body(FencingSchema, fast=task_bodies.fencing)
     _check_same_lease(lease_id, body.get("lease_id"))
-    return jsonify(lease_service().heartbeat(task_id, lease_id=lease_id, worker_id=body["worker_id"]))
+    return jsonify(services().leases.heartbeat(task_id, lease_id=lease_id, worker_id=body["worker_id"]))
 
 
 @bp.post("/deliveries/<lease_id>/api/runtime/llm-tasks/<task_id>/complete")
@@ -163,7 +164,7 @@ def delivery_heartbeat(lease_id: str, task_id: str):
 def delivery_complete(lease_id: str, task_id: str):
     body = load_body(CompleteTaskSchema, fast=task_bodies.completion)
     _check_same_lease(lease_id, body.get("lease_id"))
-    return jsonify(lease_service().complete_task(task_id, {**body, "lease_id": lease_id}))
+    return jsonify(services().leases.complete_task(task_id, {**body, "lease_id": lease_id}))
 
 
 def _check_same_lease(in_path: str, in_body: str | None) -> None:

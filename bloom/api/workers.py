@@ -6,14 +6,15 @@ import functools
 import random
 import time
 
-from flask import Blueprint, Response, current_app, g, jsonify
+from flask import Blueprint, Response, g, jsonify
 
 from .. import metrics, task_bodies
 from ..errors import ValidationFailed
-from ..http import caller_is_operator, load_body
-from ..openapi import documented
 from ..schemas import ClaimSchema, PageQuery, RegisterWorkerSchema, WorkerHeartbeatSchema
-from . import lease_service, query, worker_service
+from ..services import services
+from ..web.guards import caller_is_operator, load_body
+from ..web.openapi import documented
+from . import query
 
 bp = Blueprint("workers", __name__, url_prefix="/api/runtime/workers")
 
@@ -22,29 +23,29 @@ bp = Blueprint("workers", __name__, url_prefix="/api/runtime/workers")
 @documented("Workers, each with its live active_leases", query=PageQuery, responses={200: "WorkerNode[]"})
 def list_workers():
     page = query(PageQuery)
-    return jsonify(worker_service().list_workers(limit=page["limit"], offset=page["offset"]))
+    return jsonify(services().workers.list_workers(limit=page["limit"], offset=page["offset"]))
 
 
 @bp.get("/<worker_id:worker_id>")
 @documented("A worker and its active leases", responses={200: "WorkerDetail", 404: "Error"})
 def get_worker(worker_id: str):
-    return jsonify(worker_service().get_worker(worker_id))
+    return jsonify(services().workers.get_worker(worker_id))
 
 
 @bp.post("")
 @documented("Register (201) or re-register (200) a worker", body=RegisterWorkerSchema, responses={200: "WorkerNode", 201: "WorkerNode", 403: "Error"})
 def register_worker():
     body = load_body(RegisterWorkerSchema)
-    if body["url"] is not None and current_app.extensions["bloom.agents"].networks.literal_outside(body["url"]):
+    if body["url"] is not None and services().agents.networks.literal_outside(body["url"]):
         raise ValidationFailed([], {"url": ["Must point inside BLOOM_AGENT_NETWORKS (where agents may live)."]})
-    worker, created = worker_service().register_worker(body, may_move=caller_is_operator())
+    worker, created = services().workers.register_worker(body, may_move=caller_is_operator())
     return jsonify(worker), 201 if created else 200
 
 
 @bp.delete("/<worker_id:worker_id>")
 @documented("Remove a worker", responses={200: "Removed", 404: "Error"})
 def remove_worker(worker_id: str):
-    return jsonify(worker_service().remove_worker(worker_id))
+    return jsonify(services().workers.remove_worker(worker_id))
 
 
 @bp.post("/<worker_id:worker_id>/heartbeat")
@@ -55,7 +56,7 @@ def remove_worker(worker_id: str):
 )
 def heartbeat_worker(worker_id: str):
     body = load_body(WorkerHeartbeatSchema, fast=task_bodies.worker_heartbeat)
-    return jsonify(lease_service().heartbeat_worker(worker_id, lease_ids=body["lease_ids"]))
+    return jsonify(services().leases.heartbeat_worker(worker_id, lease_ids=body["lease_ids"]))
 
 
 @bp.post("/<worker_id:worker_id>/claim")
@@ -77,13 +78,13 @@ def claim(worker_id: str):
     it; with max_tasks (1 to 32) it is {tasks, leases}, in queue order, from one statement."""
     body = load_body(ClaimSchema, fast=task_bodies.claim)
     claim_now = functools.partial(
-        lease_service().claim_tasks, worker_id, ttl_seconds=body["ttl_seconds"], agent_slugs=body["agent_slugs"],
+        services().leases.claim_tasks, worker_id, ttl_seconds=body["ttl_seconds"], agent_slugs=body["agent_slugs"],
         max_tasks=body["max_tasks"] or 1,
     )
     if body["wait_seconds"] <= 0:
         claimed = claim_now()
     else:
-        events = current_app.extensions["bloom.queue_events"]
+        events = services().queue_events
         deadline = time.monotonic() + body["wait_seconds"]
         ticket = events.enter_line(body["agent_slugs"])  # before looking: no wake-up is missed
         try:
@@ -106,7 +107,7 @@ _NO_ROOM = object()
 def _wait_for_a_task(claim_now, events, ticket, deadline: float):
     """Wait in this process's waiting room until a task comes or the deadline passes:
     the claimed task, None, or _NO_ROOM when the room is full."""
-    room = current_app.extensions["bloom.waiting_room"]
+    room = services().waiting_room
     if not room.enter():
         return _NO_ROOM
     waited_from = time.monotonic()

@@ -13,10 +13,10 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ..agents import AgentClient
+from ..agents.client import AgentClient
 from ..db import Database
 from ..errors import BadGateway, BadRequest, Conflict, NotFound
-from ..membridge import MembridgeClient, UpstreamResponse, UpstreamUnreachable
+from ..membridge.client import MembridgeClient, UpstreamResponse, UpstreamUnreachable
 from ..records.service import RecordService
 from ..shapes import node_status_json, project_json
 from ..stamps import API_ACTOR, new_id, now_ms

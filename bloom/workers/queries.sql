@@ -135,20 +135,6 @@ UPDATE workers SET status = 'offline'
    AND COALESCE(evidence_at, 0) < :evidence_since
 RETURNING id;
 
--- name: push_workers
--- Workers the runtime pushes tasks to (they have a url), to probe.
-SELECT id, url, address FROM workers WHERE url IS NOT NULL ORDER BY id;
-
--- name: mark_workers_alive
--- Push workers whose url answered a probe: online (still not leasable if they said
--- they have no Claude CLI: capabilities.claude_cli stays false until they register again).
--- A worker held out for taking tasks and never answering ('error') stays out: its
--- /health answered all along.
-UPDATE workers
-   SET status = 'online', evidence_at = :now, last_heartbeat = :now
- WHERE id = ANY(CAST(:worker_ids AS text[])) AND url IS NOT NULL AND status <> 'error'
-RETURNING id;
-
 -- name: take_workers_out
 -- Workers found dead by the runtime's own evidence (a failed probe of their url, a
 -- refused dispatch) leave the rotation at once, and their tasks go back to the queue now,
@@ -213,26 +199,3 @@ SELECT (SELECT count(*) FROM taken_out) AS workers,
        (SELECT count(*) FROM requeued WHERE status = 'dead') AS dead,
        CASE WHEN EXISTS (SELECT 1 FROM requeued WHERE status = 'queued')
             THEN pg_notify('bloom_task_queued', '') IS NULL END AS notified;
-
--- name: note_agent_health
--- What an agent said of itself in answer to GET /workers/<id>/agent-health: its version,
--- OS, capabilities (merged over the stored ones) and addresses; it answered, so it is
--- online (unless held out, 'error', until it registers again) and heard from now.
-UPDATE workers
-   SET agent_version = COALESCE(:agent_version, agent_version),
-       os_info = COALESCE(CAST(:os_info AS jsonb), os_info),
-       capabilities = capabilities || CAST(:capabilities AS jsonb),
-       ip_addrs = COALESCE(CAST(:ip_addrs AS jsonb), ip_addrs),
-       status = CASE WHEN status = 'error' THEN status ELSE 'online' END,
-       evidence_at = :now, last_heartbeat = :now
- WHERE id = :worker_id
-RETURNING id;
-
--- name: set_agent_version
--- After an operation on the agent (self-update, uninstall); 'uninstalled' also takes the
--- worker offline (its leases were ended by take_workers_out, in the same transaction).
-UPDATE workers
-   SET agent_version = COALESCE(:agent_version, agent_version),
-       status = CASE WHEN :agent_version = 'uninstalled' THEN 'offline' ELSE status END
- WHERE id = :worker_id
-RETURNING id;

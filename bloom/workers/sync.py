@@ -14,7 +14,7 @@ from typing import Any
 
 from ..bounds import WORKER_STATUSES
 from ..db import Database
-from ..membridge import SYNC_TIMEOUT_S, MembridgeClient, UpstreamUnreachable
+from ..membridge.client import SYNC_TIMEOUT_S, MembridgeClient, UpstreamUnreachable
 from ..shapes import DEFAULT_CAPABILITIES
 from ..stamps import now_ms
 

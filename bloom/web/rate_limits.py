@@ -28,8 +28,8 @@ from limits import parse as parse_limit
 from limits.strategies import FixedWindowRateLimiter, RateLimiter
 from werkzeug.exceptions import TooManyRequests
 
+from ..settings import Settings
 from .rate_limit_store import ProcessMemoryStorage, memory_scheme
-from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ PROTECTED_PREFIXES = ("/api/runtime/", "/api/membridge/")
 # Monitoring is never throttled.
 UNLIMITED_PATHS = frozenset({"/api/runtime/health", "/api/runtime/ready", "/api/runtime/openapi.json", "/metrics"})
 TEST_CONNECTION_ENDPOINT = "config.test_connection"
+LIMITER_KEY = "bloom.limiter"  # app.extensions: Flask-Limiter, and its store
 # The scopes of the counters kept per client address.
 API_SCOPE, FAILED_AUTH_SCOPE = "api", "failed-auth"
 

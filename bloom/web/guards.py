@@ -15,10 +15,11 @@ from flask import Flask, current_app, g, jsonify, redirect, request
 from marshmallow import Schema
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from .errors import BadRequest, Unavailable, error_body
+from ..errors import BadRequest, Unavailable
+from ..schemas import load, unstorable_reason
+from ..settings import Settings
+from .error_handlers import error_body
 from .rate_limits import PROTECTED_PREFIXES
-from .schemas import load, unstorable_reason
-from .settings import Settings
 
 log = logging.getLogger(__name__)
 

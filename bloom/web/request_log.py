@@ -9,8 +9,8 @@ import time
 
 from flask import Flask, g, request
 
-from . import metrics
-from .http import printable
+from .. import metrics
+from .guards import printable
 
 log = logging.getLogger("bloom.requests")
 

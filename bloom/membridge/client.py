@@ -20,7 +20,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from . import metrics
+from .. import metrics
 
 log = logging.getLogger(__name__)
 

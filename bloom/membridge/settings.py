@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .db import Database
-from .stamps import new_id, now_ms
+from ..db import Database
+from ..stamps import new_id, now_ms
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Flask
 from marshmallow import Schema
 
-from .shapes import RESPONSE_OBJECTS
+from ..shapes import RESPONSE_OBJECTS
 
 _CONVERTER = re.compile(r"<(?:\w+:)?(\w+)>")
 

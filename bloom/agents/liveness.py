@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from ..agents import PROBE_DEADLINE_S, PROBE_TRIES, AgentClient
 from ..db import Database
 from ..stamps import now_ms
+from .client import PROBE_DEADLINE_S, PROBE_TRIES, AgentClient
 
 log = logging.getLogger(__name__)
 

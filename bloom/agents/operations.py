@@ -13,13 +13,13 @@ import json
 import threading
 from typing import Any
 
-from ..agents import AgentAnswer, AgentClient
 from ..db import Database
 from ..errors import BadGateway, Unavailable
 from ..records.service import RecordService
 from ..stamps import API_ACTOR, now_ms
+from ..workers.service import agent_url_of
+from .client import AgentAnswer, AgentClient
 from .liveness import take_workers_out
-from .service import agent_url_of
 
 OPERATIONS_AT_ONCE = 8
 HEALTH_S, UPDATE_S, RESTART_S, UNINSTALL_S = 10.0, 120.0, 30.0, 60.0

@@ -32,8 +32,15 @@ from urllib.parse import quote
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from . import metrics
-from .agents import (
+from .. import metrics
+from ..bounds import DEFAULT_TIMEOUT_SEC
+from ..db import Database
+from ..errors import ApiError, Conflict, NotFound, Unavailable, is_transient
+from ..leases.service import LeaseService
+from ..queue_events import QueueEvents
+from ..records.service import RecordService
+from ..stamps import now_ms
+from .client import (
     ACCEPT_WINDOW_S,
     ANSWER_GRACE_S,
     CONNECT_TIMEOUT_S,
@@ -42,15 +49,8 @@ from .agents import (
     AgentClient,
     AgentUnreachable,
 )
-from .bounds import DEFAULT_TIMEOUT_SEC
-from .db import Database
 from .delivery_slots import DeliverySlots
-from .errors import ApiError, Conflict, NotFound, Unavailable, is_transient
-from .leases.service import LeaseService
-from .queue_events import QueueEvents
-from .records.service import RecordService
-from .stamps import now_ms
-from .workers.liveness import take_workers_out
+from .liveness import take_workers_out
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,65 @@
+-- Push delivery to Membridge agents (bloom/agents/): dispatch (dispatch.py), liveness
+-- probes (liveness.py), and what operations on an agent change (operations.py).
+-- Conventions: bloom/sql.py.
+
+-- name: current_delivery
+-- The task's live delivery to an agent: its current lease, active, granted by a dispatch.
+SELECT l.id AS lease_id, l.worker_id
+  FROM llm_tasks t JOIN leases l ON l.id = t.lease_id
+ WHERE t.id = :task_id AND t.status IN ('leased', 'running') AND l.status = 'active' AND l.dispatched;
+
+-- name: dispatch_candidates
+-- The next queued tasks (priority, then age), while some online push worker has room.
+-- Each is then granted by lease_task, which re-checks everything under its locks: a
+-- candidate another process or a pull worker took meanwhile is simply refused.
+SELECT t.id
+  FROM llm_tasks t
+ WHERE t.status = 'queued'
+   AND COALESCE(t.run_at, 0) <= :now AND COALESCE(t.retry_at, 0) <= :now
+   AND EXISTS (
+        SELECT 1 FROM workers w
+         WHERE w.url IS NOT NULL AND w.status = 'online'
+           AND COALESCE((w.capabilities ->> 'claude_cli')::boolean, true)
+           AND (SELECT count(l.id) < min(COALESCE((sibling.capabilities ->> 'max_concurrency')::int, 1))
+                  FROM workers sibling
+                  LEFT JOIN leases l ON l.worker_id = sibling.id AND l.status = 'active'
+                 WHERE sibling.address = w.address))
+ ORDER BY t.priority DESC, t.created_at, t.id
+ LIMIT :limit;
+
+-- name: push_workers
+-- Workers the runtime pushes tasks to (they have a url), to probe.
+SELECT id, url, address FROM workers WHERE url IS NOT NULL ORDER BY id;
+
+-- name: mark_workers_alive
+-- Push workers whose url answered a probe: online (still not leasable if they said
+-- they have no Claude CLI: capabilities.claude_cli stays false until they register again).
+-- A worker held out for taking tasks and never answering ('error') stays out: its
+-- /health answered all along.
+UPDATE workers
+   SET status = 'online', evidence_at = :now, last_heartbeat = :now
+ WHERE id = ANY(CAST(:worker_ids AS text[])) AND url IS NOT NULL AND status <> 'error'
+RETURNING id;
+
+-- name: note_agent_health
+-- What an agent said of itself in answer to GET /workers/<id>/agent-health: its version,
+-- OS, capabilities (merged over the stored ones) and addresses; it answered, so it is
+-- online (unless held out, 'error', until it registers again) and heard from now.
+UPDATE workers
+   SET agent_version = COALESCE(:agent_version, agent_version),
+       os_info = COALESCE(CAST(:os_info AS jsonb), os_info),
+       capabilities = capabilities || CAST(:capabilities AS jsonb),
+       ip_addrs = COALESCE(CAST(:ip_addrs AS jsonb), ip_addrs),
+       status = CASE WHEN status = 'error' THEN status ELSE 'online' END,
+       evidence_at = :now, last_heartbeat = :now
+ WHERE id = :worker_id
+RETURNING id;
+
+-- name: set_agent_version
+-- After an operation on the agent (self-update, uninstall); 'uninstalled' also takes the
+-- worker offline (its leases were ended by take_workers_out, in the same transaction).
+UPDATE workers
+   SET agent_version = COALESCE(:agent_version, agent_version),
+       status = CASE WHEN :agent_version = 'uninstalled' THEN 'offline' ELSE status END
+ WHERE id = :worker_id
+RETURNING id;
