@@ -91,11 +91,12 @@ def post_worker_init(worker):
     import gc
 
     from bloom import start_background_jobs
+    from bloom.services import services
 
     start_background_jobs(worker.wsgi)
     if not os.environ.get("BLOOM_MAX_WAITING_CLAIMS"):
         # However the thread count was given (env or --threads): 8 stay for short requests.
-        worker.wsgi.extensions["bloom.waiting_room"].resize(worker.cfg.threads - 8)
+        services(worker.wsgi).waiting_room.resize(worker.cfg.threads - 8)
     # What exists now (modules, the app, its schemas, SQL and pools) lives as long as the
     # worker: keep it out of the cyclic collector. Its full passes over all of it took
     # 50-150 ms under load, a pause for every thread of the worker (docs/PERFORMANCE.md).

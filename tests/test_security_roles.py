@@ -124,3 +124,25 @@ def test_a_real_agent_keeps_working_with_the_documented_keys(fleet_server, agent
     assert done["worker_id"] == "agent-1"
     assert [status for _, _, status in agent.state.callbacks] == [200, 200]
     assert OPERATOR_KEY not in served.log() and WORKER_KEY not in served.log()
+
+
+def test_the_workers_key_opens_exactly_the_routes_marked_for_workers(split_app):
+    """Who may call a route is said on the route (@worker_route); this list makes any
+    change to it a visible one. Every other route answers the workers' key 403."""
+    marked = sorted(
+        (method, rule.rule) for rule in split_app.url_map.iter_rules()
+        if getattr(split_app.view_functions[rule.endpoint], "worker_route", False)
+        for method in rule.methods - {"HEAD", "OPTIONS"}
+    )
+    assert marked == [
+        ("POST", "/api/runtime/deliveries/<lease_id>/api/runtime/llm-tasks/<task_id>/complete"),
+        ("POST", "/api/runtime/deliveries/<lease_id>/api/runtime/llm-tasks/<task_id>/heartbeat"),
+        ("POST", "/api/runtime/llm-tasks/<task_id>/complete"),
+        ("POST", "/api/runtime/llm-tasks/<task_id>/heartbeat"),
+        ("POST", "/api/runtime/workers"),
+        ("POST", "/api/runtime/workers/<worker_id:worker_id>/claim"),
+        ("POST", "/api/runtime/workers/<worker_id:worker_id>/heartbeat"),
+    ]
+    client = split_app.test_client()
+    assert client.get("/api/runtime/llm-tasks", headers=AS_WORKER).status_code == 403
+    assert client.delete("/api/runtime/workers/w1", headers=AS_WORKER).status_code == 403

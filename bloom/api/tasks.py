@@ -16,7 +16,7 @@ from ..schemas import (
     TaskListQuery,
 )
 from ..services import services
-from ..web.guards import load_body
+from ..web.guards import load_body, worker_route
 from ..web.openapi import documented
 from . import query
 
@@ -100,6 +100,7 @@ def dispatch_task(task_id: str):
     body=FencingSchema,
     responses={200: "HeartbeatReply", 404: "Error", 409: "Error"},
 )
+@worker_route
 def heartbeat(task_id: str):
     body = load_body(FencingSchema, fast=task_bodies.fencing)
     return jsonify(services().leases.heartbeat(task_id, lease_id=body["lease_id"], worker_id=body["worker_id"]))
@@ -111,6 +112,7 @@ def heartbeat(task_id: str):
     body=CompleteTaskSchema,
     responses={200: "Completion", 404: "Error", 409: "Error"},
 )
+@worker_route
 def complete_task(task_id: str):
     body = load_body(CompleteTaskSchema, fast=task_bodies.completion)
     return jsonify(services().leases.complete_task(task_id, body))
@@ -149,6 +151,7 @@ def runs():
     body=FencingSchema,
     responses={200: "HeartbeatReply", 404: "Error", 409: "Error"},
 )
+@worker_route
 def delivery_heartbeat(lease_id: str, task_id: str):
     body = load_body(FencingSchema, fast=task_bodies.fencing)
     _check_same_lease(lease_id, body.get("lease_id"))
@@ -161,6 +164,7 @@ def delivery_heartbeat(lease_id: str, task_id: str):
     body=CompleteTaskSchema,
     responses={200: "Completion", 404: "Error", 409: "Error"},
 )
+@worker_route
 def delivery_complete(lease_id: str, task_id: str):
     body = load_body(CompleteTaskSchema, fast=task_bodies.completion)
     _check_same_lease(lease_id, body.get("lease_id"))

@@ -12,7 +12,7 @@ from .. import metrics, task_bodies
 from ..errors import ValidationFailed
 from ..schemas import ClaimSchema, PageQuery, RegisterWorkerSchema, WorkerHeartbeatSchema
 from ..services import services
-from ..web.guards import caller_is_operator, load_body
+from ..web.guards import caller_is_operator, load_body, worker_route
 from ..web.openapi import documented
 from . import query
 
@@ -34,6 +34,7 @@ def get_worker(worker_id: str):
 
 @bp.post("")
 @documented("Register (201) or re-register (200) a worker", body=RegisterWorkerSchema, responses={200: "WorkerNode", 201: "WorkerNode", 403: "Error"})
+@worker_route
 def register_worker():
     body = load_body(RegisterWorkerSchema)
     if body["url"] is not None and services().agents.networks.literal_outside(body["url"]):
@@ -54,6 +55,7 @@ def remove_worker(worker_id: str):
     body=WorkerHeartbeatSchema,
     responses={200: "WorkerHeartbeatReply", 404: "Error"},
 )
+@worker_route
 def heartbeat_worker(worker_id: str):
     body = load_body(WorkerHeartbeatSchema, fast=task_bodies.worker_heartbeat)
     return jsonify(services().leases.heartbeat_worker(worker_id, lease_ids=body["lease_ids"]))
@@ -66,6 +68,7 @@ def heartbeat_worker(worker_id: str):
     body=ClaimSchema,
     responses={201: "Claimed", 204: None, 404: "Error", 409: "Error"},
 )
+@worker_route
 def claim(worker_id: str):
     """Lease the next task to this worker; with wait_seconds, long-poll until one comes.
 

@@ -212,13 +212,19 @@ def install_request_guards(app: Flask, config: Settings) -> None:
         return response
 
 
-# What a worker or agent does with the runtime key when an operator key is set: register,
-# claim, heartbeat, complete (and an agent's fenced delivery callbacks). Everything else
-# (creating and reading tasks, config, removing workers, Membridge) is an operator's.
-WORKER_ENDPOINTS = frozenset({
-    "workers.register_worker", "workers.claim", "workers.heartbeat_worker",
-    "tasks.heartbeat", "tasks.complete_task", "tasks.delivery_heartbeat", "tasks.delivery_complete",
-})
+def worker_route(view: Callable) -> Callable:
+    """Mark a route a worker or agent calls: register, claim, heartbeat, complete (and an
+    agent's fenced delivery callbacks). With an operator key set, the runtime key opens
+    these routes only; every other route (creating and reading tasks, config, removing
+    workers, Membridge) is the operator's."""
+    view.worker_route = True  # type: ignore[attr-defined]
+    return view
+
+
+def _is_worker_route() -> bool:
+    return getattr(current_app.view_functions.get(request.endpoint or ""), "worker_route", False)
+
+
 OPERATOR, WORKER = "operator", "worker"
 
 
@@ -233,7 +239,7 @@ def install_api_key_check(app: Flask, config: Settings) -> None:
 
     One key (RUNTIME_API_KEY) opens everything, as the Express service did. With
     BLOOM_OPERATOR_KEY set as well, that key opens the operator's routes, and the runtime
-    key only the workers' (WORKER_ENDPOINTS): a worker's or agent's key cannot read other
+    key only the workers' (@worker_route): a worker's or agent's key cannot read other
     callers' prompts, change the config, or point an existing worker somewhere else."""
     worker_key = config.runtime_api_key
     operator_key = config.operator_key
@@ -250,13 +256,13 @@ def install_api_key_check(app: Flask, config: Settings) -> None:
             g.caller_role = OPERATOR
         elif worker_key and hmac.compare_digest(given, worker_key.encode()):
             g.caller_role = WORKER if operator_key else OPERATOR
-        elif not worker_key and request.endpoint in WORKER_ENDPOINTS:
+        elif not worker_key and _is_worker_route():
             g.caller_role = WORKER  # only an operator key is set: the workers' routes are open
         else:
             log.warning("unauthorized request from %s: %s %s (%s)", request.remote_addr, request.method,
                         printable(request.path), "no key" if not given else "wrong key")
             return jsonify(error_body("Unauthorized")), 401
-        if g.caller_role == WORKER and request.endpoint not in WORKER_ENDPOINTS:
+        if g.caller_role == WORKER and not _is_worker_route():
             log.warning("worker key refused on an operator route from %s: %s %s", request.remote_addr,
                         request.method, printable(request.path))
             return jsonify(error_body("Forbidden: this route needs the operator key")), 403
