@@ -1,6 +1,6 @@
 # make run   - the service on :3002 (embedded PostgreSQL unless DATABASE_URL is set)
 # make test  - the whole test suite (brings up its own PostgreSQL, S3 and upstream)
-# make test-quick - the in-process tests only, for a change's first feedback
+# make test-quick - the tests that start no server or process (about a minute), for a change's first feedback
 # make lint  - ruff and mypy (CI runs it before the tests)
 VENV ?= .venv
 PYTHON ?= python3
@@ -28,11 +28,16 @@ run: $(VENV)/.runtime
 init-db: $(VENV)/.runtime
 	$(BIN)/flask --app wsgi init-db
 
+# Tests run in TEST_PROCESSES pytest-xdist processes (most of a test's time is waiting on
+# a server, not computing), a test module's tests in one process (its servers start once).
+TEST_PROCESSES ?= 4
+PYTEST := $(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadscope
+
 test: $(VENV)/.dev
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 test-quick: $(VENV)/.dev
-	BLOOM_TESTS_QUICK=1 $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	BLOOM_TESTS_QUICK=1 $(PYTEST) -m "not slow" $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check bloom tests bench

@@ -21,13 +21,13 @@ preload_app = False
 timeout = 75
 graceful_timeout = 30  # SIGTERM: finish in-flight requests, then exit
 keepalive = 5
-# Behind the reverse proxy: the same peers the app trusts (bloom/proxies.py).
+# Behind the reverse proxy: the same peers the app trusts (bloom/web/proxies.py).
 _trusted = os.environ.get("BLOOM_TRUSTED_PROXIES", "").strip()
 forwarded_allow_ips = _trusted if _trusted and not _trusted.isdigit() else "127.0.0.1,::1"
 _data_dir = os.path.abspath(os.environ.get("BLOOM_DATA_DIR") or "./.bloom")
 # One control socket per instance (two instances on a host must not share one).
 control_socket = os.path.join(_data_dir, f"gunicorn-{os.environ.get('BLOOM_RUNTIME_PORT', '3002')}.ctl")
-# The app logs one line per API request (bloom/request_log.py: method, path, status,
+# The app logs one line per API request (bloom/web/request_log.py: method, path, status,
 # duration, request id, client): gunicorn's access log would repeat it at a cost per
 # request. `--access-logfile -` turns it on, one JSON object a line.
 accesslog = None

@@ -14,7 +14,7 @@ driver's work in this one is. Needs valgrind (on this machine kind: /usr/bin/val
 Variants, to price a part of the request: `no-limiter` (no rate limit at all),
 `no-limit-headers` (the shared limit's X-RateLimit headers off). Until 2026-12-03 a
 `direct-limit` variant priced the shared limit done as one `limits` hit in a hook instead
-of by Flask-Limiter: that is now how the app does it (bloom/rate_limits.py).
+of by Flask-Limiter: that is now how the app does it (bloom/web/rate_limits.py).
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def call(app, method: str, path: str, body=None):
 
 
 def apply_variant(app, variant: str) -> None:
-    """Take the shared limit's hooks (bloom/rate_limits.py) out, and with no-limiter
+    """Take the shared limit's hooks (bloom/web/rate_limits.py) out, and with no-limiter
     Flask-Limiter's too (it only looks at the connection test)."""
     doomed = {"no-limiter": {"_count_request", "_add_headers"}, "no-limit-headers": {"_add_headers"}}.get(variant, set())
     for hooks in (app.before_request_funcs, app.after_request_funcs):

@@ -203,7 +203,7 @@ def _configure_logging() -> None:
         )
     # Quiet by default: APScheduler says every run at INFO, and urllib3 warns at every
     # retry; an upstream outage is logged once when it starts and once when it ends
-    # (bloom/membridge.py).
+    # (bloom/membridge/client.py).
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("apscheduler.scheduler").addFilter(_expected_skips)
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)

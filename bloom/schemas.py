@@ -204,7 +204,7 @@ PageQuery = Schema.from_dict(_page_fields(100), name="PageQuery")
 _OVERVIEW_PAGE = {
     "limit": fields.Integer(load_default=None, validate=validate.Range(1, 1000), metadata={
         "description": "without it (nor offset and status): every task or lease in flight, the newest "
-                       "failed and dead tasks, and the newest others (README, 'Lists')"}),
+                       "failed and dead tasks, and the newest others (README, 'API in brief')"}),
     "offset": fields.Integer(load_default=0, validate=validate.Range(0, MAX_OFFSET)),
 }
 TaskListQuery = Schema.from_dict(

@@ -139,12 +139,12 @@ class Settings:
     db_connect_timeout_s: int
     db_statement_timeout_ms: int
     db_lock_timeout_ms: int
-    # The address agents call back (runtime_url of a dispatched task): configuration
-    # only, never a request's Host or X-Forwarded-Host. Unset: no dispatch.
     retention_completed_s: int
     retention_failed_s: int
     retention_audit_s: int
     prune_interval_s: float
+    # The address agents call back (runtime_url of a dispatched task): configuration
+    # only, never a request's Host or X-Forwarded-Host. Unset: no dispatch.
     public_url: str | None
     metrics_key: str | None
     agent_key: str
@@ -153,7 +153,7 @@ class Settings:
     # Who may do what (README "Security"): with an operator key, the runtime key is the
     # workers' and agents' credential only (register, claim, heartbeats, completions).
     operator_key: str | None
-    # Bodies over 1 MiB handled at once per process (bloom/http.py, LargeBodies).
+    # Bodies over 1 MiB handled at once per process (bloom/web/guards.py, LargeBodies).
     large_bodies_at_once: int
     # Where agent urls may point: the runtime sends the agent key and prompts there.
     agent_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]

@@ -1,4 +1,5 @@
-"""A small real HTTP server that behaves as a Membridge agent does (SPEC §7), quirks included.
+"""A small real HTTP server that behaves as a Membridge agent was measured to, quirks included
+(README, "Tests").
 
 - It registers once, at its start (`register`), and never again.
 - `POST /execute-task` (header X-MEMBRIDGE-AGENT) answers only when the run has ended:

@@ -1,5 +1,5 @@
-"""A small real HTTP server that speaks the Membridge control plane contract (SPEC §5),
-with the quirks SPEC §7 measured on the real one: a new agent is `unknown`, statuses
+"""A small real HTTP server that speaks the Membridge control plane contract, with the
+quirks measured on the real one (README, "Tests"): a new agent is `unknown`, statuses
 change only when the control plane itself calls an agent (`poll_agents`) and then stay,
 state lives in memory (`restart` empties it), an unknown project answers 200 with empty
 data, validation errors are 422 with a list of details, and without its own admin key
@@ -28,6 +28,7 @@ class Received:
     path: str
     headers: dict[str, str]
     body: Any
+    at: float = field(default_factory=time.monotonic)  # when it arrived
 
 
 @dataclass

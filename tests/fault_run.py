@@ -12,7 +12,7 @@ faults stop, the queue is drained and the run is checked:
 - no task ever ran on two runners at the same time (no double lease), and no agent ran
   more at once than its capacity;
 - how many tasks ran twice one after the other is reported (a run whose completion was
-  lost with a killed process can run again once its lease ends: README, "Restarts").
+  lost with a killed process can run again once its lease ends: README, "Running with a Membridge fleet", Restarting without loss).
 
     python -m tests.fault_run --seconds 300            # the long run (docs/FAULTS.md)
     tests/test_fault_run.py runs a short one in the suite.

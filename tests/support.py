@@ -46,6 +46,12 @@ def refuse_in_quick_run(what: str) -> None:
         raise AssertionError(f"{what} started by a test not marked slow (make test-quick starts no server)")
 
 
+def shortest_gap(times: list[float]) -> float:
+    """The shortest time between two consecutive events (infinite with fewer than two)."""
+    ordered = sorted(times)
+    return min((later - earlier for earlier, later in zip(ordered, ordered[1:], strict=False)), default=float("inf"))
+
+
 class PostgresCluster:
     """Creates throw-away databases, each a copy of a template that has the schema."""
 

@@ -1,4 +1,4 @@
-"""The FIX items of SPEC §4 under real concurrency: many threads against gunicorn with
+"""The old service's races, fixed, under real concurrency: many threads against gunicorn with
 several worker processes and one PostgreSQL."""
 from __future__ import annotations
 

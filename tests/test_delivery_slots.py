@@ -1,4 +1,4 @@
-"""A process's delivery slots are shared fairly between agents (bloom/delivery_slots.py)."""
+"""A process's delivery slots are shared fairly between agents (bloom/agents/delivery_slots.py)."""
 from __future__ import annotations
 
 import pytest

@@ -15,7 +15,7 @@ from bloom.settings import Settings
 
 from .fake_agent import AGENT_KEY
 from .helpers import TASK, api, new_task, results_of, task_of, worker_of
-from .support import GunicornServer, free_port, wait_until
+from .support import GunicornServer, free_port, shortest_gap, wait_until
 
 
 class _OddHealthServer:
@@ -27,6 +27,7 @@ class _OddHealthServer:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.served = 0
+        self.arrivals: list[float] = []  # when each probe came
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -41,6 +42,7 @@ class _OddHealthServer:
         with connection:
             try:
                 connection.recv(4096)
+                self.arrivals.append(time.monotonic())
                 time.sleep(self.delay)
                 if self.behaviour == "trickle":
                     for byte in b"HTTP/1.1 200 OK\r\n\r\n":
@@ -189,9 +191,10 @@ def test_many_names_for_one_url_cost_one_probe_a_round(fleet_server, agents, dat
         served = fleet_server(BLOOM_DISPATCH="off", WORKER_SYNC_INTERVAL_S="0.5")
         for n in range(50):
             requests.post(api(served, "/workers"), json={"name": f"name-{n}", "url": target.url}, timeout=10)
-        before = target.served
-        time.sleep(3.0)  # about six probe rounds
-        assert 1 <= target.served - before <= 8  # one probe a round, not fifty
+        before = len(target.arrivals)
+        wait_until(lambda: len(target.arrivals) - before >= 4, timeout=30, what="four more probes")
+        # One probe a round, 0.5 s apart; fifty names probed each would come ms apart.
+        assert shortest_gap(target.arrivals[before:]) >= 0.2
         audit = requests.get(api(served, "/audit?limit=1000"), timeout=10).json()
         assert not [e for e in audit if e["action"] == "worker_out_of_rotation"]
     finally:

@@ -1,4 +1,4 @@
-"""The delivery slots of one process, shared fairly between agents (bloom/dispatch.py).
+"""The delivery slots of one process, shared fairly between agents (bloom/agents/dispatch.py).
 
 Every delivery holds a slot (a thread waiting for its agent's answer) from its grant until
 the agent answers, which a real agent does only when its run ends. An agent's own

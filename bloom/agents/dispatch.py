@@ -7,7 +7,7 @@ request thread and no database connection waits for a run. The route waits only
 until the agent has taken the request or refused it.
 
 - Refused (unreachable, 5xx, 503 without Claude CLI): the task goes back to the queue
-  without spending an attempt, and the worker leaves the rotation (workers/liveness.py).
+  without spending an attempt, and the worker leaves the rotation (agents/liveness.py).
 - Taken: the agent heartbeats and completes through the API itself. If its answer
   reports an outcome and its completion never arrived, the task is completed from the
   answer, fenced by the lease (once: a second completion is refused by complete_task).
@@ -65,7 +65,7 @@ CANDIDATES_PER_ROUND = 32
 RESULT_HOLD_S = 300.0
 # Deliveries (each a thread waiting for its agent's answer) in flight in this process:
 # up to MAX_IN_FLIGHT for whoever comes, then fair shares between agents up to
-# DELIVERY_HARD_LIMIT (bloom/delivery_slots.py).
+# DELIVERY_HARD_LIMIT (bloom/agents/delivery_slots.py).
 MAX_IN_FLIGHT = 256
 DELIVERY_HARD_LIMIT = 320
 

@@ -1,4 +1,4 @@
-"""Operations on a worker's agent: health, update, restart, uninstall (workers/agent_ops.py)."""
+"""Operations on a worker's agent: health, update, restart, uninstall (agents/operations.py)."""
 from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify

@@ -39,7 +39,7 @@ SELECT gen_random_uuid()::text, d.id, d.worker_id, NULL, 'error', NULL, d.reason
 -- A dispatch (:push_only) considers only workers with a url, and without :ttl_seconds
 -- its lease lasts the task's policy.timeout_sec + 60 s, so a slow live run is not swept.
 -- It also leaves out :full_addresses, the agents holding their fair share of the
--- dispatching process's delivery slots (bloom/delivery_slots.py; empty for a lease).
+-- dispatching process's delivery slots (bloom/agents/delivery_slots.py; empty for a lease).
 SELECT set_config('bloom.lease_picked_worker', COALESCE(picked.id, ''), true)
   FROM (SELECT CAST(:task_id AS text) AS id) wanted
   LEFT JOIN llm_tasks t ON t.id = wanted.id
@@ -118,17 +118,16 @@ SELECT (SELECT row_to_json(lease) FROM lease) AS lease,
        (SELECT own_active_leases FROM capacity) + (SELECT count(*) FROM lease) AS active_leases;
 
 -- name: claim_task (prepared)
--- A whole claim of up to :max_tasks tasks in one round trip: two statements in one query,
+-- A whole claim of up to :max_tasks tasks in one round trip: three statements in one query,
 -- which PostgreSQL runs as one transaction, each in its own snapshot. Statement 1 locks
 -- the worker row, so that concurrent claims of one worker count its leases one after the
--- other; statement 2 runs in a new snapshot with the row locked, so its capacity count is
--- exact, and it takes no more tasks than the worker has room for. A claim by an online
+-- other; statement 2 locks the worker's agent address (as in lease_task: every name of
+-- one agent shares its capacity); statement 3 runs in a new snapshot with both locked, so
+-- its capacity count is exact, and it takes no more tasks than the address has room for. A claim by an online
 -- worker is a sign of life: it notes the worker's heartbeat. SKIP LOCKED: claimers never
 -- wait on each other's tasks, nor get the same one. The i-th task taken (in queue order)
 -- gets the i-th of :lease_ids and :audit_ids. The transaction commits as soon as
 -- statement 3 is done. Statement 3 also says why nothing was claimed, if nothing was.
--- As in lease_task, statement 2 locks the worker's agent address, and the capacity is
--- that of the address: every name of one agent shares it.
 SELECT id FROM workers WHERE id = :worker_id FOR UPDATE;
 SELECT pg_advisory_xact_lock(hashtext('bloom-runtime:agent:' || address)) FROM workers WHERE id = :worker_id;
 WITH worker AS (

@@ -67,7 +67,7 @@ class LeaseService:
         one); returns {lease, worker, task, address}. With push_only (a dispatch) only
         workers with a url qualify, and without ttl_seconds the lease lasts
         policy.timeout_sec + 60 s; agents at full_addresses get nothing (they hold their
-        share of the dispatching process's delivery slots: bloom/delivery_slots.py)."""
+        share of the dispatching process's delivery slots: bloom/agents/delivery_slots.py)."""
         for _ in range(LEASE_PICK_ATTEMPTS):
             try:
                 outcome = self._grant(ttl_seconds, task_id=task_id, worker_id=worker_id, push_only=push_only,

@@ -1,4 +1,4 @@
--- Runtime settings: the Membridge config, the connection test, the shared upstream status (bloom/membridge_settings.py).
+-- Runtime settings: the Membridge config, the connection test, the shared upstream status (bloom/membridge/settings.py).
 -- Conventions: bloom/sql.py.
 
 -- name: get_settings

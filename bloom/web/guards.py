@@ -234,7 +234,7 @@ def caller_is_operator() -> bool:
 
 
 def install_api_key_check(app: Flask, config: Settings) -> None:
-    """Call after init_limiter (bloom/rate_limits.py): a request with a wrong key still
+    """Call after init_limiter (bloom/web/rate_limits.py): a request with a wrong key still
     counts against its client's limit, so a key cannot be guessed at line speed.
 
     One key (RUNTIME_API_KEY) opens everything, as the Express service did. With

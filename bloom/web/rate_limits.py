@@ -119,7 +119,7 @@ def within_failed_auth_limit() -> bool:
 
 def _limit_storage_uri(configured: str) -> str:
     """memory:// is this host's shared memory under gunicorn, else this process's memory
-    (bloom/rate_limit_store.py, no timer threads); any other URI (redis://...) goes to
+    (bloom/web/rate_limit_store.py, no timer threads); any other URI (redis://...) goes to
     the `limits` library as it is."""
     return f"{memory_scheme()}://" if configured == "memory://" else configured
 
