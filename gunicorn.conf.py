@@ -43,7 +43,7 @@ def on_starting(server):
     """Set up the host's rate-limit counters, and without DATABASE_URL start the
     embedded PostgreSQL once, in the master.
 
-    The workers inherit its URL; the master stops the server when it exits. A setting
+    The processes inherit its URL; the master stops the server when it exits. A setting
     the service cannot use stops the start here, with one clear line.
     """
     # Before anything imports prometheus_client: its multiprocess mode, with a fresh
@@ -66,7 +66,7 @@ def on_starting(server):
 
     from bloom.web.rate_limit_store import share_counters_across_workers
 
-    # Before any fork: every worker inherits one table, so `memory://` limits hold per
+    # Before any fork: every process inherits one table, so `memory://` limits hold per
     # client across all workers of this host.
     share_counters_across_workers()
     if not os.environ.get("DATABASE_URL", "").strip():

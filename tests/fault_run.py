@@ -86,7 +86,7 @@ class Outcome:
         return found
 
     def summary(self) -> str:
-        return (f"{self.acknowledged} acknowledged tasks in {self.seconds:.0f} s, {self.worker_kills} worker SIGKILLs, "
+        return (f"{self.acknowledged} acknowledged tasks in {self.seconds:.0f} s, {self.worker_kills} process SIGKILLs, "
                 f"{self.database_stops} immediate PostgreSQL stops, drained {self.drain_seconds:.0f} s later; ran twice one after the other: {len(self.ran_twice)}; "
                 + ("; ".join(self.failures()) or "every acknowledged task stored once and completed once, "
                    "no overlapping runs, no agent over capacity"))
@@ -285,7 +285,7 @@ def main() -> int:
     parser.add_argument("--pull-workers", type=int, default=2)
     parser.add_argument("--producers", type=int, default=4)
     parser.add_argument("--tasks-per-s", type=float, default=80.0, help="creation rate, about what the fleet runs")
-    parser.add_argument("--kill-every", type=float, default=10.0, help="seconds between worker SIGKILLs")
+    parser.add_argument("--kill-every", type=float, default=10.0, help="seconds between SIGKILLs of a gunicorn process")
     parser.add_argument("--database-stops", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()

@@ -231,7 +231,7 @@ def test_max_tasks_is_bounded_and_a_refusal_changes_nothing(client):
 
 
 def test_batch_claims_from_many_workers_at_once_grant_each_task_once_within_capacity(server):
-    """Real gunicorn workers and PostgreSQL: 8 workers, 2 threads each, claiming up to 8
+    """Real gunicorn processes and PostgreSQL: 8 processes, 2 threads each, claiming up to 8
     tasks at a time with capacity 6, until 200 tasks are done."""
     slug = f"batch-{uuid.uuid4().hex[:6]}"
     workers = [f"{slug}-w{i}" for i in range(8)]

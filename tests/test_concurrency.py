@@ -1,5 +1,5 @@
 """The old service's races, fixed, under real concurrency: many threads against gunicorn with
-several worker processes and one PostgreSQL."""
+several processes and one PostgreSQL."""
 from __future__ import annotations
 
 import threading

@@ -1,4 +1,4 @@
-"""A short fault run (tests/fault_run.py): gunicorn workers SIGKILLed every few seconds and
+"""A short fault run (tests/fault_run.py): gunicorn processes SIGKILLed every few seconds and
 PostgreSQL stopped at once and started again, while clients create tasks and a fleet of
 push agents and pull workers runs them. The long run and its figures: docs/FAULTS.md."""
 from __future__ import annotations

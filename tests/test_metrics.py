@@ -1,5 +1,5 @@
 """GET /metrics against gunicorn with several workers: the counts add up to what a
-client did, whichever worker served it, and survive a worker being killed."""
+client did, whichever process served it, and survive a process being killed."""
 from __future__ import annotations
 
 import os

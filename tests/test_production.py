@@ -1,5 +1,5 @@
 """Production concerns on a real gunicorn: shared rate limits in Redis, proxies, https,
-readiness across a PostgreSQL restart, a worker killed mid-load, request ids."""
+readiness across a PostgreSQL restart, a gunicorn process killed mid-load, request ids."""
 from __future__ import annotations
 
 import os
@@ -202,7 +202,7 @@ def test_a_worker_killed_mid_load_loses_no_committed_task_and_is_replaced(databa
 
     try:
         master = psutil.Process(served.process.pid)
-        # The first worker may serve before the master has forked the others.
+        # The first process may serve before the master has forked the others.
         before = wait_until(lambda: (pids := {c.pid for c in master.children()}) and len(pids) == 3 and pids,
                             timeout=20, what="three workers")
         clients = [threading.Thread(target=load) for _ in range(6)]
@@ -217,7 +217,7 @@ def test_a_worker_killed_mid_load_loses_no_committed_task_and_is_replaced(databa
             thread.join(timeout=30)
         after = wait_until(
             lambda: (pids := {c.pid for c in master.children()}) and len(pids) == 3 and victim not in pids and pids,
-            timeout=20, what="the master to replace the killed worker",
+            timeout=20, what="the master to replace the killed process",
         )
         assert len(after - before) == 1
         assert len(acknowledged) > 50

@@ -115,7 +115,7 @@ def test_a_worker_killed_holding_a_stripe_lock_does_not_wedge_it():
     key = "198.51.100.7/limit"
     group = counters._group(key)[1]
     child = os.fork()
-    if child == 0:  # takes the lock and dies holding it, as a SIGKILLed worker would
+    if child == 0:  # takes the lock and dies holding it, as a SIGKILLed gunicorn process would
         counters._locked(group)
         os._exit(0)
     os.waitpid(child, 0)

@@ -1,7 +1,7 @@
 """The Membridge settings operators change at run time, kept in `runtime_settings`.
 
 Stored values override the environment's defaults. Every process reads them through
-a short cache, so a change made through any gunicorn worker or host is seen by all
+a short cache, so a change made through any gunicorn process or host is seen by all
 within CACHE_SECONDS. The admin key leaves this module only masked, or in the header
 the Membridge client sends upstream.
 """

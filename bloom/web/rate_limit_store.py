@@ -10,7 +10,7 @@ expired key at most once a second, inline: no threads, and memory bounded by the
 addresses seen in the last window.
 
 Under gunicorn, `memory://` means this host instead (HostSharedStorage below): the
-master sets up a small shared-memory table before it forks the workers, so a client's
+master sets up a small shared-memory table before it forks its processes, so a client's
 limit holds whichever worker serves it, without a network round trip. Set
 RATELIMIT_STORAGE_URI to a Redis URI for limits that hold across hosts.
 """
@@ -115,7 +115,7 @@ class SharedCountersBusy(Exception):
 
 class _StripeLock:
     """One of the table's process-shared locks, with its holder's pid beside it in shared
-    memory: a worker killed while holding it (SIGKILL, OOM) must not wedge its stripe, so
+    memory: a process killed while holding it (SIGKILL, OOM) must not wedge its stripe, so
     a waiter that times out and finds the holder gone releases the lock for it."""
 
     def __init__(self, lock, holders: mmap.mmap, index: int) -> None:
@@ -153,7 +153,7 @@ def _alive(pid: int) -> bool:
 
 
 class HostCounters:
-    """Fixed-window counters in anonymous shared memory, inherited by forked workers.
+    """Fixed-window counters in anonymous shared memory, inherited by forked processes.
 
     A hash table of SLOTS slots in groups of GROUP: a key lives in the group its digest
     names. A slot holds the key's digest, its window's end and a generation, and one
