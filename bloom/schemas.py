@@ -312,13 +312,22 @@ class AgentUpdateSchema(_Body):
                            validate=validate.Regexp(r"^[A-Za-z0-9._/-]{1,255}$", error="Must be a branch name."))
 
 
+# What goes into the install script, and from there into files a shell reads on the node:
+# a hostname's alphabet, and URLs of URL characters less those a shell makes anything of
+# inside or around quotes (` $ ' " \\ and the like are refused, not escaped).
+_HOSTNAME = validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+                            error="A hostname: letters, digits, '.', '_' and '-', at most 128.")
+_SCRIPT_SAFE_URL = validate.Regexp(r"^[A-Za-z0-9._~:/?#\[\]@!&+,;=%-]+$",
+                                   error="Only URL characters, without ` $ ' \" \\ ( ) * or spaces.")
+
 InstallScriptQuery = Schema.from_dict({
-    "server_url": fields.String(load_default=None, validate=[validate.Length(max=URL_MAX), _http_url], metadata={
+    "server_url": fields.String(load_default=None, validate=[validate.Length(max=URL_MAX), _http_url,
+                                                             _SCRIPT_SAFE_URL], metadata={
         "description": "the runtime's address as the node reaches it; default BLOOM_PUBLIC_URL"}),
-    "node_id": fields.String(load_default=None, validate=[validate.Length(min=1, max=128), _no_control_characters],
+    "node_id": fields.String(load_default=None, validate=_HOSTNAME,
                              metadata={"description": "default: the node's hostname"}),
     "port": fields.Integer(load_default=bounds.DEFAULT_AGENT_PORT, validate=validate.Range(1, 65535)),
-    "repo_url": fields.String(load_default=None, validate=_repository_url),
+    "repo_url": fields.String(load_default=None, validate=[_repository_url, _SCRIPT_SAFE_URL]),
 }, name="InstallScriptQuery")
 
 

@@ -4,8 +4,14 @@ A bash script that installs the Membridge agent on a Linux node: clone its repos
 a virtualenv with its requirements, an env file, a systemd unit or OpenRC service
 (whichever the node has), started. It holds no secret: the agent key and the runtime key
 come from the environment of the shell that runs it, and it stops with a clear message
-without them. Every value from the query is quoted (shlex.quote) so that none can run as
-shell code; the node id defaults to the node's hostname, evaluated on the node.
+without them.
+
+No value becomes shell code, on any path: the query's values are checked by their
+alphabet (bloom/schemas.py: a node id is a hostname, a URL holds only URL characters
+and none of ` $ ' " \), quoted (shlex.quote) into the script, and quoted again for every
+file a shell or systemd reads on the node: agent.env (sourced by the OpenRC service,
+read by systemd) and the OpenRC service's start script. The node id defaults to the
+node's hostname, evaluated and checked on the node.
 """
 from __future__ import annotations
 
@@ -32,12 +38,27 @@ NODE_ID=__NODE_ID__
 if [ -z "$NODE_ID" ]; then
   NODE_ID="$(hostname)"
 fi
+case "$NODE_ID" in
+  '' | *[!A-Za-z0-9._-]*)
+    echo "The node id may hold only letters, digits, '.', '_' and '-' (give node_id= in the script's URL)." >&2
+    exit 1 ;;
+esac
 MEMBRIDGE_DIR="${MEMBRIDGE_DIR:-$HOME/membridge}"
 
 if [ -z "${MEMBRIDGE_AGENT_KEY:-}" ] || [ -z "${RUNTIME_API_KEY:-}" ]; then
   echo "Set MEMBRIDGE_AGENT_KEY and RUNTIME_API_KEY (ask the operator of $RUNTIME_URL) in this shell's environment, then run this script again." >&2
   exit 1
 fi
+# Values go into files that sh sources or systemd reads, in single quotes (both take
+# 'text' as it is): one holding a quote, a backslash or a line break is refused here.
+for name in CONTROL_PLANE_URL RUNTIME_URL NODE_ID AGENT_PORT MEMBRIDGE_DIR MEMBRIDGE_AGENT_KEY RUNTIME_API_KEY; do
+  case "${!name}" in
+    *"'"* | *\\* | *$'\n'* | *$'\r'*)
+      echo "$name may not hold a quote, a backslash or a line break." >&2
+      exit 1 ;;
+  esac
+done
+quoted() { printf "'%s'" "$1"; }
 for tool in git python3; do
   if ! command -v "$tool" >/dev/null 2>&1; then
     echo "$tool is needed to install the agent." >&2
@@ -58,16 +79,19 @@ fi
 "$MEMBRIDGE_DIR/.venv/bin/pip" install --quiet -r "$requirements"
 
 env_file="$MEMBRIDGE_DIR/agent.env"
+env_lines="$(
+  printf 'MEMBRIDGE_SERVER_URL=%s\n' "$(quoted "$CONTROL_PLANE_URL")"
+  printf 'BLOOM_RUNTIME_URL=%s\n' "$(quoted "$RUNTIME_URL")"
+  printf 'MEMBRIDGE_NODE_ID=%s\n' "$(quoted "$NODE_ID")"
+  printf 'MEMBRIDGE_AGENT_PORT=%s\n' "$(quoted "$AGENT_PORT")"
+  printf 'MEMBRIDGE_AGENT_KEY=%s\n' "$(quoted "$MEMBRIDGE_AGENT_KEY")"
+  printf 'RUNTIME_API_KEY=%s\n' "$(quoted "$RUNTIME_API_KEY")"
+  # The agent refuses update, restart and uninstall from its control plane without it.
+  printf 'MEMBRIDGE_ALLOW_PROCESS_CONTROL=1\n'
+)"
 (
   umask 077
-  {
-    printf 'MEMBRIDGE_SERVER_URL=%s\n' "$CONTROL_PLANE_URL"
-    printf 'BLOOM_RUNTIME_URL=%s\n' "$RUNTIME_URL"
-    printf 'MEMBRIDGE_NODE_ID=%s\n' "$NODE_ID"
-    printf 'MEMBRIDGE_AGENT_PORT=%s\n' "$AGENT_PORT"
-    printf 'MEMBRIDGE_AGENT_KEY=%s\n' "$MEMBRIDGE_AGENT_KEY"
-    printf 'RUNTIME_API_KEY=%s\n' "$RUNTIME_API_KEY"
-  } > "$env_file"
+  printf '%s\n' "$env_lines" > "$env_file"
 )
 start="$MEMBRIDGE_DIR/.venv/bin/python -m uvicorn agent.main:app --host 0.0.0.0 --port $AGENT_PORT"
 
@@ -102,15 +126,25 @@ UNIT
   echo "Membridge agent installed as node $NODE_ID: ${manage[*]} status membridge-agent"
 elif command -v rc-service >/dev/null 2>&1; then
   init_dir="${OPENRC_DIR:-/etc/init.d}"
-  cat > "$init_dir/membridge-agent" <<SERVICE
-#!/sbin/openrc-run
-description="Membridge agent (BLOOM Runtime node $NODE_ID)"
-command="/bin/sh"
-command_args="-c 'set -a; . $env_file; set +a; exec $start'"
-command_background=true
-directory="$MEMBRIDGE_DIR"
-pidfile="/run/membridge-agent.pid"
-SERVICE
+  # openrc-run sources the service file, and the start script sources agent.env: every
+  # value in them is quoted.
+  start_script="$MEMBRIDGE_DIR/start-agent.sh"
+  start_lines="$(
+    printf '#!/bin/sh\nset -a\n. %s\nset +a\n' "$(quoted "$env_file")"
+    printf 'exec %s -m uvicorn agent.main:app --host 0.0.0.0 --port %s\n' \
+      "$(quoted "$MEMBRIDGE_DIR/.venv/bin/python")" "$(quoted "$AGENT_PORT")"
+  )"
+  service_lines="$(
+    printf '#!/sbin/openrc-run\n'
+    printf 'description=%s\n' "$(quoted "Membridge agent (BLOOM Runtime node $NODE_ID)")"
+    printf 'command=%s\n' "$(quoted "$start_script")"
+    printf 'command_background=true\n'
+    printf 'directory=%s\n' "$(quoted "$MEMBRIDGE_DIR")"
+    printf 'pidfile=/run/membridge-agent.pid\n'
+  )"
+  printf '%s\n' "$start_lines" > "$start_script"
+  chmod 755 "$start_script"
+  printf '%s\n' "$service_lines" > "$init_dir/membridge-agent"
   chmod 755 "$init_dir/membridge-agent"
   rc-update add membridge-agent default
   rc-service membridge-agent start
