@@ -6,9 +6,11 @@ did, so existing clients that send extra fields keep working.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import numbers
 import re
+import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -304,6 +306,21 @@ def _repository_url(value: str) -> None:
     if not (value.startswith(("http://", "https://", "git@")) and len(value) <= 1024) or any(
             c.isspace() for c in value):
         raise ValidationError("Must be an http(s):// or git@ repository URL of at most 1024 characters.")
+    host = urlsplit(value).hostname if value.startswith("http") else value[4:].partition(":")[0].partition("/")[0]
+    if host and _is_link_local(host):
+        raise ValidationError("Must not point at a link-local address (where cloud metadata services answer).")
+
+
+def _is_link_local(host: str) -> bool:
+    """169.254.0.0/16 and fe80::/10, in any spelling a resolver takes (2852039166, 0xa9fea9fe, 169.254.43518)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_link_local
+    except ValueError:
+        pass
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host)).is_link_local
+    except OSError:
+        return False
 
 
 class AgentUpdateSchema(_Body):
@@ -336,13 +353,25 @@ def _no_dot_dot(value: str) -> None:
         raise ValidationError("Must not hold '..'.")
 
 
+def _not_only_dots(value: str) -> None:
+    if not value.strip(". "):
+        raise ValidationError("Must hold a letter or digit ('.' and '..' name directories).")
+
+
+def _in_the_agents_home(value: str) -> None:
+    """Relative, or under the agent's own home (~/…, as the web client sends it): never an
+    absolute path, nor another user's home (~user/…)."""
+    if value.startswith("/") or (value.startswith("~") and not value.startswith("~/")):
+        raise ValidationError("Must be relative or under the agent's home (~/…): not /… nor ~user/….")
+
+
 class CreateProjectSchema(_Body):
-    name = fields.String(required=True, validate=validate.Regexp(
-        r"^[A-Za-z0-9_.\- ]{1,256}$", error="1 to 256 letters, digits, '_', '-', '.' or spaces."))
+    name = fields.String(required=True, validate=[validate.Regexp(
+        r"^[A-Za-z0-9_.\- ]{1,256}$", error="1 to 256 letters, digits, '_', '-', '.' or spaces."), _not_only_dots])
     repo_url = fields.String(required=True, validate=_repository_url)
     target_path = fields.String(load_default=None, allow_none=True, validate=[
         validate.Regexp(r"^[A-Za-z0-9_.\-/~]{1,512}$", error="1 to 512 letters, digits, '_', '-', '.', '/' or '~'."),
-        _no_dot_dot])
+        _no_dot_dot, _in_the_agents_home])
     primary_node_id = fields.String(load_default=None, allow_none=True,
                                     validate=[validate.Length(min=1, max=128), _no_control_characters])
 

@@ -65,7 +65,16 @@ def test_bad_projects_and_clones_are_refused_before_any_agent_is_called(client, 
     for bad in ({"name": "a/b", "repo_url": "https://x.org/r.git"},
                 {"name": "ok", "repo_url": "file:///etc/passwd"},
                 {"name": "ok", "repo_url": "https://x.org/r.git", "target_path": "../../etc"},
-                {"name": "", "repo_url": "https://x.org/r.git"}):
+                {"name": "", "repo_url": "https://x.org/r.git"},
+                # A name that names a directory, an absolute path or another user's home, and
+                # the cloud metadata address in any spelling a resolver takes:
+                {"name": "..", "repo_url": "https://x.org/r.git"},
+                {"name": "ok", "repo_url": "https://x.org/r.git", "target_path": "/etc/cron.d"},
+                {"name": "ok", "repo_url": "https://x.org/r.git", "target_path": "~root/.ssh"},
+                {"name": "ok", "repo_url": "http://169.254.169.254/latest/meta-data"},
+                {"name": "ok", "repo_url": "http://2852039166/latest/meta-data"},
+                {"name": "ok", "repo_url": "git@169.254.169.254:r.git"},
+                {"name": "ok", "repo_url": "http://[fe80::a9fe:a9fe]/r.git"}):
         assert client.post("/api/runtime/projects", json=bad).status_code == 400, bad
     spaced = client.post("/api/runtime/projects", json={"name": "My Notes", "repo_url": "git@x.org:r.git"}).get_json()
     no_node = client.post(f"/api/runtime/projects/{spaced['id']}/clone", json={})

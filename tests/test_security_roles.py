@@ -146,3 +146,22 @@ def test_the_workers_key_opens_exactly_the_routes_marked_for_workers(split_app):
     client = split_app.test_client()
     assert client.get("/api/runtime/llm-tasks", headers=AS_WORKER).status_code == 403
     assert client.delete("/api/runtime/workers/w1", headers=AS_WORKER).status_code == 403
+
+
+def test_with_only_an_operator_key_every_route_needs_it(database_url):
+    """Only BLOOM_OPERATOR_KEY set: the workers' routes were open to anyone (a registration
+    with a url, then pushes to it); now nothing but the health routes opens without it."""
+    app = create_app(make_settings(database_url, BLOOM_OPERATOR_KEY=OPERATOR_KEY))
+    client = app.test_client()
+    try:
+        agent = {"name": "agent-1", "url": "http://127.0.0.1:8001"}
+        for method, path, body in [("post", "/api/runtime/workers", agent), ("post", "/api/runtime/workers/x/claim", {}),
+                                   ("post", "/api/runtime/workers/x/heartbeat", {}),
+                                   ("post", "/api/runtime/llm-tasks/t/complete", DONE),
+                                   ("post", "/api/runtime/llm-tasks/t/heartbeat", {})]:
+            for headers in ({}, AS_WORKER):
+                assert getattr(client, method)(path, json=body, headers=headers).status_code == 401, (path, headers)
+        assert client.post("/api/runtime/workers", json=agent, headers=AS_OPERATOR).status_code == 201
+        assert client.get("/api/runtime/health").status_code == 200
+    finally:
+        services(app).database.dispose()

@@ -256,9 +256,7 @@ def install_api_key_check(app: Flask, config: Settings) -> None:
             g.caller_role = OPERATOR
         elif worker_key and hmac.compare_digest(given, worker_key.encode()):
             g.caller_role = WORKER if operator_key else OPERATOR
-        elif not worker_key and _is_worker_route():
-            g.caller_role = WORKER  # only an operator key is set: the workers' routes are open
-        else:
+        else:  # with only an operator key set, it opens every route, the workers' too
             log.warning("unauthorized request from %s: %s %s (%s)", request.remote_addr, request.method,
                         printable(request.path), "no key" if not given else "wrong key")
             return jsonify(error_body("Unauthorized")), 401
