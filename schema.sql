@@ -113,6 +113,10 @@ CREATE INDEX IF NOT EXISTS workers_address_idx ON workers (address);
 -- A lease granted by a dispatch (delivered to an agent), not by lease or claim: a second
 -- dispatch of the task answers with this delivery.
 ALTER TABLE leases ADD COLUMN IF NOT EXISTS dispatched boolean NOT NULL DEFAULT false;
+-- A lease whose id its holder was given to fence with (a dispatch's delivery URL carries
+-- it; a claim's answer gives it to the pull client, which sends it back): a heartbeat or
+-- completion that does not name it cannot touch it, whoever sends it.
+ALTER TABLE leases ADD COLUMN IF NOT EXISTS fenced boolean NOT NULL DEFAULT false;
 -- Workers removed by an operator: the worker sync does not bring them back while
 -- Membridge still lists them; the worker's own registration does.
 CREATE TABLE IF NOT EXISTS removed_workers (

@@ -165,3 +165,71 @@ def test_with_only_an_operator_key_every_route_needs_it(database_url):
         assert client.get("/api/runtime/health").status_code == 200
     finally:
         services(app).database.dispose()
+
+
+def test_a_lease_given_out_with_its_id_is_touched_only_by_callers_that_name_it(split_app):
+    """A claimed lease (the pull client has its id) and a dispatched one (the delivery URL
+    carries it): a heartbeat or completion that does not name it changes nothing, whoever
+    sends it; the holder's, naming it, works. (Before: the workers' key completed a task
+    out on a fenced delivery with its own output.)"""
+    client = split_app.test_client()
+    leases = services(split_app).leases
+    assert client.post("/api/runtime/workers", json={"name": "puller"}, headers=AS_WORKER).status_code == 201
+    agent = {"name": "pushed", "url": "http://127.0.0.1:9", "capabilities": {"max_concurrency": 2}}
+    assert client.post("/api/runtime/workers", json=agent, headers=AS_OPERATOR).status_code == 201
+    claimed_task = client.post("/api/runtime/llm-tasks", json=TASK, headers=AS_OPERATOR).get_json()
+    claim = client.post("/api/runtime/workers/puller/claim", json={}, headers=AS_WORKER).get_json()
+    assert claim["task"]["id"] == claimed_task["id"]
+    pushed_task = client.post("/api/runtime/llm-tasks", json=TASK, headers=AS_OPERATOR).get_json()
+    delivery = leases.grant_lease(pushed_task["id"], worker_id="pushed", ttl_seconds=None, push_only=True)
+    for task_id, lease_id in [(claimed_task["id"], claim["lease"]["id"]), (pushed_task["id"], delivery["lease"]["id"])]:
+        for headers in (AS_WORKER, AS_OPERATOR):
+            stolen = client.post(f"/api/runtime/llm-tasks/{task_id}/complete", json={**DONE, "output": "STOLEN"},
+                                 headers=headers)
+            assert stolen.status_code == 409 and "lease_id" in stolen.get_json()["error"]
+            beat = client.post(f"/api/runtime/llm-tasks/{task_id}/heartbeat", json={}, headers=headers)
+            assert beat.status_code == 409
+        assert client.get(f"/api/runtime/llm-tasks/{task_id}", headers=AS_OPERATOR).get_json()["status"] == "leased"
+        fence = {"lease_id": lease_id}
+        assert client.post(f"/api/runtime/llm-tasks/{task_id}/heartbeat", json=fence, headers=AS_WORKER).status_code == 200
+        done = client.post(f"/api/runtime/llm-tasks/{task_id}/complete", json={**DONE, **fence}, headers=AS_WORKER)
+        assert done.status_code == 200 and done.get_json()["task"]["status"] == "completed"
+    # A lease taken through the lease route (the Express API's) keeps its optional fencing.
+    plain = client.post("/api/runtime/llm-tasks", json=TASK, headers=AS_OPERATOR).get_json()
+    assert client.post(f"/api/runtime/llm-tasks/{plain['id']}/lease", json={"worker_id": "puller"},
+                       headers=AS_OPERATOR).status_code == 201
+    assert client.post(f"/api/runtime/llm-tasks/{plain['id']}/complete", json=DONE, headers=AS_WORKER).status_code == 200
+
+
+def test_a_worker_heartbeat_naming_no_lease_renews_none(split_app):
+    """A dead worker's lease was kept alive for ever by anyone sending `{}` heartbeats in
+    its name; now only a heartbeat that names a lease renews it."""
+    client = split_app.test_client()
+    assert client.post("/api/runtime/workers", json={"name": "victim"}, headers=AS_WORKER).status_code == 201
+    client.post("/api/runtime/llm-tasks", json=TASK, headers=AS_OPERATOR)
+    claim = client.post("/api/runtime/workers/victim/claim", json={"ttl_seconds": 60}, headers=AS_WORKER).get_json()
+    beat = client.post("/api/runtime/workers/victim/heartbeat", json={}, headers=AS_WORKER)
+    assert beat.status_code == 200 and beat.get_json() == {"renewed": [], "lost": []}
+    named = client.post("/api/runtime/workers/victim/heartbeat", json={"lease_ids": [claim["lease"]["id"]]},
+                        headers=AS_WORKER).get_json()
+    assert [lease["lease_id"] for lease in named["renewed"]] == [claim["lease"]["id"]]
+
+
+def test_the_workers_key_cannot_change_a_push_workers_status_or_capacity(split_app):
+    client = split_app.test_client()
+    agent = {"name": "agent-1", "url": "http://127.0.0.1:8001", "capabilities": {"max_concurrency": 1}}
+    assert client.post("/api/runtime/workers", json=agent, headers=AS_OPERATOR).status_code == 201
+    again = client.post("/api/runtime/workers", headers=AS_WORKER, json={
+        "name": "agent-1", "status": "offline", "agent_version": "0.4.1",
+        "capabilities": {"max_concurrency": 32, "claude_cli": False, "labels": ["gpu"]}})
+    assert again.status_code == 200
+    worker = client.get("/api/runtime/workers/agent-1", headers=AS_OPERATOR).get_json()
+    assert worker["status"] == "online" and worker["capabilities"]["max_concurrency"] == 1
+    assert worker["capabilities"]["labels"] == []
+    # What the agent says of itself is taken: its version, and that it has no CLI.
+    assert worker["capabilities"]["claude_cli"] is False and worker["agent_version"] == "0.4.1"
+    # A pull worker's own registration (no url) still sets its status and capacity.
+    client.post("/api/runtime/workers", json={"name": "puller"}, headers=AS_WORKER)
+    again = client.post("/api/runtime/workers", headers=AS_WORKER,
+                        json={"name": "puller", "capabilities": {"max_concurrency": 4}}).get_json()
+    assert again["capabilities"]["max_concurrency"] == 4

@@ -39,7 +39,7 @@ def register_worker():
     body = load_body(RegisterWorkerSchema)
     if body["url"] is not None and services().agents.networks.literal_outside(body["url"]):
         raise ValidationFailed([], {"url": ["Must point inside BLOOM_AGENT_NETWORKS (where agents may live)."]})
-    worker, created = services().workers.register_worker(body, may_move=caller_is_operator())
+    worker, created = services().workers.register_worker(body, by_operator=caller_is_operator())
     return jsonify(worker), 201 if created else 200
 
 

@@ -92,9 +92,9 @@ WITH picked AS (
     RETURNING t.*
 ), lease AS (
     INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status,
-                        last_heartbeat, context_id, dispatched)
+                        last_heartbeat, context_id, dispatched, fenced)
     SELECT :lease_id, id, worker_id, :now, :now + ttl.seconds * 1000, ttl.seconds, 'active',
-           :now, context_id, :push_only
+           :now, context_id, :push_only, :push_only
       FROM task
      CROSS JOIN LATERAL (
            SELECT COALESCE(:ttl_seconds, COALESCE((task.policy ->> 'timeout_sec')::int, :default_timeout_sec) + 60) AS seconds
@@ -170,9 +170,9 @@ WITH worker AS (
     RETURNING t.*, n.n AS position
 ), lease AS (
     INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status,
-                        last_heartbeat, context_id)
+                        last_heartbeat, context_id, fenced)
     SELECT lease_id, id, :worker_id, :now, :now + :ttl_seconds * 1000, :ttl_seconds, 'active',
-           :now, context_id
+           :now, context_id, true
       FROM task
     RETURNING *
 ), audit AS (
@@ -234,10 +234,11 @@ UPDATE workers w
 -- name: heartbeat_lease (prepared)
 -- Renews the task's current lease if it is active and not past expires_at, and marks
 -- the task running. The lease row is locked before the task row (as in complete and
--- the sweep), and a lease released by a racing completion is not renewed.
+-- the sweep), and a lease released by a racing completion is not renewed. A fenced
+-- lease (a dispatch's or a claim's) is renewed only by a heartbeat that names it.
 WITH current AS (
     SELECT t.id AS task_id, t.status AS task_status, t.lease_id, t.worker_id,
-           l.status AS lease_status, l.expires_at
+           l.status AS lease_status, l.expires_at, COALESCE(l.fenced, false) AS fenced
       FROM llm_tasks t LEFT JOIN leases l ON l.id = t.lease_id
      WHERE t.id = :task_id
 ), renewed AS (
@@ -247,7 +248,7 @@ WITH current AS (
      WHERE l.id = c.lease_id AND l.task_id = c.task_id
        AND c.task_status IN ('leased', 'running')
        AND l.status = 'active' AND l.expires_at >= :now
-       AND (CAST(:lease_id AS text) IS NULL OR l.id = :lease_id)
+       AND ((CAST(:lease_id AS text) IS NULL AND NOT l.fenced) OR l.id = :lease_id)
        AND (CAST(:worker_id AS text) IS NULL OR l.worker_id = :worker_id)
     RETURNING l.*
 ), task AS (
@@ -268,9 +269,11 @@ SELECT c.*, (SELECT row_to_json(renewed) FROM renewed) AS lease
 
 -- name: heartbeat_worker (prepared)
 -- One heartbeat for all of a worker's runs: renews the active leases of the worker that
--- it names (:lease_ids; every one when it names none, null) and that are not past
--- expires_at, marks their leased tasks running, and says which of the named leases it has
--- lost, and why. A lease the worker does not name is not renewed: one granted by a claim
+-- it names (:lease_ids; none when it names none) and that are not past expires_at,
+-- marks their leased tasks running, and says which of the named leases it has lost, and
+-- why. A lease the worker does not name is not renewed: a heartbeat naming no lease is a
+-- sign of life and nothing more (one sent for a dead worker keeps nothing alive), and one
+-- granted by a claim
 -- whose answer never reached the worker (its connection cut, the serving process killed)
 -- runs out at its TTL and its task goes back to the queue, instead of being kept alive
 -- for ever by a worker that does not know it holds it. Lock order as everywhere: leases,
@@ -281,7 +284,7 @@ WITH renewed AS (
        SET expires_at = :now + l.ttl_seconds * 1000, last_heartbeat = :now
       FROM llm_tasks t
      WHERE l.worker_id = :worker_id AND l.status = 'active' AND l.expires_at >= :now
-       AND (:lease_ids IS NULL OR l.id = ANY(:lease_ids))
+       AND l.id = ANY(:lease_ids)
        AND t.id = l.task_id AND t.lease_id = l.id AND t.status IN ('leased', 'running')
     RETURNING l.id, l.task_id, l.expires_at
 ), running AS (
@@ -324,9 +327,11 @@ SELECT t.status AS task_status, t.desired_format,
 -- entry in one statement: all of it happens, or none. A failed run (an error, or a
 -- "success" whose output is not JSON for a task that asked for JSON) goes back to the
 -- queue while it has attempts left, not before retry_at: 10 s × 2^(attempts - 1), ±25 %,
--- at most 1 h. Its result is kept all the same.
+-- at most 1 h. Its result is kept all the same. A fenced lease (a dispatch's or a
+-- claim's) is released only by a completion that names it.
 WITH current AS (
-    SELECT t.id AS task_id, t.status AS task_status, t.lease_id, t.worker_id
+    SELECT t.id AS task_id, t.status AS task_status, t.lease_id, t.worker_id,
+           COALESCE((SELECT l.fenced FROM leases l WHERE l.id = t.lease_id), false) AS fenced
       FROM llm_tasks t
      WHERE t.id = :task_id
 ), released AS (
@@ -335,7 +340,7 @@ WITH current AS (
       FROM current c
      WHERE l.id = c.lease_id AND l.task_id = c.task_id
        AND c.task_status IN ('leased', 'running') AND l.status = 'active'
-       AND (CAST(:lease_id AS text) IS NULL OR l.id = :lease_id)
+       AND ((CAST(:lease_id AS text) IS NULL AND NOT l.fenced) OR l.id = :lease_id)
        AND (CAST(:worker_id AS text) IS NULL OR l.worker_id = :worker_id)
     RETURNING l.id, l.task_id, l.worker_id
 ), verdict AS (

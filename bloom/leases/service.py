@@ -213,9 +213,9 @@ class LeaseService:
         raise NotFound("Lease not found or already expired")
 
     def heartbeat_worker(self, worker_id: str, *, lease_ids: list[str] | None) -> dict[str, Any]:
-        """Renew the named active leases of the worker (all of them when lease_ids is
-        None) in one statement; say which of the named leases it has lost (expired,
-        released by a completion or a cancel, failed, unknown)."""
+        """Renew the named active leases of the worker (none when lease_ids is None: a
+        sign of life only) in one statement; say which of the named leases it has lost
+        (expired, released by a completion or a cancel, failed, unknown)."""
         with self.db.autocommit() as tx:
             row = tx.one("heartbeat_worker", worker_id=worker_id, lease_ids=lease_ids, now=now_ms())
         if not row["known"]:
@@ -224,6 +224,8 @@ class LeaseService:
 
     @staticmethod
     def _check_fencing(row: dict[str, Any], lease_id: str | None, worker_id: str | None) -> None:
+        if lease_id is None and row["fenced"]:
+            raise Conflict("The task's lease was given out with its id: send lease_id")
         if lease_id is not None and lease_id != row["lease_id"]:
             raise Conflict(f"Lease '{lease_id}' is not the task's current lease")
         if worker_id is not None and worker_id != row["worker_id"]:

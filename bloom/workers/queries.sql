@@ -23,6 +23,11 @@ SELECT * FROM leases
 -- A re-registration keeps registered_at, obs_count and db_sha, and the url,
 -- capabilities, ip_addrs and agent details it already had when the request leaves them
 -- out. Registering is the worker's own sign of life (evidence_at).
+-- Not by an operator (:by_operator false: the workers' key), a re-registration of a push
+-- worker (one with a url) changes only what an agent says of itself: its version, OS,
+-- addresses and whether it has the Claude CLI. Its status and capacity stay as the
+-- operator, Membridge and the runtime's own probes made them, so one agent's key cannot
+-- overbook, or take out of rotation, another agent.
 WITH upserted AS (
     INSERT INTO workers (id, node_id, url, status, capabilities, last_heartbeat, ip_addrs,
                          obs_count, db_sha, registered_at, agent_version, os_info, install_method,
@@ -33,17 +38,22 @@ WITH upserted AS (
             :agent_version, CAST(:os_info AS jsonb), :install_method, :now)
     ON CONFLICT (id) DO UPDATE
        SET url = COALESCE(EXCLUDED.url, workers.url),
-           status = EXCLUDED.status,
-           capabilities = COALESCE(CAST(:capabilities AS jsonb), workers.capabilities),
+           status = CASE WHEN CAST(:by_operator AS boolean) OR workers.url IS NULL
+                         THEN EXCLUDED.status ELSE workers.status END,
+           capabilities = CASE WHEN CAST(:by_operator AS boolean) OR workers.url IS NULL
+                               THEN COALESCE(CAST(:capabilities AS jsonb), workers.capabilities)
+                               ELSE workers.capabilities || jsonb_strip_nulls(jsonb_build_object(
+                                        'claude_cli', CAST(:capabilities AS jsonb) -> 'claude_cli'))
+                          END,
            ip_addrs = COALESCE(CAST(:ip_addrs AS jsonb), workers.ip_addrs),
            last_heartbeat = EXCLUDED.last_heartbeat,
            agent_version = COALESCE(EXCLUDED.agent_version, workers.agent_version),
            os_info = COALESCE(EXCLUDED.os_info, workers.os_info),
            install_method = COALESCE(EXCLUDED.install_method, workers.install_method),
            evidence_at = EXCLUDED.evidence_at
-     -- Who may point an existing worker at another agent: an operator (:may_move), or
+     -- Who may point an existing worker at another agent: an operator (:by_operator), or
      -- Membridge through the sync. Anyone else's re-registration keeps the url it has.
-     WHERE CAST(:may_move AS boolean) OR EXCLUDED.url IS NULL
+     WHERE CAST(:by_operator AS boolean) OR EXCLUDED.url IS NULL
         OR rtrim(lower(EXCLUDED.url), '/') IS NOT DISTINCT FROM rtrim(lower(workers.url), '/')
     RETURNING workers.*, (xmax = 0) AS inserted
 ), unremembered AS (

@@ -43,9 +43,10 @@ class WorkerService:
             leases = tx.all("list_active_leases_of_worker", worker_id=worker_id)
         return {**worker_json(row), "leases": [lease_json(lease) for lease in leases]}
 
-    def register_worker(self, body: dict[str, Any], *, may_move: bool = True) -> tuple[dict[str, Any], bool]:
-        """Create or re-register a worker; returns (worker, created). Without `may_move`
-        (not an operator), an existing worker's url cannot change."""
+    def register_worker(self, body: dict[str, Any], *, by_operator: bool = True) -> tuple[dict[str, Any], bool]:
+        """Create or re-register a worker; returns (worker, created). Not `by_operator`
+        (the workers' key), an existing worker's url cannot change, nor a push worker's
+        status and capacity (queries.sql, register_worker)."""
         capabilities = body.get("capabilities")
         ip_addrs = body.get("ip_addrs")
         os_info = body.get("os_info")
@@ -64,7 +65,7 @@ class WorkerService:
                 now=now_ms(),
                 audit_id=new_id(),
                 actor=API_ACTOR,
-                may_move=may_move,
+                by_operator=by_operator,
             )
         if row is None:
             raise Forbidden(f"Only an operator may change the url of worker '{body['name']}'")
