@@ -117,6 +117,11 @@ ALTER TABLE leases ADD COLUMN IF NOT EXISTS dispatched boolean NOT NULL DEFAULT 
 -- it; a claim's answer gives it to the pull client, which sends it back): a heartbeat or
 -- completion that does not name it cannot touch it, whoever sends it.
 ALTER TABLE leases ADD COLUMN IF NOT EXISTS fenced boolean NOT NULL DEFAULT false;
+-- Whether an operator or Membridge vouched for the worker. A push worker (one with a url)
+-- that registered itself with the workers' key waits unapproved: the runtime sends it
+-- nothing (no task, no probe, no agent key) until an operator approves it (or registers
+-- it) or the Membridge sync lists it with its url. Workers that existed before stay trusted.
+ALTER TABLE workers ADD COLUMN IF NOT EXISTS approved boolean NOT NULL DEFAULT true;
 -- Workers removed by an operator: the worker sync does not bring them back while
 -- Membridge still lists them; the worker's own registration does.
 CREATE TABLE IF NOT EXISTS removed_workers (

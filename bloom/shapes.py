@@ -65,6 +65,9 @@ class WorkerNode(Schema):
         allow_none=True, required=True, metadata={"description": "a string or an object, as the agent sent it"}
     )
     install_method = fields.String(allow_none=True, required=True)
+    approved = fields.Boolean(required=True, metadata={
+        "description": "vouched for by an operator or Membridge; a push worker that is not gets nothing pushed",
+        "from_row": lambda row: bool(row.get("approved", True))})
 
 
 class TaskPolicy(Schema):

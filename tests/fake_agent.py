@@ -54,6 +54,7 @@ class AgentState:
     deliveries: list[dict[str, Any]] = field(default_factory=list)
     callbacks: list[tuple[str, str, int]] = field(default_factory=list)  # (kind, task_id, status)
     runs: list[tuple[str, float, float]] = field(default_factory=list)  # (task_id, started, ended): time.time()
+    seen: list[tuple[str, str, bool]] = field(default_factory=list)  # (method, path, carried the agent key)
     running: int = 0
     most_running: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -136,7 +137,12 @@ def _handler(agent: FakeAgent):
             self.end_headers()
             self.wfile.write(payload)
 
+        def _note(self) -> None:
+            with state.lock:
+                state.seen.append((self.command, self.path, self.headers.get("X-MEMBRIDGE-AGENT") == state.agent_key))
+
         def do_GET(self):
+            self._note()
             agent.awake.wait()
             if self.path == "/health":
                 return self._send(200, {
@@ -169,6 +175,7 @@ def _handler(agent: FakeAgent):
             self._send(404, {"detail": "Not Found"})
 
         def do_POST(self):
+            self._note()
             length = int(self.headers.get("Content-Length") or 0)
             task = json.loads(self.rfile.read(length) or b"{}")
             if self.path != "/execute-task":

@@ -87,6 +87,8 @@ def test_every_answer_of_a_walk_through_the_api_is_as_documented(api, agents):
     api("get", f"{r}/workers")
     api("get", f"{r}/workers/w1")
     api("get", f"{r}/workers/nobody")
+    api("post", f"{r}/workers/w1/approve")
+    api("post", f"{r}/workers/nobody/approve")
 
     task = api("post", f"{r}/llm-tasks", json=TASK).get_json()
     api("post", f"{r}/llm-tasks/batch", json={"tasks": [TASK, {**TASK, "idempotency_key": "k-1"}]})

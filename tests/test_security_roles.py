@@ -30,7 +30,7 @@ def split_app(database_url):
 
 def test_the_workers_key_does_a_workers_work_and_nothing_else(split_app):
     client = split_app.test_client()
-    agent = {"name": "agent-1", "url": "http://127.0.0.1:8001", "capabilities": {"max_concurrency": 2}}
+    agent = {"name": "agent-1", "capabilities": {"max_concurrency": 2}}  # a pull worker: it claims
     assert client.post("/api/runtime/workers", json=agent, headers=AS_WORKER).status_code == 201
     task = client.post("/api/runtime/llm-tasks", json=TASK, headers=AS_OPERATOR).get_json()
     claimed = client.post("/api/runtime/workers/agent-1/claim", json={}, headers=AS_WORKER).get_json()
@@ -116,6 +116,9 @@ def test_a_real_agent_keeps_working_with_the_documented_keys(fleet_server, agent
     served = fleet_server(RUNTIME_API_KEY=WORKER_KEY, BLOOM_OPERATOR_KEY=OPERATOR_KEY)
     agent = agents("agent-1", runtime_api_key=WORKER_KEY)  # sends the runtime key, as the real agent
     assert agent.register(served.base_url).status_code == 201
+    # An agent that registered itself with the workers' key waits for an operator.
+    approved = requests.post(served.url("/api/runtime/workers/agent-1/approve"), headers=AS_OPERATOR, timeout=10)
+    assert approved.status_code == 200 and approved.json()["approved"] is True
     task = requests.post(served.url("/api/runtime/llm-tasks"), json=TASK, headers=AS_OPERATOR, timeout=10).json()
     done = wait_until(
         lambda: (t := requests.get(served.url(f"/api/runtime/llm-tasks/{task['id']}"), headers=AS_OPERATOR,
@@ -233,3 +236,43 @@ def test_the_workers_key_cannot_change_a_push_workers_status_or_capacity(split_a
     again = client.post("/api/runtime/workers", headers=AS_WORKER,
                         json={"name": "puller", "capabilities": {"max_concurrency": 4}}).get_json()
     assert again["capabilities"]["max_concurrency"] == 4
+
+
+def test_an_agent_the_workers_key_registered_is_sent_nothing_until_it_is_vouched_for(fleet_server, agents, membridge):
+    """The workers' key registered a url of its choosing (inside BLOOM_AGENT_NETWORKS) and
+    the next tasks went there with the agent key. Now such a worker waits: no probe, no
+    task, no key, and no answer that tells whether the address is alive, until an operator
+    approves it or Membridge lists it with that url."""
+    served = fleet_server(RUNTIME_API_KEY=WORKER_KEY, BLOOM_OPERATOR_KEY=OPERATOR_KEY)
+    rogue = agents("good-agent", runtime_api_key=WORKER_KEY)
+    registered = rogue.register(served.base_url)
+    assert registered.status_code == 201 and registered.json()["approved"] is False
+    # A control agent an operator registered (without the CLI, so it takes no task): once it
+    # has been probed three times, the rogue would have been probed and pushed to by now.
+    control = agents("control")
+    requests.post(served.url("/api/runtime/workers"), headers=AS_OPERATOR, timeout=10, json={
+        "name": "control", "url": control.url, "capabilities": {"claude_cli": False}})
+    task = requests.post(served.url("/api/runtime/llm-tasks"), json=TASK, headers=AS_OPERATOR, timeout=10).json()
+    wait_until(lambda: sum(path == "/health" for _, path, _ in control.state.seen) >= 3, timeout=20,
+               what="three probes of the control agent")
+    assert rogue.state.seen == []  # nothing at all: no probe, no delivery, no agent key
+    assert requests.get(served.url(f"/api/runtime/llm-tasks/{task['id']}"), headers=AS_OPERATOR,
+                        timeout=10).json()["status"] == "queued"
+    dispatched = requests.post(served.url(f"/api/runtime/llm-tasks/{task['id']}/dispatch"),
+                               json={"worker_id": "good-agent"}, headers=AS_OPERATOR, timeout=10)
+    assert dispatched.status_code == 409 and "approval" in dispatched.json()["error"]
+    # Its claims say the same whether the address answers or not.
+    requests.post(served.url("/api/runtime/workers"), headers=AS_WORKER, timeout=10,
+                  json={"name": "dark", "url": "http://127.0.0.1:9"})
+    answers = [requests.post(served.url(f"/api/runtime/workers/{name}/claim"), json={}, headers=AS_WORKER, timeout=10)
+               for name in ("good-agent", "dark")]
+    assert [a.status_code for a in answers] == [409, 409]
+    assert answers[0].json()["error"].replace("good-agent", "x") == answers[1].json()["error"].replace("dark", "x")
+    assert rogue.state.seen == []
+    # Membridge lists the agent with that url: vouched for, it gets the task.
+    membridge.state.agents = [{"name": "good-agent", "url": rogue.url, "status": "online"}]
+    done = wait_until(
+        lambda: (t := requests.get(served.url(f"/api/runtime/llm-tasks/{task['id']}"), headers=AS_OPERATOR,
+                                   timeout=10).json())["status"] == "completed" and t,
+        timeout=20, what="the vouched-for agent's run")
+    assert done["worker_id"] == "good-agent"

@@ -29,7 +29,7 @@ SELECT t.id
 
 -- name: push_workers
 -- Workers the runtime pushes tasks to (they have a url), to probe.
-SELECT id, url, address FROM workers WHERE url IS NOT NULL ORDER BY id;
+SELECT id, url, address FROM workers WHERE url IS NOT NULL AND approved ORDER BY id;
 
 -- name: mark_workers_alive
 -- Push workers whose url answered a probe: online (still not leasable if they said

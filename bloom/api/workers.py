@@ -43,6 +43,14 @@ def register_worker():
     return jsonify(worker), 201 if created else 200
 
 
+@bp.post("/<worker_id:worker_id>/approve")
+@documented("Vouch for a worker: a push worker that registered itself with the workers' key is sent "
+            "nothing until an operator approves it (or Membridge lists it)",
+            responses={200: "WorkerNode", 404: "Error"})
+def approve_worker(worker_id: str):
+    return jsonify(services().workers.approve_worker(worker_id))
+
+
 @bp.delete("/<worker_id:worker_id>")
 @documented("Remove a worker", responses={200: "Removed", 404: "Error"})
 def remove_worker(worker_id: str):

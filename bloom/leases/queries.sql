@@ -58,6 +58,7 @@ SELECT set_config('bloom.lease_picked_worker', COALESCE(picked.id, ''), true)
            AND (CASE WHEN CAST(:worker_id AS text) IS NULL
                      THEN w.status = 'online'
                           AND COALESCE((w.capabilities ->> 'claude_cli')::boolean, true)
+                          AND w.approved
                           AND load.active_leases < load.max_concurrency
                           AND (NOT :push_only OR w.url IS NOT NULL)
                           AND w.address <> ALL(:full_addresses)
@@ -86,6 +87,7 @@ WITH picked AS (
        AND worker.id = picked.worker_id
        AND worker.status = 'online'
        AND COALESCE((worker.capabilities ->> 'claude_cli')::boolean, true)
+       AND worker.approved
        AND (NOT :push_only OR worker.url IS NOT NULL)
        AND worker.address <> ALL(:full_addresses)
        AND capacity.active_leases < capacity.max_concurrency
@@ -141,6 +143,7 @@ WITH worker AS (
      WHERE w.id = worker.id
        AND worker.status = 'online'
        AND COALESCE((worker.capabilities ->> 'claude_cli')::boolean, true)
+       AND worker.approved
     RETURNING address.max_concurrency
 ), capacity AS (
     SELECT COALESCE((SELECT active_leases FROM address), 0) AS active_leases

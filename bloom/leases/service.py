@@ -125,6 +125,8 @@ class LeaseService:
         if worker is None:
             raise NotFound("Worker not found")
         capabilities = capabilities_json(worker["capabilities"])
+        if not worker["approved"]:
+            raise Conflict(f"Worker '{worker_id}' waits for an operator's approval (or for Membridge to list it)")
         if worker["status"] != "online":
             raise Conflict(f"Worker '{worker_id}' is {worker['status']}, not online")
         if not capabilities["claude_cli"]:

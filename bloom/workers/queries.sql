@@ -31,13 +31,16 @@ SELECT * FROM leases
 WITH upserted AS (
     INSERT INTO workers (id, node_id, url, status, capabilities, last_heartbeat, ip_addrs,
                          obs_count, db_sha, registered_at, agent_version, os_info, install_method,
-                         evidence_at)
+                         evidence_at, approved)
     VALUES (:worker_id, :worker_id, :url, :status,
             COALESCE(CAST(:capabilities AS jsonb), CAST(:default_capabilities AS jsonb)), :now,
             COALESCE(CAST(:ip_addrs AS jsonb), '[]'::jsonb), 0, NULL, :now,
-            :agent_version, CAST(:os_info AS jsonb), :install_method, :now)
+            :agent_version, CAST(:os_info AS jsonb), :install_method, :now,
+            -- A push worker of the workers' own registration waits for an operator or Membridge.
+            CAST(:by_operator AS boolean) OR CAST(:url AS text) IS NULL)
     ON CONFLICT (id) DO UPDATE
        SET url = COALESCE(EXCLUDED.url, workers.url),
+           approved = workers.approved OR CAST(:by_operator AS boolean),
            status = CASE WHEN CAST(:by_operator AS boolean) OR workers.url IS NULL
                          THEN EXCLUDED.status ELSE workers.status END,
            capabilities = CASE WHEN CAST(:by_operator AS boolean) OR workers.url IS NULL
@@ -89,6 +92,7 @@ WITH removed AS (
 SELECT id FROM removed;
 
 -- name: upsert_synced_workers
+-- A worker Membridge lists with its url is vouched for (approved): the url is Membridge's.
 -- Agents of one Membridge answer. Fields an agent leaves out (null here) keep their
 -- stored values; registered_at is set once, when the worker is first seen. Upstream's
 -- status decides only for workers of which the runtime has no recent evidence of its
@@ -104,6 +108,7 @@ WITH incoming AS (
 ), updated AS (
     UPDATE workers w
        SET url = COALESCE(i.url, w.url),
+           approved = w.approved OR i.url IS NOT NULL,
            status = CASE WHEN COALESCE(w.evidence_at, 0) >= :evidence_since OR w.status = 'error' THEN w.status
                          WHEN COALESCE(i.url, w.url) IS NOT NULL AND w.evidence_at IS NULL THEN 'unknown'
                          ELSE i.status END,
@@ -209,3 +214,17 @@ SELECT (SELECT count(*) FROM taken_out) AS workers,
        (SELECT count(*) FROM requeued WHERE status = 'dead') AS dead,
        CASE WHEN EXISTS (SELECT 1 FROM requeued WHERE status = 'queued')
             THEN pg_notify('bloom_task_queued', '') IS NULL END AS notified;
+
+-- name: approve_worker
+-- An operator vouches for a worker (POST /workers/<id>/approve): it may be sent tasks,
+-- probes and the agent key from now on.
+WITH approved AS (
+    UPDATE workers SET approved = true WHERE id = :worker_id RETURNING *
+), audit AS (
+    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+    SELECT :audit_id, :now, 'worker_approved', 'worker', id, :actor, jsonb_build_object('url', url)
+      FROM approved
+)
+SELECT a.*,
+       (SELECT count(*) FROM leases l WHERE l.worker_id = a.id AND l.status = 'active') AS active_leases
+  FROM approved a;

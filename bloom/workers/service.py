@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from ..db import Database
-from ..errors import BadRequest, Forbidden, NotFound
+from ..errors import BadRequest, Conflict, Forbidden, NotFound
 from ..shapes import DEFAULT_CAPABILITIES, lease_json, worker_json
 from ..stamps import API_ACTOR, new_id, now_ms
 
@@ -24,6 +24,8 @@ def agent_url_of(database: Database, worker_id: str) -> str:
         raise NotFound("Worker not found")
     if not row["url"]:
         raise BadRequest("Worker has no URL configured")
+    if not row["approved"]:
+        raise Conflict(f"Worker '{worker_id}' waits for an operator's approval: approve it before calling its agent")
     return row["url"]
 
 
@@ -70,6 +72,16 @@ class WorkerService:
         if row is None:
             raise Forbidden(f"Only an operator may change the url of worker '{body['name']}'")
         return worker_json(row), bool(row["inserted"])
+
+    def approve_worker(self, worker_id: str) -> dict[str, Any]:
+        """An operator vouches for a worker: from now on it may be sent tasks, probes and
+        the agent key."""
+        with self.db.autocommit() as tx:
+            row = tx.one_or_none("approve_worker", worker_id=worker_id, now=now_ms(), audit_id=new_id(),
+                                 actor=API_ACTOR)
+        if row is None:
+            raise NotFound("Worker not found")
+        return worker_json(row)
 
     def remove_worker(self, worker_id: str) -> dict[str, Any]:
         """Remove a worker; its leases end now and their tasks go back to the queue (a run
