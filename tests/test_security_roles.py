@@ -11,6 +11,7 @@ from bloom.services import services
 from bloom.settings import Settings
 
 from .conftest import make_settings
+from .fake_membridge import ADMIN_KEY
 from .helpers import TASK
 from .support import wait_until
 
@@ -276,3 +277,37 @@ def test_an_agent_the_workers_key_registered_is_sent_nothing_until_it_is_vouched
                                    timeout=10).json())["status"] == "completed" and t,
         timeout=20, what="the vouched-for agent's run")
     assert done["worker_id"] == "good-agent"
+
+
+def test_every_route_with_each_key_and_without(database_url, membridge):
+    """Every rule of the URL map, called with no key, a wrong one, the workers' and the
+    operator's: the open routes open to all; the workers' routes to either key; every
+    other route to the operator's key alone. (Membridge answers: its proxy routes too.)"""
+    from bloom.web.guards import OPEN_PATHS
+
+    split_app = create_app(make_settings(database_url, RUNTIME_API_KEY=WORKER_KEY, BLOOM_OPERATOR_KEY=OPERATOR_KEY,
+                                         MEMBRIDGE_SERVER_URL=membridge.url, MEMBRIDGE_ADMIN_KEY=ADMIN_KEY))
+    client = split_app.test_client()
+    checked = 0
+    for rule in split_app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        path = rule.rule.replace("<worker_id:worker_id>", "w-1")
+        for name in rule.arguments:
+            path = path.replace(f"<{name}>", "x-1")
+        worker_route = getattr(split_app.view_functions[rule.endpoint], "worker_route", False)
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            call = getattr(client, method.lower())
+            statuses = {who: call(path, json={}, headers=headers).status_code
+                        for who, headers in [("nobody", {}), ("guess", {"X-Runtime-API-Key": "guess"}),
+                                             ("worker", AS_WORKER), ("operator", AS_OPERATOR)]}
+            if path in OPEN_PATHS or not path.startswith(("/api/runtime/", "/api/membridge/")):
+                assert 401 not in statuses.values() and 403 not in statuses.values(), (method, path, statuses)
+            else:
+                assert statuses["nobody"] == statuses["guess"] == 401, (method, path, statuses)
+                assert (statuses["worker"] not in (401, 403)) if worker_route else statuses["worker"] == 403, \
+                    (method, path, statuses)
+                assert statuses["operator"] not in (401, 403), (method, path, statuses)
+            checked += 1
+    services(split_app).database.dispose()
+    assert checked > 40
