@@ -144,6 +144,10 @@ def test_the_web_clients_pages_work_through_a_proxy_with_its_own_login(fleet_ser
     tested = browser.post("/api/runtime/test-connection")
     assert tested["connected"] is True
     assert browser.get("/api/runtime/config")["connected"] is True
+    # The agent registered itself with the workers' key: it is sent tasks once Membridge,
+    # now configured, lists it (README, "Security"); the Runtime page shows it approved.
+    wait_until(lambda: any(w["id"] == "rpi4b" and w["approved"] for w in browser.get("/api/runtime/workers")),
+               timeout=10, what="the Membridge sync to vouch for the agent")
     task = browser.post("/api/runtime/llm-tasks", {
         "prompt": "Summarize the notebook", "context_id": f"ctx-{int(time.time() * 1000)}", "agent_slug": "default",
         "desired_format": "text", "policy": {"timeout_sec": 120, "budget": 0}})
