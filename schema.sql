@@ -122,6 +122,15 @@ ALTER TABLE leases ADD COLUMN IF NOT EXISTS fenced boolean NOT NULL DEFAULT fals
 -- nothing (no task, no probe, no agent key) until an operator approves it (or registers
 -- it) or the Membridge sync lists it with its url. Workers that existed before stay trusted.
 ALTER TABLE workers ADD COLUMN IF NOT EXISTS approved boolean NOT NULL DEFAULT true;
+-- Who dispatches, who runs each once-per-deployment job: a row per leadership, renewed
+-- by its holder before expires_at; each change of holder adds one to the epoch
+-- (bloom/leadership.py).
+CREATE TABLE IF NOT EXISTS leaderships (
+    name        text PRIMARY KEY,
+    holder      text NOT NULL,
+    epoch       bigint NOT NULL,
+    expires_at  bigint NOT NULL
+);
 -- Workers removed by an operator: the worker sync does not bring them back while
 -- Membridge still lists them; the worker's own registration does.
 CREATE TABLE IF NOT EXISTS removed_workers (

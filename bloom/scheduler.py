@@ -1,20 +1,28 @@
 """Background jobs in process (APScheduler), each run by one process of the deployment.
 
 Every gunicorn process on every host runs a scheduler, so each tick must decide who
-works: a PostgreSQL advisory lock makes runs of one job mutually exclusive, and a
-last-run time in runtime_settings, moved forward by one conditional statement,
-makes the job run once per interval for the whole deployment, not once per process.
+works: the job's leadership (bloom/leadership.py: a row with an expiry, renewed while
+the job runs) makes runs of one job mutually exclusive, and a last-run time in
+runtime_settings, moved forward by one conditional statement, makes the job run once
+per interval for the whole deployment, not once per process. A process that freezes or
+is cut off mid-run stops renewing, and another takes the job over once the row expires
+(about 10 s), not when PostgreSQL ends the frozen process's session (a session lock did
+that: hours, for a host that vanished). Every job is a set of statements whose
+preconditions sit in their WHERE clauses, so a frozen run that wakes and finishes after
+another has taken over changes nothing twice.
 """
 from __future__ import annotations
 
 import atexit
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from .db import Database
+from .leadership import RENEW_EVERY_S, Leadership, process_identity
 from .stamps import now_ms
 
 log = logging.getLogger(__name__)
@@ -30,32 +38,62 @@ class Job:
     run: Callable[[], object]
 
 
+_IDENTITY = process_identity()
+
+
 def run_once_per_deployment(database: Database, job: Job) -> bool:
     """Run `job` if no other process runs it now and nobody ran it this interval."""
-    lock_name = f"bloom-runtime:job:{job.name}"
+    leadership = Leadership(database, f"job:{job.name}", _IDENTITY)
     try:
-        with database.autocommit() as lock_session:
-            if not lock_session.one("try_job_lock", lock_name=lock_name)["locked"]:
+        if not leadership.take_or_renew():
+            return False
+        try:
+            with database.autocommit() as tx:
+                claimed = tx.one_or_none(
+                    "claim_job_run",
+                    setting_key=f"job:{job.name}:last_run_at",
+                    now=now_ms(),
+                    min_gap_ms=int(job.interval_s * 1000 * _TICK_TOLERANCE),
+                )
+            if claimed is None:
                 return False
-            try:
-                with database.autocommit() as tx:
-                    claimed = tx.one_or_none(
-                        "claim_job_run",
-                        setting_key=f"job:{job.name}:last_run_at",
-                        now=now_ms(),
-                        min_gap_ms=int(job.interval_s * 1000 * _TICK_TOLERANCE),
-                    )
-                if claimed is None:
-                    return False
-                log.debug("job %s running in this process", job.name)
+            log.debug("job %s running in this process", job.name)
+            with _renewed(leadership):
                 job.run()
-                return True
-            finally:
-                lock_session.one("release_job_lock", lock_name=lock_name)
+            return True
+        finally:
+            leadership.release()
     except Exception:
         # A failed run (database down, upstream down) must never stop the scheduler.
         log.exception("background job %s failed", job.name)
         return False
+
+
+class _renewed:
+    """Renew a leadership from a thread of its own while the block runs (a job's run may
+    outlast the leadership's TTL)."""
+
+    def __init__(self, leadership: Leadership) -> None:
+        self._leadership = leadership
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name=f"bloom-{leadership.name}-renewal", daemon=True)
+
+    def __enter__(self) -> None:
+        self._thread.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _renew(self) -> None:
+        while not self._done.wait(RENEW_EVERY_S):
+            try:
+                if not self._leadership.take_or_renew():
+                    log.warning("job %s: leadership lost while running (another process took it over)",
+                                self._leadership.name)
+                    return
+            except Exception as error:  # the database is away: the run will find out itself
+                log.debug("job %s: leadership not renewed (%s)", self._leadership.name, type(error).__name__)
 
 
 def start_scheduler(database: Database, jobs: list[Job]) -> BackgroundScheduler:

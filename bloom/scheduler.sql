@@ -1,12 +1,6 @@
 -- Background jobs, once per deployment (bloom/scheduler.py).
 -- Conventions: bloom/sql.py.
 
--- name: try_job_lock
-SELECT pg_try_advisory_lock(hashtext(:lock_name)) AS locked;
-
--- name: release_job_lock
-SELECT pg_advisory_unlock(hashtext(:lock_name));
-
 -- name: claim_job_run
 -- A job runs at most once per interval in the whole deployment: the run that moves
 -- the stored last-run time forward wins; every other process sees it too recent.

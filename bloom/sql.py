@@ -37,6 +37,7 @@ PARAMETER_TYPES = {
     "now": "bigint",  # epoch milliseconds
     "ttl_seconds": "integer",
     "default_timeout_sec": "integer",
+    "leader_epoch": "bigint",
     "max_attempts": "integer",
     "priority": "integer",
     "agent_slugs": "text[]",

@@ -280,3 +280,24 @@ def test_an_upstream_422_for_the_callers_body_leaves_the_connection_state_alone(
     assert (health["connected"], health["consecutiveFailures"]) == (True, 0)
     assert client.get("/api/runtime/config").get_json()["connected"] is True
     assert ADMIN_KEY not in refused.get_data(as_text=True)
+
+
+def test_no_task_is_delivered_to_an_agent_that_is_already_hung(fleet_server, agents):
+    """A request written to a frozen agent waits in its socket and runs when the agent
+    wakes, though the task ran elsewhere meanwhile (three of three tries with the real
+    agent). A health check of at most a second right before each delivery keeps tasks
+    away from an agent that is hung already, long before a probe round would notice."""
+    served = fleet_server(WORKER_SYNC_INTERVAL_S="30")  # no probe round comes to the rescue
+    hung = agents("hung", max_concurrency=4)  # most free capacity: the dispatcher's first pick
+    hung.register(served.base_url)
+    other = agents("other", max_concurrency=1)
+    other.register(served.base_url)
+    hung.freeze()
+    task = new_task(served)
+    done = wait_until(lambda: (t := task_of(served, task["id"]))["status"] == "completed" and t,
+                      timeout=15, interval=0.2, what="the task to run on the agent that answers")
+    assert done["worker_id"] == "other" and done["attempts"] == 1  # the refusal spent no attempt
+    hung.thaw()
+    wait_until(lambda: worker_of(served, "hung")["status"] == "offline", timeout=5, what="the hung agent out")
+    assert ("POST", "/execute-task") not in [(method, path) for method, path, _ in hung.state.seen]
+    assert hung.state.deliveries == []

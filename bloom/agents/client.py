@@ -205,6 +205,12 @@ def _connect(info: tuple, timeout_s: float) -> socket.socket:
     return sock
 
 
+# How long the health check right before a delivery may take, all told. An agent on the
+# network answers in milliseconds; one that does not answer within a second is not sent
+# a task (its run would wait in its socket: see AgentClient.send_task).
+PRE_DELIVERY_CHECK_S = 1.0
+
+
 class AgentClient:
     def __init__(self, agent_key: str, networks: AgentNetworks) -> None:
         self._agent_key = agent_key
@@ -221,7 +227,20 @@ class AgentClient:
         return status is not None and 200 <= status < 300
 
     def send_task(self, url: str, body: dict[str, Any], *, answer_timeout_s: float) -> PendingRun:
-        """Connect and write the task; raise AgentUnreachable when that fails."""
+        """Check that the agent answers now, then connect and write the task; raise
+        AgentUnreachable when either fails.
+
+        A request written to a hung agent (SIGSTOPped, a frozen VM) waits in its socket and
+        is read when it wakes, even after the runtime has closed the connection and run
+        the task elsewhere: a second LLM run. So no task goes to an agent whose /health
+        does not answer within PRE_DELIVERY_CHECK_S, right before the delivery. What is
+        left: a freeze between that check and the delivery, or after the run started."""
+        self._checked_address(url)  # an address outside the agent networks: say so, not "no answer"
+        status = status_line_of(url, "/health", deadline_s=PRE_DELIVERY_CHECK_S, networks=self.networks)
+        if status is None:
+            raise AgentUnreachable(f"no answer to its health check within {PRE_DELIVERY_CHECK_S:g} s")
+        if not 200 <= status < 300:
+            raise AgentUnreachable(f"its health check answered {status}")
         return self.send(url, "POST", "/execute-task", body, answer_timeout_s=answer_timeout_s)
 
     def call(self, url: str, method: str, path: str, body: Any = None, *, within_s: float) -> AgentAnswer:
@@ -237,17 +256,7 @@ class AgentClient:
         """Connect to the agent and write the request (the url checked against the agent
         networks first); raise AgentUnreachable when that fails."""
         target = urlsplit(url)
-        try:
-            host, port = target.hostname, target.port
-        except ValueError:  # a port out of range
-            raise AgentUnreachable("worker url has an invalid port") from None
-        if target.scheme not in ("http", "https") or not host:
-            raise AgentUnreachable("worker url is not an http(s) URL")
-        port = port or (443 if target.scheme == "https" else 80)
-        try:  # checked here, at each delivery: a name may point elsewhere since it was registered
-            checked = self.networks.resolve_allowed(host, port, CONNECT_TIMEOUT_S)
-        except AddressNotAllowed as refused:
-            raise AgentUnreachable(str(refused)) from None
+        host, port, checked = self._checked_address(url)
         connection: http.client.HTTPConnection
         if target.scheme == "https":  # by name, for the certificate
             connection = http.client.HTTPSConnection(host, port, timeout=CONNECT_TIMEOUT_S)
@@ -265,6 +274,24 @@ class AgentClient:
             connection.close()
             raise AgentUnreachable(_describe(error)) from None
         return PendingRun(connection, answer_timeout_s)
+
+
+    def _checked_address(self, url: str) -> tuple[str, int, Any]:
+        """(host, port, the address to connect to) of an agent url, checked against the
+        agent networks here, at each call: a name may point elsewhere since it was
+        registered. AgentUnreachable says why not."""
+        target = urlsplit(url)
+        try:
+            host, port = target.hostname, target.port
+        except ValueError:  # a port out of range
+            raise AgentUnreachable("worker url has an invalid port") from None
+        if target.scheme not in ("http", "https") or not host:
+            raise AgentUnreachable("worker url is not an http(s) URL")
+        port = port or (443 if target.scheme == "https" else 80)
+        try:
+            return host, port, self.networks.resolve_allowed(host, port, CONNECT_TIMEOUT_S)
+        except AddressNotAllowed as refused:
+            raise AgentUnreachable(str(refused)) from None
 
 
 def _cut(sock: socket.socket | None) -> None:

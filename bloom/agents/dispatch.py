@@ -14,9 +14,11 @@ until the agent has taken the request or refused it.
 - No answer (the connection broke mid-run): the worker is probed at once; a dead one
   leaves the rotation and its tasks are requeued.
 
-Automatic dispatch runs in one process of the deployment at a time (a PostgreSQL
-advisory lock held by its session), woken by the queue's NOTIFY and by its own runs
-ending; each task is delivered once however many processes and hosts there are,
+Automatic dispatch runs in one process of the deployment at a time, the holder of the
+'dispatch' leadership (bloom/leadership.py: a row with an expiry and an epoch, renewed
+every 2 s; a killed, frozen or cut-off leader is replaced within about 12 s, and its
+grants after that are refused by their epoch), woken by the queue's NOTIFY and by its
+own runs ending; each task is delivered once however many processes and hosts there are,
 because a task can be leased only once.
 """
 from __future__ import annotations
@@ -36,6 +38,7 @@ from .. import metrics
 from ..bounds import DEFAULT_TIMEOUT_SEC
 from ..db import Database
 from ..errors import ApiError, Conflict, NotFound, Unavailable, is_transient
+from ..leadership import RENEW_EVERY_S, Leadership, process_identity
 from ..leases.service import LeaseService
 from ..queue_events import QueueEvents
 from ..records.service import RecordService
@@ -55,11 +58,9 @@ from .liveness import take_workers_out
 log = logging.getLogger(__name__)
 
 DISPATCH_ACTOR = "dispatcher"
-LEADER_LOCK = "bloom-runtime:dispatcher"
 # Where a delivery's callbacks arrive (see delivery_callback_url).
 DELIVERY_PREFIX = "/api/runtime/deliveries"
-LEADER_RETRY_S = 2.0
-LEADER_CHECK_S = 10.0
+LEADER_RETRY_S = 2.0  # how often a process that does not lead tries to take the leadership
 CANDIDATES_PER_ROUND = 32
 # How long an agent's answer is held while the database is away (see _complete_holding_on).
 RESULT_HOLD_S = 300.0
@@ -126,6 +127,7 @@ class Dispatcher:
         self._events = events
         self._public_url = public_url
         self._slots = DeliverySlots(MAX_IN_FLIGHT, DELIVERY_HARD_LIMIT)
+        self._leadership = Leadership(database, "dispatch", process_identity())
         self._thread: threading.Thread | None = None
         # Shutdown: no grant after `_stopping`; a grant under way finishes first (`_granting`),
         # and deliveries not yet taken or refused (`_unsettled`) are waited for.
@@ -186,22 +188,26 @@ class Dispatcher:
             time.sleep(LEADER_RETRY_S)
 
     def _lead_while_possible(self) -> None:
-        with self._db.autocommit() as lock_session:
-            locked = lock_session.one("try_job_lock", lock_name=LEADER_LOCK)["locked"]
-            if not locked:
-                return
-            log.info("dispatcher: this process dispatches queued tasks to push workers")
+        if self._stopping.is_set() or not self._leadership.take_or_renew():
+            return
+        log.info("dispatcher: this process dispatches queued tasks to push workers (leadership epoch %d)",
+                 self._leadership.epoch)
+        try:
+            renewed_at = time.monotonic()
+            while not self._stopping.is_set():
+                seen = self._events.generation
+                if self.dispatch_queued() < CANDIDATES_PER_ROUND:  # a full round: more may wait
+                    self._events.wait_for_change(seen, RENEW_EVERY_S)
+                if time.monotonic() - renewed_at >= RENEW_EVERY_S:
+                    if not self._leadership.take_or_renew():
+                        log.warning("dispatcher: leadership lost to another process; this one no longer dispatches")
+                        return
+                    renewed_at = time.monotonic()
+        finally:
             try:
-                checked_at = time.monotonic()
-                while True:
-                    seen = self._events.generation
-                    if self.dispatch_queued() < CANDIDATES_PER_ROUND:  # a full round: more may wait
-                        self._events.wait_for_change(seen, LEADER_RETRY_S)
-                    if time.monotonic() - checked_at > LEADER_CHECK_S:
-                        lock_session.one("ping")  # still holding the lock's session?
-                        checked_at = time.monotonic()
-            finally:
-                lock_session.one("release_job_lock", lock_name=LEADER_LOCK)
+                self._leadership.release()
+            except Exception as error:  # the database is away: the row expires by itself
+                log.debug("dispatcher: leadership not released (%s)", type(error).__name__)
 
     def dispatch_queued(self) -> int:
         """Push queued tasks (priority, then age) to push workers with room; returns how many."""
@@ -213,9 +219,11 @@ class Dispatcher:
                 if self._stopping.is_set() or not self._slots.reserve():
                     break
                 try:
+                    epoch = self._leadership.epoch
                     granted = self._leases.grant_lease(
                         task_id, worker_id=None, ttl_seconds=None, push_only=True, actor=DISPATCH_ACTOR,
                         full_addresses=self._slots.full_addresses(),
+                        leader=(self._leadership.holder, epoch) if epoch is not None else None,
                     )
                 except (Conflict, NotFound):  # taken by a pull worker or another dispatcher meanwhile
                     self._slots.release(None)

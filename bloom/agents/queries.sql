@@ -18,7 +18,7 @@ SELECT t.id
    AND COALESCE(t.run_at, 0) <= :now AND COALESCE(t.retry_at, 0) <= :now
    AND EXISTS (
         SELECT 1 FROM workers w
-         WHERE w.url IS NOT NULL AND w.status = 'online'
+         WHERE w.url IS NOT NULL AND w.status = 'online' AND w.approved
            AND COALESCE((w.capabilities ->> 'claude_cli')::boolean, true)
            AND (SELECT count(l.id) < min(COALESCE((sibling.capabilities ->> 'max_concurrency')::int, 1))
                   FROM workers sibling

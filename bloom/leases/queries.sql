@@ -91,6 +91,12 @@ WITH picked AS (
        AND (NOT :push_only OR worker.url IS NOT NULL)
        AND worker.address <> ALL(:full_addresses)
        AND capacity.active_leases < capacity.max_concurrency
+       -- The dispatcher's grants carry the leadership epoch it holds: a leader that lost
+       -- it (paused, cut off, and another took over) grants nothing (bloom/leadership.py).
+       AND (CAST(:leader_epoch AS bigint) IS NULL
+            OR EXISTS (SELECT 1 FROM leaderships
+                        WHERE name = 'dispatch' AND holder = :leader AND epoch = :leader_epoch
+                          AND expires_at >= :now))
     RETURNING t.*
 ), lease AS (
     INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status,

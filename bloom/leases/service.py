@@ -62,16 +62,19 @@ class LeaseService:
     def grant_lease(
         self, task_id: str, *, worker_id: str | None, ttl_seconds: int | None, push_only: bool,
         actor: str = API_ACTOR, full_addresses: list[str] | None = None,
+        leader: tuple[str, int] | None = None,
     ) -> dict[str, Any]:
         """Lease a queued, due task to a worker (the one asked for, or the best eligible
         one); returns {lease, worker, task, address}. With push_only (a dispatch) only
         workers with a url qualify, and without ttl_seconds the lease lasts
         policy.timeout_sec + 60 s; agents at full_addresses get nothing (they hold their
-        share of the dispatching process's delivery slots: bloom/agents/delivery_slots.py)."""
+        share of the dispatching process's delivery slots: bloom/agents/delivery_slots.py).
+        `leader` (holder, epoch): the dispatcher's leadership, checked in the grant."""
         for _ in range(LEASE_PICK_ATTEMPTS):
             try:
                 outcome = self._grant(ttl_seconds, task_id=task_id, worker_id=worker_id, push_only=push_only,
-                                      actor=actor, full_addresses=full_addresses or [])
+                                      actor=actor, full_addresses=full_addresses or [],
+                                      leader=leader[0] if leader else None, leader_epoch=leader[1] if leader else None)
             except DBAPIError as error:
                 if not is_data_error(error):
                     raise
@@ -174,7 +177,7 @@ class LeaseService:
                     tx.one("lease_task", lease_id=new_id(), ttl_seconds=ttl_seconds, default_timeout_sec=DEFAULT_TIMEOUT_SEC,
                            now=now_ms(),
                            audit_id=new_id(), actor=API_ACTOR, task_id=task_id, worker_id=worker_id, push_only=False,
-                           full_addresses=[])
+                           full_addresses=[], leader=None, leader_epoch=None)
                     raise _TrialGrant()
             except _TrialGrant:
                 continue
