@@ -15,10 +15,12 @@ from typing import Any
 import psycopg2
 from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.engine import Dialect, Engine, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.pool import PoolProxiedConnection
 
+from .db_reachability import Reachability
+from .errors import Unavailable
 from .sql import PREPARE_STATEMENTS, PREPARED_QUERIES, QUERIES
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,10 @@ class Database:
             },
         )
         event.listen(self.engine, "checkout", _discard_if_closed_by_server)
+        # Whether PostgreSQL answers this process now (db_reachability.py): while it does
+        # not, units of work fail at once and statements under way are cut.
+        self.reachability = Reachability(make_url(url).set(drivername="postgresql").render_as_string(
+            hide_password=False), connect_timeout_s=connect_timeout_s)
         self._ping_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bloom-ping")
         self._ping: Future | None = None
         self._ping_lock = threading.Lock()
@@ -86,12 +92,15 @@ class Database:
     @contextmanager
     def autocommit(self) -> Iterator[Queries]:
         """Statements that are each a whole unit of work, committed as they run."""
+        self.reachability.start()
+        if not self.reachability.reachable:
+            raise Unavailable("Database unreachable, try again")
         try:
             connection = self.engine.raw_connection()
         except psycopg2.Error as error:  # could not connect: as engine.connect() raises it
             raise DBAPIError.instance(None, None, error, psycopg2.Error) from error
         try:
-            yield Queries(connection, self.engine.dialect)
+            yield Queries(connection, self.engine.dialect, self.reachability)
         finally:
             connection.close()  # back to the pool (or gone, if it was invalidated)
 
@@ -119,6 +128,8 @@ class Database:
         frozen (not down) accepts connections and never answers, and no driver timeout
         fires on a connection already open. The ping runs on a thread of its own; while a
         ping is still stuck, the answer is no, without starting another."""
+        if not self.reachability.reachable:
+            return False
         with self._ping_lock:
             if self._ping is None or self._ping.done():
                 self._ping = self._ping_executor.submit(self._select_one)
@@ -134,6 +145,7 @@ class Database:
             queries.one("ping")
 
     def dispose(self) -> None:
+        self.reachability.close()
         self.engine.dispose()
 
 
@@ -153,9 +165,10 @@ class Queries:
     """Runs named statements on one pooled driver connection (in a transaction, or
     autocommitting). Rows come back as dicts keyed by column name."""
 
-    def __init__(self, connection: PoolProxiedConnection, dialect: Dialect) -> None:
+    def __init__(self, connection: PoolProxiedConnection, dialect: Dialect, reachability: Reachability) -> None:
         self.connection = connection
         self._dialect = dialect
+        self._reachability = reachability
 
     def _run(self, query: str, params: dict[str, Any]):
         """Execute a named query; return its cursor, holding the last statement's rows."""
@@ -180,11 +193,15 @@ class Queries:
 
     def _execute(self, statement: str, params: dict[str, Any] | None):
         cursor = self.connection.cursor()
+        fd = self.connection.dbapi_connection.fileno()  # type: ignore[union-attr]
+        self._reachability.statement_started(fd)
         try:
             cursor.execute(statement, params)
         except psycopg2.Error as error:
             cursor.close()
             raise self._wrapped(error, statement, params) from error
+        finally:
+            self._reachability.statement_ended(fd)
         return cursor
 
     def _wrapped(self, error: psycopg2.Error, statement: str, params: dict[str, Any] | None) -> DBAPIError:

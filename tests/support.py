@@ -1,14 +1,17 @@
 """Real services for the tests: PostgreSQL databases and a gunicorn-served BLOOM Runtime."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from contextlib import closing
@@ -294,3 +297,73 @@ class RedisServer:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+class StallingRelay:
+    """A TCP relay in front of PostgreSQL that can stall: while stalled it keeps every
+    connection open, accepts new ones and takes what the kernel takes, but forwards
+    nothing either way — a hung connection pooler or proxy, where no TCP timeout fires."""
+
+    def __init__(self, admin_url) -> None:
+        url = make_url(str(admin_url)) if not hasattr(admin_url, "query") else admin_url
+        socket_dir = url.query.get("host")
+        if socket_dir:  # the embedded server listens on a Unix socket
+            self._target = (socket.AF_UNIX, str(next(Path(socket_dir).glob(".s.PGSQL.*"))))
+        else:
+            self._target = (socket.AF_INET, (url.host or "127.0.0.1", url.port or 5432))
+        self._admin_url = url
+        self._running = threading.Event()
+        self._running.set()
+        self._closed = False
+        self._sockets: list[socket.socket] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url_for(self, database: str) -> str:
+        return self._admin_url.set(host="127.0.0.1", port=self.port, database=database, query={}).render_as_string(
+            hide_password=False)
+
+    def stall(self) -> None:
+        self._running.clear()
+
+    def heal(self) -> None:
+        self._running.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._running.set()
+        for sock in [self._listener, *self._sockets]:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.socket(self._target[0], socket.SOCK_STREAM)
+            try:
+                upstream.connect(self._target[1])
+            except OSError:
+                client.close()
+                continue
+            self._sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        while not self._closed:
+            self._running.wait()
+            try:
+                readable, _, _ = select.select([source], [], [], 0.1)
+                if not readable or not self._running.is_set():
+                    continue
+                chunk = source.recv(65536)
+                if not chunk:
+                    sink.close()
+                    return
+                sink.sendall(chunk)
+            except (OSError, ValueError):  # closed under it (close())
+                return

@@ -111,8 +111,10 @@ def test_an_agents_result_survives_a_short_database_outage(agents):
         assert lost[2] == 503
         time.sleep(1.0)
         pg.ensure_postgres_running()
-        done = wait_until(lambda: (t := task_of(served, task["id"]))["status"] == "completed" and t, timeout=30,
-                          interval=0.5, what="the held result to be stored")
+        # Until each process has seen the database answer again (a ping a second), reads get 503.
+        done = wait_until(lambda: (r := requests.get(api(served, f"/llm-tasks/{task['id']}"), timeout=10)).ok
+                          and r.json()["status"] == "completed" and r.json(),
+                          timeout=30, interval=0.5, what="the held result to be stored")
         assert done["attempts"] == 1 and agent.outputs() == [task["id"]]  # ran once
         assert [a["content"] for a in results_of(served, task["id"])] == [f"agent ran {task['id']}"]
     finally:

@@ -15,6 +15,8 @@ from ..errors import ApiError, ValidationFailed, is_connection_failure, is_data_
 
 log = logging.getLogger(__name__)
 
+RETRY_AFTER_S = "2"  # seconds: a database away or busy is seen again within a ping or two
+
 _HTTP_MESSAGES = {
     400: "Bad request",
     401: "Unauthorized",
@@ -38,7 +40,10 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(ApiError)
     def _api(error: ApiError):
-        return jsonify(error_body(error.message)), error.status
+        response = jsonify(error_body(error.message))
+        if error.status == 503:
+            response.headers["Retry-After"] = RETRY_AFTER_S
+        return response, error.status
 
     @app.errorhandler(HTTPException)
     def _http(error: HTTPException):
@@ -57,19 +62,25 @@ def register_error_handlers(app: Flask) -> None:
             return jsonify(error_body("Invalid input")), 400
         if is_timeout(error):
             log.warning("database statement timed out: %s", type(error.orig).__name__)
-            return jsonify(error_body("Database busy, try again")), 503
+            return _unavailable("Database busy, try again")
         if error.connection_invalidated or is_connection_failure(error):
             log.warning("database unavailable: %s", type(error.orig).__name__)
-            return jsonify(error_body("Database unavailable")), 503
+            return _unavailable("Database unavailable")
         log.exception("database error")
         return jsonify(error_body("Internal Server Error")), 500
 
     @app.errorhandler(PoolTimeoutError)
     def _pool_timeout(error: PoolTimeoutError):
         log.warning("no database connection free in time")
-        return jsonify(error_body("Database unavailable")), 503
+        return _unavailable("Database unavailable")
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception):
         log.exception("unhandled error")
         return jsonify(error_body("Internal Server Error")), 500
+
+
+def _unavailable(message: str):
+    response = jsonify(error_body(message))
+    response.headers["Retry-After"] = RETRY_AFTER_S
+    return response, 503
