@@ -178,3 +178,43 @@ def test_a_worker_killed_while_claiming_its_count_column_does_not_wedge_the_othe
     started = time.monotonic()
     assert counters.incr("198.51.100.11/limit", 60, 1, now=1000.0)[0] == 1  # this process's first hit
     assert time.monotonic() - started < 1.0
+
+
+class _HangingStore(ProcessMemoryStorage):
+    """A shared store that fails every hit and takes a second to answer a check (Redis
+    behind a dropped route: each call waits for its timeout)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checks = 0
+
+    def incr(self, *args, **kwargs):
+        raise ConnectionError("store away")
+
+    def check(self) -> bool:
+        self.checks += 1
+        time.sleep(1.0)
+        return False
+
+
+def test_while_the_shared_store_hangs_one_request_asks_it_again_and_the_others_do_not_wait():
+    from bloom.web.rate_limits import ClientLimit
+
+    store = _HangingStore()
+    limit = ClientLimit(parse("100/minute"), FixedWindowRateLimiter(store))
+    assert limit.hit("api", "10.0.0.1")[0]  # fails over to this process's count
+    time.sleep(ClientLimit.FIRST_RETRY_S + 0.05)  # the retry is due
+    waits: list[float] = []
+
+    def one_request() -> None:
+        started = time.monotonic()
+        assert limit.hit("api", "10.0.0.2")[0]
+        waits.append(time.monotonic() - started)
+
+    requests_at_once = [threading.Thread(target=one_request) for _ in range(8)]
+    for thread in requests_at_once:
+        thread.start()
+    for thread in requests_at_once:
+        thread.join()
+    assert store.checks == 1  # every request used to ask, each waiting for the store's timeout
+    assert sorted(waits)[-2] < 0.5  # all but the one asking were served at once

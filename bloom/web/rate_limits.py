@@ -58,6 +58,7 @@ class ClientLimit:
         self._lock = threading.Lock()
         self._retry_shared_at = 0.0  # time.monotonic(); 0 while the shared store answers
         self._retry_after_s = self.FIRST_RETRY_S
+        self._probing = False  # one request asks the failing store again; the others do not wait
 
     def hit(self, scope: str, address: str) -> tuple[bool, RateLimiter]:
         """Count one request of this client in this scope: (within the limit?, the
@@ -86,11 +87,16 @@ class ClientLimit:
             return self._shared
         if time.monotonic() < retry_at:
             return self._fallback
+        with self._lock:  # single flight: a store that hangs costs one request its timeout, not all
+            if self._probing:
+                return self._fallback
+            self._probing = True
         try:
             answers = self._shared.storage.check()
         except Exception:
             answers = False
         with self._lock:
+            self._probing = False
             if answers and self._retry_shared_at:
                 self._retry_shared_at, self._retry_after_s = 0.0, self.FIRST_RETRY_S
                 log.warning("rate-limit store answers again: limits are shared across processes again")
