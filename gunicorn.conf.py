@@ -1,9 +1,11 @@
 """gunicorn settings for BLOOM Runtime: `gunicorn -c gunicorn.conf.py wsgi:app`.
 
-Every worker process builds its own app, engine and connection pool after the fork
+Every gunicorn process builds its own app, engine and connection pool after the fork
 (no preload), so no database connection is ever shared across processes. The
-background jobs run in every worker's scheduler but do their work once per
-deployment (see bloom/scheduler.py), however many workers and hosts there are.
+background jobs run in every process's scheduler but do their work once per
+deployment (see bloom/scheduler.py), however many processes and hosts there are. (gunicorn
+calls its processes workers: `workers`, `worker_class` and the hooks' `worker` are its words;
+in BLOOM a worker is a registered node.)
 """
 import multiprocessing
 import os
@@ -11,7 +13,7 @@ import shutil
 
 bind = f"0.0.0.0:{os.environ.get('BLOOM_RUNTIME_PORT', '3002')}"
 workers = int(os.environ.get("WEB_CONCURRENCY") or min(2 * multiprocessing.cpu_count() + 1, 12))
-# Threads let a worker serve while other requests wait on PostgreSQL, Membridge or a long
+# Threads let a process serve while other requests wait on PostgreSQL, Membridge or a long
 # poll. A waiting long poll holds a thread but no database connection, and at most
 # threads - 8 of them wait at once (bloom/api/workers.py): 8 always serve short requests.
 worker_class = "gthread"
@@ -61,13 +63,13 @@ def on_starting(server):
     except ConfigError as problem:
         server.log.error("configuration error: %s", problem)
         raise SystemExit(2) from None
-    announce_settings(settings)  # once, here, not once per worker
+    announce_settings(settings)  # once, here, not once per process
     os.environ[ANNOUNCED_ENV] = "1"
 
     from bloom.web.rate_limit_store import share_counters_across_workers
 
     # Before any fork: every process inherits one table, so `memory://` limits hold per
-    # client across all workers of this host.
+    # client across all processes of this host.
     share_counters_across_workers()
     if not os.environ.get("DATABASE_URL", "").strip():
         from bloom.embedded_postgres import start_embedded_postgres
@@ -98,8 +100,8 @@ def post_worker_init(worker):
         # However the thread count was given (env or --threads): 8 stay for short requests.
         services(worker.wsgi).waiting_room.resize(worker.cfg.threads - 8)
     # What exists now (modules, the app, its schemas, SQL and pools) lives as long as the
-    # worker: keep it out of the cyclic collector. Its full passes over all of it took
-    # 50-150 ms under load, a pause for every thread of the worker (docs/PERFORMANCE.md).
+    # process: keep it out of the cyclic collector. Its full passes over all of it took
+    # 50-150 ms under load, a pause for every thread of the process (docs/PERFORMANCE.md).
     gc.freeze()
 
 

@@ -3,7 +3,7 @@
 gunicorn answers some requests before the application sees them (a request line over
 `limit_request_line`: 414; malformed request lines or headers: 400; too many headers:
 431) with an HTML page written by `gunicorn.util.write_error`. `install()` replaces that
-one function, in each worker process, by one that writes `{"error": ...}`.
+one function, in each gunicorn process, by one that writes `{"error": ...}`.
 """
 from __future__ import annotations
 
