@@ -367,3 +367,56 @@ class StallingRelay:
                 sink.sendall(chunk)
             except (OSError, ValueError):  # closed under it (close())
                 return
+
+
+class TcpBalancer:
+    """The load balancer in front of several hosts: each connection goes to the next
+    backend that accepts it (a dead host's port refuses, so its share goes elsewhere)."""
+
+    def __init__(self, backends: list[int]) -> None:
+        self.backends = backends
+        self._next = 0
+        self._closed = False
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._listener.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        for _ in range(len(self.backends)):
+            port = self.backends[self._next % len(self.backends)]
+            self._next += 1
+            try:
+                upstream = socket.create_connection(("127.0.0.1", port), timeout=2)
+            except OSError:
+                continue
+            upstream.settimeout(None)
+            threading.Thread(target=_pump_until_closed, args=(upstream, client), daemon=True).start()
+            _pump_until_closed(client, upstream)
+            return
+        client.close()
+
+
+def _pump_until_closed(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while chunk := source.recv(65536):
+            sink.sendall(chunk)
+    except (OSError, ValueError):
+        pass
+    finally:
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
