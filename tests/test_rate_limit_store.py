@@ -218,3 +218,33 @@ def test_while_the_shared_store_hangs_one_request_asks_it_again_and_the_others_d
         thread.join()
     assert store.checks == 1  # every request used to ask, each waiting for the store's timeout
     assert sorted(waits)[-2] < 0.5  # all but the one asking were served at once
+
+
+def test_crafted_addresses_that_fill_a_clients_group_never_lock_it_out(monkeypatch, caplog):
+    """Sixteen addresses chosen offline to land in one group of the host's table used to
+    make a client whose key fell there over its limit (429) for the whole window. Now a
+    key that finds no room is counted in its process: limited, never refused for it."""
+    from bloom.web import rate_limit_store
+    from bloom.web.rate_limit_store import HostSharedStorage
+
+    counters = HostCounters()
+    monkeypatch.setattr(rate_limit_store, "_host_counters", counters)
+    limiter = FixedWindowRateLimiter(HostSharedStorage())
+    limit = parse("5/minute")
+    same_group, n = [], 0  # addresses whose keys, as the limiter writes them, share one group
+    while len(same_group) < HostCounters.GROUP + 2:
+        address = f"2001:db8::{n:x}"
+        if not same_group or counters._group(limit.key_for(address))[1] == counters._group(
+                limit.key_for(same_group[0]))[1]:
+            same_group.append(address)
+        n += 1
+    counted, victim, *flood = same_group
+    for _ in range(3):
+        assert limiter.hit(limit, counted)  # a client counted before the flood
+    with caplog.at_level("WARNING", logger="bloom.web.rate_limit_store"):
+        for key in flood:  # the crafted addresses: every slot of the group now holds a live window
+            assert limiter.hit(limit, key)
+        assert [limiter.hit(limit, victim) for _ in range(6)] == [True] * 5 + [False]  # its own limit, no other
+    assert limiter.get_window_stats(limit, victim)[1] == 0
+    assert [limiter.hit(limit, counted) for _ in range(3)] == [True, True, False]  # its count was kept
+    assert len([r for r in caplog.records if "full of live windows" in r.getMessage()]) == 1

@@ -17,6 +17,7 @@ RATELIMIT_STORAGE_URI to a Redis URI for limits that hold across hosts.
 from __future__ import annotations
 
 import hashlib
+import logging
 import mmap
 import multiprocessing
 import os
@@ -26,6 +27,8 @@ import time
 from collections.abc import Callable
 
 from limits.storage import Storage
+
+log = logging.getLogger(__name__)
 
 SCHEME = "bloom-memory"
 HOST_SCHEME = "bloom-host"
@@ -169,9 +172,10 @@ class HostCounters:
 
     A count may be off by the hits in flight as a window turns. A live window is never
     given up for another key: when every slot of a group holds one (a flood of distinct
-    addresses), a new key is refused (its count reads as over any limit) until a window
-    ends: the limiter fails closed for the newcomers, never open for the clients it
-    already counts.
+    addresses), a new key finds no room (NO_ROOM) until a window ends, and the store
+    (HostSharedStorage) counts it in its own process instead: a flood never resets the
+    clients already counted, nor makes a newcomer over its limit (crafted addresses that
+    fill one group used to lock a chosen client out for a whole window).
     """
 
     HEAD = struct.Struct("<Qdq")  # key digest (0 = empty), window end (epoch s), generation
@@ -337,6 +341,10 @@ class HostSharedStorage(_LocalStorage):
         if _host_counters is None:
             raise RuntimeError("no host counters: share_counters_across_workers() was not called before the fork")
         self._counters = _host_counters
+        # Keys that found no room in the host's table (a flood filled their group): counted
+        # in this process, so they are limited, per process, and never refused for it.
+        self._overflow = ProcessMemoryStorage(clock=self._clock)
+        self._overflowed = False
         # Flask-Limiter reads the window back right after its hit, for the X-RateLimit
         # headers of the same response (a count and an expiry: two more trips through the
         # table's locks). The window this thread's last hit left answers those reads.
@@ -348,6 +356,13 @@ class HostSharedStorage(_LocalStorage):
 
     def incr(self, key: str, expiry: float, amount: int = 1) -> int:
         count, window_end = self._counters.incr(key, expiry, amount, self._clock())
+        if count == HostCounters.NO_ROOM:
+            if not self._overflowed:  # once per process: a flood of distinct clients
+                self._overflowed = True
+                log.warning("rate-limit table: a group is full of live windows (a flood of distinct clients?); "
+                            "keys that find no room are counted per process")
+            count = self._overflow.incr(key, expiry, amount)
+            window_end = self._overflow.get_expiry(key)
         self._last_hit.window = (key, count, window_end)
         return count
 
@@ -362,13 +377,18 @@ class HostSharedStorage(_LocalStorage):
         last = getattr(self._last_hit, "window", None)
         if last is not None and last[0] == key and last[2] > now:
             return last[1], last[2]
-        return self._counters.read(key, now)
+        count, window_end = self._counters.read(key, now)
+        if count == 0 and self._overflow.get(key):
+            return self._overflow.get(key), self._overflow.get_expiry(key)
+        return count, window_end
 
     def clear(self, key: str) -> None:
         self._last_hit.window = None
         self._counters.clear(key, self._clock())
+        self._overflow.clear(key)
 
     def reset(self) -> int:
         self._last_hit.window = None
         self._counters.reset()
+        self._overflow.reset()
         return 0
