@@ -18,6 +18,8 @@ import requests
 from sqlalchemy import create_engine, text
 
 from bloom import create_app
+from bloom.schemas import CreateTaskSchema, RegisterWorkerSchema, load
+from bloom.services import services
 
 from .conftest import make_settings
 from .helpers import TASK, create_task, register_worker
@@ -313,3 +315,28 @@ def test_a_frozen_postgresql_makes_ready_say_no_within_two_seconds_and_health_do
                 pass
         served.stop()
         pg.cleanup()
+
+
+def test_an_agents_delivery_callbacks_are_not_rate_limited_but_refused_ones_count(database_url):
+    """An agent running short tasks from one address sends two callbacks a task and never
+    retries one: with the client limit applied, hundreds of them got 429. A callback on a
+    delivery is authenticated by its lease; only refused ones (a wrong lease) are counted."""
+    app = create_app(make_settings(database_url, BLOOM_RATE_LIMIT="3 per minute"))
+    client = app.test_client()
+    leases = services(app).leases
+    try:
+        services(app).workers.register_worker(load(RegisterWorkerSchema, {
+            "name": "agent", "url": "http://127.0.0.1:9", "capabilities": {"max_concurrency": 8}}))
+        for _ in range(3):
+            task, _ = services(app).tasks.create_task(load(CreateTaskSchema, TASK))
+            lease = leases.grant_lease(task["id"], worker_id="agent", ttl_seconds=None, push_only=True)["lease"]
+            base = f"/api/runtime/deliveries/{lease['id']}/api/runtime/llm-tasks/{task['id']}"
+            for _ in range(2):
+                assert client.post(f"{base}/heartbeat").status_code == 200
+            done = client.post(f"{base}/complete", json={"status": "success", "output": "ok",
+                                                         "metrics": {"duration_ms": 1, "tokens_used": None}})
+            assert done.status_code == 200  # nine callbacks from one address, over a limit of 3
+        guessed = f"/api/runtime/deliveries/guess/api/runtime/llm-tasks/{task['id']}/heartbeat"
+        assert [client.post(guessed).status_code for _ in range(4)] == [409, 409, 409, 429]
+    finally:
+        services(app).database.dispose()

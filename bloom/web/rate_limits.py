@@ -28,6 +28,7 @@ from limits import parse as parse_limit
 from limits.strategies import FixedWindowRateLimiter, RateLimiter
 from werkzeug.exceptions import TooManyRequests
 
+from ..agents.dispatch import DELIVERY_PREFIX
 from ..settings import Settings
 from .rate_limit_store import ProcessMemoryStorage, memory_scheme
 
@@ -38,9 +39,10 @@ PROTECTED_PREFIXES = ("/api/runtime/", "/api/membridge/")
 # Monitoring is never throttled.
 UNLIMITED_PATHS = frozenset({"/api/runtime/health", "/api/runtime/ready", "/api/runtime/openapi.json", "/metrics"})
 TEST_CONNECTION_ENDPOINT = "config.test_connection"
+DELIVERY_CALLBACKS = f"{DELIVERY_PREFIX}/"
 LIMITER_KEY = "bloom.limiter"  # app.extensions: Flask-Limiter, and its store
 # The scopes of the counters kept per client address.
-API_SCOPE, FAILED_AUTH_SCOPE = "api", "failed-auth"
+API_SCOPE, FAILED_AUTH_SCOPE, REFUSED_CALLBACK_SCOPE = "api", "failed-auth", "refused-callback"
 
 
 class ClientLimit:
@@ -69,6 +71,15 @@ class ClientLimit:
         except Exception as error:  # the store's own errors (connection refused, timeouts)
             self._shared_failed(error)
             return self._fallback.hit(self.limit, KEY_PREFIX, scope, address), self._fallback
+
+    def has_room(self, scope: str, address: str) -> bool:
+        """Would one more hit of this client in this scope be within the limit? (Counts nothing.)"""
+        strategy = self._counting()
+        try:
+            return strategy.test(self.limit, KEY_PREFIX, scope, address)
+        except Exception as error:
+            self._shared_failed(error)
+            return self._fallback.test(self.limit, KEY_PREFIX, scope, address)
 
     def window(self, strategy: RateLimiter, scope: str, address: str) -> tuple[int, int] | None:
         """(reset time in epoch seconds, requests left) of the client's current window, or
@@ -168,6 +179,15 @@ def _install_client_limit(app: Flask) -> None:
         if path in UNLIMITED_PATHS or not path.startswith(PROTECTED_PREFIXES):
             return
         address = get_remote_address()
+        if path.startswith(DELIVERY_CALLBACKS):
+            # An agent's callbacks on a delivery are authenticated by its lease (the URL
+            # names it), and the real agent never retries one: not client traffic to limit
+            # (an agent running short tasks got hundreds of 429s). Only refused ones (a wrong
+            # or stale lease) count, so guessing leases stays throttled.
+            if not extensions["bloom.client_limit"].has_room(REFUSED_CALLBACK_SCOPE, address):
+                raise TooManyRequests()
+            g.callback_from = address
+            return
         allowed, strategy = extensions["bloom.client_limit"].hit(API_SCOPE, address)
         g.client_window = (strategy, address)
         if not allowed:
@@ -177,6 +197,9 @@ def _install_client_limit(app: Flask) -> None:
     # Flask-Limiter's, whose headers (the connection test's stricter limit) it leaves be.
     @app.after_request
     def _add_headers(response):
+        callback_from = g.get("callback_from")
+        if callback_from is not None and response.status_code in (404, 409):
+            extensions["bloom.client_limit"].hit(REFUSED_CALLBACK_SCOPE, callback_from)
         counted = g.get("client_window")
         if counted is None or "X-RateLimit-Limit" in response.headers:
             return response
