@@ -159,6 +159,9 @@ class _Server(ThreadingHTTPServer):
     """Remembers its connections so that stopping it also cuts the keep-alive ones."""
 
     daemon_threads = True
+    # The real servers listen with a backlog of 2048 (uvicorn); socketserver's default of 5
+    # drops the connections of a burst (a dispatcher's health checks before 256 deliveries).
+    request_queue_size = 128
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
