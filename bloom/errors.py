@@ -56,17 +56,26 @@ def is_connection_failure(error: DBAPIError) -> bool:
     import psycopg2
 
     orig = error.orig
+    if is_concurrency_conflict(error):  # an OperationalError to psycopg2, yet the database is fine
+        return False
     if isinstance(orig, (psycopg2.OperationalError, psycopg2.InterfaceError)):
         return True
     # admin_shutdown / crash_shutdown / cannot_connect_now while PostgreSQL restarts
     return getattr(orig, "pgcode", None) in {"57P01", "57P02", "57P03"}
 
 
+def is_concurrency_conflict(error: DBAPIError) -> bool:
+    """A deadlock or a serialization failure: a concurrent request won; the same call may
+    succeed at once."""
+    return getattr(error.orig, "pgcode", None) in {"40P01", "40001"}
+
+
 def is_transient(error: DBAPIError) -> bool:
     """The database is away or busy (not the data): the same call may succeed later."""
     if is_data_error(error):
         return False
-    return is_timeout(error) or error.connection_invalidated or is_connection_failure(error)
+    return (is_timeout(error) or is_concurrency_conflict(error) or error.connection_invalidated
+            or is_connection_failure(error))
 
 
 def is_data_error(error: DBAPIError) -> bool:

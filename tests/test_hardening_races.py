@@ -109,3 +109,21 @@ def test_racing_batches_that_share_keys_with_other_content_one_wins_the_other_ge
         loser = names["second"] if first.status_code == 201 else names["first"]
         tasks = requests.get(api(server, "/llm-tasks?limit=1000"), timeout=10).json()
         assert not [t for t in tasks if t["prompt"].startswith(loser)]  # all or nothing: none of its tasks
+
+
+def test_batches_sharing_keys_in_different_orders_never_deadlock(server):
+    """Two batches with the same keys, one in the reverse order of the other: 15 of 40
+    answers were 503 "Database unavailable" (a deadlock on the keys' index entries). Now
+    every answer is 201 or 200 (the same tasks, by key), none 503."""
+    for _ in range(20):
+        items = [{**TASK, "prompt": f"item {n}", "idempotency_key": f"k-{uuid.uuid4().hex}"} for n in range(30)]
+
+        def batch(ordered):
+            return lambda s: s.post(api(server, "/llm-tasks/batch"), json={"tasks": ordered}, timeout=30)
+
+        forward, backward = _race(batch(items), batch(items[::-1]))
+        assert sorted([forward.status_code, backward.status_code]) in ([200, 201], [201, 201]), \
+            (forward.status_code, backward.text[:200])
+        by_key = {item["idempotency_key"]: task["id"] for item, task in zip(items, forward.json()["tasks"], strict=True)}
+        assert {item["idempotency_key"]: task["id"] for item, task in zip(items[::-1], backward.json()["tasks"], strict=True)} \
+            == by_key

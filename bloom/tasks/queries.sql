@@ -50,7 +50,10 @@ WITH incoming AS (
       FROM incoming i
      WHERE NOT EXISTS (SELECT 1 FROM mismatch)
        AND NOT EXISTS (SELECT 1 FROM earlier e WHERE e.position = i.position)
-     ORDER BY i.position
+     -- Keyed rows in key order: two batches that share keys take them in one order, so one
+     -- waits for the other instead of both deadlocking (a 503 before). The answer's order
+     -- is the request's, whatever the order rows are written in.
+     ORDER BY i.idempotency_key, i.position
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING *
 ), audit AS (

@@ -11,7 +11,14 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from werkzeug.exceptions import HTTPException
 
-from ..errors import ApiError, ValidationFailed, is_connection_failure, is_data_error, is_timeout
+from ..errors import (
+    ApiError,
+    ValidationFailed,
+    is_concurrency_conflict,
+    is_connection_failure,
+    is_data_error,
+    is_timeout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +70,9 @@ def register_error_handlers(app: Flask) -> None:
         if is_timeout(error):
             log.warning("database statement timed out: %s", type(error.orig).__name__)
             return _unavailable("Database busy, try again")
+        if is_concurrency_conflict(error):
+            log.warning("statement lost to a concurrent one: %s", getattr(error.orig, "pgcode", None))
+            return _unavailable("Conflict with a concurrent request, try again")
         if error.connection_invalidated or is_connection_failure(error):
             log.warning("database unavailable: %s", type(error.orig).__name__)
             return _unavailable("Database unavailable")
