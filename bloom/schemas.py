@@ -66,6 +66,23 @@ def _http_url(value: str) -> None:
         port = 0
     if port == 0:  # out of range, or not a number: no agent listens there
         raise ValidationError("Must have a port from 1 to 65535.")
+    if _odd_ipv4_spelling(parsed.hostname):
+        raise ValidationError("Must write an IPv4 address as four decimal numbers (a.b.c.d).")
+
+
+def _odd_ipv4_spelling(host: str) -> bool:
+    """2130706433, 0x7f000001, 127.1, 0177.0.0.1: what a resolver reads as an IPv4 address
+    but is not written a.b.c.d (refused at every call later; refused here at once)."""
+    try:
+        ipaddress.IPv4Address(host)
+        return False
+    except ValueError:
+        pass
+    try:
+        socket.inet_aton(host)
+        return True
+    except OSError:
+        return False
 
 
 class OsInfo(fields.Raw):

@@ -37,11 +37,17 @@ def _at_least(value: float, name: str, minimum: float, meaning: str) -> float:
     return value
 
 
+# The shortest interval or period a setting may give: a microsecond kept a process busy
+# (71 % of a core), and `inf` passed as a number and killed the processes when a timer
+# was armed with it (OverflowError).
+MIN_SECONDS, MAX_SECONDS = 0.05, 10 * 365 * 86400.0
+
+
 def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
-    """A period or an interval: more than zero (a zero interval would spin a thread)."""
+    """A period or an interval: finite, from MIN_SECONDS to ten years."""
     value = _float(env, name, default)
-    if not value > 0:
-        raise ConfigError(f"{name} must be a number of seconds above 0, got {value:g}")
+    if not MIN_SECONDS <= value <= MAX_SECONDS:  # NaN fails both
+        raise ConfigError(f"{name} must be a number of seconds from {MIN_SECONDS:g} to {MAX_SECONDS:.0f}, got {value:g}")
     return value
 
 

@@ -48,7 +48,7 @@ def test_gunicorn_refuses_to_start_with_a_zero_interval_and_says_why(tmp_path):
              "BLOOM_DATA_DIR": str(tmp_path), "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"},
     )
     assert result.returncode != 0
-    assert "configuration error: WORKER_SYNC_INTERVAL_S must be a number of seconds above 0" in result.stderr
+    assert "configuration error: WORKER_SYNC_INTERVAL_S must be a number of seconds from 0.05" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -102,3 +102,12 @@ def test_large_bodies_are_handled_a_few_at_a_time_and_the_rest_told_to_come_back
         assert client.post("/api/runtime/llm-tasks/batch", json=big).status_code == 201  # its slot came back
     finally:
         services(app).database.dispose()
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "1e-6", "0.001", "1e12"])
+def test_intervals_must_be_finite_and_not_absurdly_short(value):
+    """`inf` passed the check and killed every process with OverflowError when a timer was
+    armed with it; a microsecond kept a process at 71 % of a core."""
+    with pytest.raises(ConfigError, match="WORKER_SYNC_INTERVAL_S must be a number of seconds from"):
+        Settings.from_env({"WORKER_SYNC_INTERVAL_S": value})
+    assert Settings.from_env({"WORKER_SYNC_INTERVAL_S": "0.5"}).worker_sync_interval_s == 0.5

@@ -129,3 +129,14 @@ def test_memory_sync_goes_through_membridge_with_the_fields_it_takes(client, age
                        json={"direction": "../agents"}).status_code == 400
     assert {"memory_sync_pull", "memory_sync_push"} <= set(audit_actions(client))
     assert client.get("/api/runtime/health").get_json()["membridge"]["consecutiveFailures"] == 0
+
+
+def test_propagate_calls_an_agent_known_by_many_names_once(client, agents):
+    """Thirty names for one agent url: one /clone with the agent key, not thirty."""
+    agent = _node(client, agents, "node-a")
+    for n in range(30):
+        assert client.post("/api/runtime/workers", json={"name": f"alias-{n}", "url": agent.url}).status_code == 201
+    project = client.post("/api/runtime/projects", json={"name": "garden", "repo_url": "https://x.org/g.git"}).get_json()
+    answer = client.post(f"/api/runtime/projects/{project['id']}/propagate", json={}).get_json()
+    assert len(answer["results"]) == 1
+    assert [path for path, _ in agent.state.operations] == ["/clone"]

@@ -180,3 +180,13 @@ def test_an_idle_service_without_membridge_logs_an_outage_once_not_every_round(d
     # Start-up speaks once per instance, not once per worker (three here).
     assert log.count("RUNTIME_API_KEY is not set") == 1 and log.count("BLOOM_PUBLIC_URL is not set") == 1
     assert log.count("schema applied") <= 1 and "scheduler started" not in log
+
+
+def test_with_membridge_answering_a_silent_pull_worker_goes_offline_after_the_configured_liveness(
+        app, client, membridge):
+    """It went offline after a fixed 60 s whatever BLOOM_WORKER_LIVENESS_S said."""
+    membridge.state.agents = []
+    assert client.post("/api/runtime/workers", json={"name": "puller"}).status_code == 201
+    time.sleep(1.2)  # silent for longer than the liveness below
+    outcome = sync_workers(services(app).membridge, services(app).database, liveness_s=1.0)
+    assert outcome.offlined == 1 and workers_by_id(client)["puller"]["status"] == "offline"

@@ -61,9 +61,11 @@ UPDATE managed_projects SET clone_status = :status, error_message = :error_messa
 RETURNING *;
 
 -- name: propagation_targets
--- Approved workers with a url that do not hold the project yet (not cloned, not synced).
-SELECT w.id, w.url FROM workers w
+-- Approved workers with a url that do not hold the project yet (not cloned, not synced):
+-- one name per agent address (30 names of one agent are one clone, not 30 calls with the
+-- agent key).
+SELECT DISTINCT ON (w.address) w.id, w.url FROM workers w
  WHERE w.url IS NOT NULL AND w.approved
    AND NOT EXISTS (SELECT 1 FROM project_node_status s
                     WHERE s.project_id = :project_id AND s.node_id = w.id AND s.clone_status IN ('cloned', 'synced'))
- ORDER BY w.id;
+ ORDER BY w.address, w.id;

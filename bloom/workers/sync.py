@@ -20,7 +20,6 @@ from ..stamps import now_ms
 
 log = logging.getLogger(__name__)
 
-STALE_AFTER_MS = 60_000
 
 
 class SyncFailed(Exception):
@@ -152,7 +151,7 @@ def sync_workers(client: MembridgeClient, database: Database, *, liveness_s: flo
             now=now,
         )
         offlined = tx.all(
-            "offline_stale_workers", seen_ids=list(rows), stale_before=now - STALE_AFTER_MS,
+            "offline_stale_workers", seen_ids=list(rows), stale_before=evidence_since,
             evidence_since=evidence_since,
         )
     outcome = SyncOutcome(int(counts["inserted"]), int(counts["updated"]), skipped, len(offlined))
