@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import select
 import threading
 import time
@@ -29,6 +30,8 @@ _PREPARED_KEY = "bloom.statements_prepared"
 _UNKNOWN_PREPARED_STATEMENT = "26000"  # invalid_sql_statement_name
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
 SCHEMA_DIGEST_KEY = "schema_sha256"
+# Every table schema.sql creates, read from it once.
+SCHEMA_TABLES = re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", SCHEMA_PATH.read_text(encoding="utf-8"))
 
 
 class Database:
@@ -272,8 +275,14 @@ def apply_schema(database: Database, *, force: bool = False) -> bool:
         tx.one("apply_schema_lock")
         if not force and tx.one("settings_table_exists")["present"]:
             applied = tx.one_or_none("get_settings_value", key=SCHEMA_DIGEST_KEY)
-            if applied is not None and applied["value"] == digest:
+            # The stored digest says which schema.sql was applied, not that its tables are
+            # still there: a restore of some tables only (with runtime_settings among them)
+            # carried the digest over, and the start skipped the DDL the missing tables need.
+            missing = [row["name"] for row in tx.all("missing_tables", tables=SCHEMA_TABLES)]
+            if applied is not None and applied["value"] == digest and not missing:
                 return False
+            if missing:
+                log.warning("tables missing from the database (%s): applying the schema", ", ".join(missing))
         tx.run_sql(ddl)
         tx.execute("put_setting", key=SCHEMA_DIGEST_KEY, value=digest, now=int(time.time() * 1000))
     log.info("schema applied")
