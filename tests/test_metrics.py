@@ -53,6 +53,9 @@ def test_metrics_count_what_the_clients_did_across_workers_and_survive_a_killed_
 
     samples = scrape(served, Authorization="Bearer scrape-secret")
     assert value(samples, "bloom_http_requests_total", route="/api/runtime/llm-tasks", method="POST", status="201") == 12
+    # Every route parameter is written alike in the labels (no converter syntax).
+    assert value(samples, "bloom_http_requests_total", route="/api/runtime/workers/<worker_id>/claim", method="POST",
+                 status="201") == 1
     assert value(samples, "bloom_leases_granted_total", via="lease") == 5
     assert value(samples, "bloom_leases_granted_total", via="claim") == 1
     assert value(samples, "bloom_completions_total", result="success") == 4

@@ -19,6 +19,19 @@ _ACCEPTABLE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
+_CONVERTER = re.compile(r"<\w+:(\w+)>")
+_ROUTE_LABELS: dict[str, str] = {}
+
+
+def _route_label(rule: str) -> str:
+    """The route as a metrics label, every parameter written alike (`<worker_id>`, as
+    `<task_id>`, not `<worker_id:worker_id>`); worked out once per route."""
+    label = _ROUTE_LABELS.get(rule)
+    if label is None:
+        label = _ROUTE_LABELS.setdefault(rule, _CONVERTER.sub(r"<\1>", rule))
+    return label
+
+
 def new_request_id() -> str:
     """32 random hex digits (the form uuid4().hex had, without building a UUID)."""
     return os.urandom(16).hex()
@@ -40,7 +53,7 @@ def install_request_log(app: Flask) -> None:
         # Labels from bounded sets only: a client must not mint time series at will.
         req = request._get_current_object()
         rule = req.url_rule
-        route = rule.rule if rule is not None else "unmatched"
+        route = _route_label(rule.rule) if rule is not None else "unmatched"
         method = req.method if req.method in _METHODS else "OTHER"
         metrics.count_request(route, method, response.status_code, elapsed_s)
         if response.status_code == 429:
