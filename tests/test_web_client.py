@@ -44,6 +44,9 @@ http {{
     server {{
         listen 127.0.0.1:{port};
         client_max_body_size 16m;
+        # Outside the login, with no key added: a node's `curl ... | bash` and the health check.
+        location = /api/runtime/agent-install-script {{ proxy_pass http://bloom_runtime; }}
+        location = /api/runtime/health {{ proxy_pass http://bloom_runtime; }}
         location / {{
             auth_basic "BLOOM Runtime";
             auth_basic_user_file {root}/htpasswd;
@@ -130,6 +133,11 @@ def test_the_web_clients_pages_work_through_a_proxy_with_its_own_login(fleet_ser
     served = fleet_server(RUNTIME_API_KEY=WORKER_KEY, BLOOM_OPERATOR_KEY=OPERATOR_KEY, BLOOM_DISPATCH="off")
     front = nginx_front(served.port)
     assert requests.get(f"{front}/api/runtime/llm-tasks", timeout=10).status_code == 401  # nginx's login
+    # A node installs its agent through the same front, without the login (it used to get
+    # nginx's 401 page, which `curl ... | bash` then ran).
+    script = requests.get(f"{front}/api/runtime/agent-install-script?node_id=rpi4b&server_url={front}", timeout=10)
+    assert script.status_code == 200 and script.text.startswith("#!/usr/bin/env bash")
+    assert requests.get(f"{front}/api/runtime/health", timeout=10).status_code == 200
     assert requests.get(served.url("/api/runtime/llm-tasks"), timeout=10).status_code == 401  # no key: no entry
     browser = Browser(front)
     agent = agents("rpi4b", runtime_api_key=WORKER_KEY)  # agents call the runtime directly

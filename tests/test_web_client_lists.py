@@ -37,8 +37,13 @@ def test_the_lists_without_limit_keep_what_the_client_acts_on(app, client):
     assert statuses[failed["id"]] == "failed"
     assert all(statuses[task_id] == "leased" for task_id in in_flight)
     assert len(tasks) <= 3 + 500 + 100
-    created = [task["created_at"] for task in tasks]
-    assert created == sorted(created, reverse=True)  # newest first, as before
+    # What needs an operator first (the Runtime page shows 50 rows): in flight, then failed
+    # and dead, then the rest; newest first within each. (The failed task, the oldest of
+    # all, was past row 100 when the list was newest first.)
+    need = {"leased": 0, "running": 0, "failed": 1, "dead": 1}
+    order = [(need.get(task["status"], 2), -task["created_at"]) for task in tasks]
+    assert order == sorted(order)
+    assert {task["id"] for task in tasks[:3]} == set(in_flight) and tasks[3]["id"] == failed["id"]
 
     leases = client.get("/api/runtime/leases").get_json()
     assert {entry["task_id"] for entry in leases if entry["status"] == "active"} == set(in_flight)

@@ -79,8 +79,10 @@ SELECT * FROM llm_tasks
 -- GET /llm-tasks with no limit, as the web client reads it: it counts statuses from the
 -- rows and offers Requeue on failed ones, so every task in flight (leased, running: at
 -- most the fleet's capacity, capped at :in_flight_rows), the newest :failed_rows failed
--- or dead ones and the newest :recent_rows of the rest, newest first. Each part is a short
--- range of an index, whatever the number of finished tasks kept.
+-- or dead ones and the newest :recent_rows of the rest. What needs an operator comes
+-- first — in flight, then failed and dead — newest first within each part: the Runtime
+-- page shows the first 50 rows. Each part is a short range of an index, whatever the
+-- number of finished tasks kept.
 SELECT * FROM (
     (SELECT * FROM llm_tasks WHERE status IN ('leased', 'running')
       ORDER BY created_at DESC, id DESC LIMIT :in_flight_rows)
@@ -91,7 +93,8 @@ SELECT * FROM (
     (SELECT * FROM llm_tasks WHERE status NOT IN ('leased', 'running', 'failed', 'dead')
       ORDER BY created_at DESC, id DESC LIMIT :recent_rows)
 ) overview
- ORDER BY created_at DESC, id DESC;
+ ORDER BY CASE WHEN status IN ('leased', 'running') THEN 0 WHEN status IN ('failed', 'dead') THEN 1 ELSE 2 END,
+          created_at DESC, id DESC;
 
 -- name: get_task
 SELECT * FROM llm_tasks WHERE id = :task_id;
