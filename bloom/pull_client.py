@@ -31,6 +31,8 @@ import requests
 
 log = logging.getLogger("bloom.worker")
 
+HEARTBEAT_MAX_S = 5.0
+
 # 429 too: a worker told to slow down waits (Retry-After) and goes on; it never gives up.
 RETRYABLE_STATUSES = {429, 502, 503, 504}
 # After TERM, how long the command's processes have before KILL.
@@ -274,7 +276,10 @@ class Worker:
     def _heartbeat_forever(self) -> None:
         """One worker heartbeat per beat renews every lease this worker holds; a lease of
         a running task coming back as lost (expired, cancelled, taken over) stops it."""
-        interval = max(self.ttl_seconds / 3, 0.2)
+        # Every TTL/3, and at least every HEARTBEAT_MAX_S: the heartbeat is also how the
+        # worker learns of a cancel, which must reach a running command within seconds
+        # whatever the TTL (at the default 300 s, a cancelled command ran 100 s more).
+        interval = min(max(self.ttl_seconds / 3, 0.2), HEARTBEAT_MAX_S)
         path = f"/api/runtime/workers/{quote(self.name, safe='')}/heartbeat"
         while True:
             self._beat_now.wait(interval)

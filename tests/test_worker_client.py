@@ -166,6 +166,24 @@ def test_cancelling_a_running_task_stops_the_workers_command(server):
         assert worker.terminate() == 0
 
 
+def test_a_cancel_reaches_a_running_command_within_seconds_at_the_default_ttl(server):
+    """The worker learns of a cancel at its heartbeat, every TTL/3: at the default 300 s a
+    cancelled command ran 100 s more. Now every 5 s at most."""
+    slug = f"cancel-{uuid.uuid4().hex[:6]}"
+    [task_id] = new_tasks(server, slug, 1)
+    marker = tempfile.mktemp(prefix="bloom-cancel-")
+    sleeper = [sys.executable, "-c", f"import time, pathlib; pathlib.Path({marker!r}).touch(); time.sleep(120)"]
+    worker = WorkerProcess(server, f"w-{slug}", sleeper, slug=slug, ttl=300)
+    try:
+        wait_until(lambda: task(server, task_id)["status"] == "running" and os.path.exists(marker), timeout=20,
+                   what="the command to run")
+        assert requests.post(server.url(f"/api/runtime/llm-tasks/{task_id}/cancel"), timeout=10).status_code == 200
+        wait_until(lambda: "stopping the command" in worker.output(), timeout=8,
+                   what="the worker to stop its command (5 s heartbeats, and a little)")
+    finally:
+        assert worker.terminate() == 0
+
+
 def test_a_failed_run_is_retried_after_its_backoff_and_every_result_stays_readable(server):
     slug = f"retry-{uuid.uuid4().hex[:6]}"
     [task_id] = new_tasks(server, slug, 1, max_attempts=2)
