@@ -299,7 +299,34 @@ class RedisServer:
             self.process.wait()
 
 
-class StallingRelay:
+class _Listener:
+    """A TCP listener on a free local port that hands each connection to `_connected` on
+    a thread of its own, until `close()`."""
+
+    def __init__(self) -> None:
+        self._closed = False
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._listener.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._connected, args=(client,), daemon=True).start()
+
+    def _connected(self, client: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class StallingRelay(_Listener):
     """A TCP relay in front of PostgreSQL that can stall: while stalled it keeps every
     connection open, accepts new ones and takes what the kernel takes, but forwards
     nothing either way — a hung connection pooler or proxy, where no TCP timeout fires."""
@@ -314,11 +341,8 @@ class StallingRelay:
         self._admin_url = url
         self._running = threading.Event()
         self._running.set()
-        self._closed = False
         self._sockets: list[socket.socket] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
     def url_for(self, database: str) -> str:
         return self._admin_url.set(host="127.0.0.1", port=self.port, database=database, query={}).render_as_string(
@@ -331,27 +355,22 @@ class StallingRelay:
         self._running.set()
 
     def close(self) -> None:
-        self._closed = True
+        super().close()
         self._running.set()
-        for sock in [self._listener, *self._sockets]:
+        for sock in self._sockets:
             with contextlib.suppress(OSError):
                 sock.close()
 
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            upstream = socket.socket(self._target[0], socket.SOCK_STREAM)
-            try:
-                upstream.connect(self._target[1])
-            except OSError:
-                client.close()
-                continue
-            self._sockets += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+    def _connected(self, client: socket.socket) -> None:
+        upstream = socket.socket(self._target[0], socket.SOCK_STREAM)
+        try:
+            upstream.connect(self._target[1])
+        except OSError:
+            client.close()
+            return
+        self._sockets += [client, upstream]
+        threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+        self._pump(client, upstream)
 
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         while not self._closed:
@@ -369,33 +388,17 @@ class StallingRelay:
                 return
 
 
-class TcpBalancer:
+class TcpBalancer(_Listener):
     """The load balancer in front of several hosts: each connection goes to the next
     backend that accepts it (a dead host's port refuses, so its share goes elsewhere)."""
 
     def __init__(self, backends: list[int]) -> None:
         self.backends = backends
         self._next = 0
-        self._closed = False
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
+        super().__init__()
         self.url = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self._accept, daemon=True).start()
 
-    def close(self) -> None:
-        self._closed = True
-        with contextlib.suppress(OSError):
-            self._listener.close()
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
+    def _connected(self, client: socket.socket) -> None:
         for _ in range(len(self.backends)):
             port = self.backends[self._next % len(self.backends)]
             self._next += 1
