@@ -126,16 +126,26 @@ class GunicornServer:
         socket activation (LISTEN_FDS): the socket outlives this server, so a stop and a
         new start lose no connection made in between."""
         refuse_in_quick_run("gunicorn")
-        self.port = listen_socket.getsockname()[1] if listen_socket is not None else free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        if public:
-            env = {"BLOOM_PUBLIC_URL": self.base_url, **env}
+        self._env, self._workers, self._threads, self._public = env, workers, threads, public
+        self._listen_socket = listen_socket
+        self._port_retries_left = 3
         self.log_path = Path(tempfile.mkstemp(prefix="bloom-gunicorn-", suffix=".log")[1])
+        self._start(listen_socket.getsockname()[1] if listen_socket is not None else free_port())
+        try:
+            wait_until(self._healthy, timeout=30, interval=0.1, what="gunicorn to serve /health")
+        except AssertionError:
+            self.stop()
+            raise AssertionError(f"gunicorn did not start:\n{self.log()}") from None
+
+    def _start(self, port: int) -> None:
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        env = {"BLOOM_PUBLIC_URL": self.base_url, **self._env} if self._public else self._env
         full_env = {
             **os.environ,
             "BLOOM_RUNTIME_PORT": str(self.port),
-            "WEB_CONCURRENCY": str(workers),
-            "GUNICORN_THREADS": str(threads),
+            "WEB_CONCURRENCY": str(self._workers),
+            "GUNICORN_THREADS": str(self._threads),
             "BLOOM_RATE_LIMIT": "100000 per minute",
             "BLOOM_TEST_CONNECTION_RATE_LIMIT": "100000 per minute",
             "MEMBRIDGE_SERVER_URL": "http://127.0.0.1:9",  # nothing listens: syncs fail, change nothing
@@ -144,11 +154,11 @@ class GunicornServer:
         self._log = open(self.log_path, "wb")
         command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
         inherited: tuple[int, ...] = ()
-        if listen_socket is not None:
+        if self._listen_socket is not None:
             # What systemd does: the socket as fd 3, LISTEN_FDS=1 and LISTEN_PID = the pid
             # of the process it executes (kept across exec).
-            inherited = (listen_socket.fileno(),)
-            command = [sys.executable, "-c", _SOCKET_ACTIVATED, str(listen_socket.fileno()), *command]
+            inherited = (self._listen_socket.fileno(),)
+            command = [sys.executable, "-c", _SOCKET_ACTIVATED, str(self._listen_socket.fileno()), *command]
         self.process = subprocess.Popen(
             command,
             cwd=REPO_ROOT,
@@ -158,14 +168,15 @@ class GunicornServer:
             start_new_session=True,
             pass_fds=inherited,
         )
-        try:
-            wait_until(self._healthy, timeout=30, interval=0.1, what="gunicorn to serve /health")
-        except AssertionError:
-            self.stop()
-            raise AssertionError(f"gunicorn did not start:\n{self.log()}") from None
 
     def _healthy(self) -> bool:
         if self.process.poll() is not None:
+            if "Connection in use" in self.log() and self._port_retries_left and self._listen_socket is None:
+                # free_port() raced another test process for the port: start again on another.
+                self._port_retries_left -= 1
+                self._log.close()
+                self._start(free_port())
+                return False
             raise AssertionError(f"gunicorn exited with {self.process.returncode}:\n{self.log()}")
         try:
             return requests.get(f"{self.base_url}/api/runtime/health", timeout=1).status_code == 200

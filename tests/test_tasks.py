@@ -72,14 +72,14 @@ def test_missing_fields_are_each_reported(client):
     assert set(error["fieldErrors"]) == {"context_id", "agent_slug", "prompt"}
 
 
-def test_tasks_list_newest_first_with_status_filter_and_paging(client):
+def test_tasks_list_in_flight_first_then_newest_with_status_filter_and_paging(client):
     register_worker(client, "w1")
     first = create_task(client)
     second = create_task(client)
     third = create_task(client)
     assert lease(client, second["id"]).status_code == 201
     listed = [t["id"] for t in client.get("/api/runtime/llm-tasks").get_json()]
-    assert listed == [third["id"], second["id"], first["id"]]
+    assert listed == [second["id"], third["id"], first["id"]]  # what needs an operator first
     queued = [t["id"] for t in client.get("/api/runtime/llm-tasks?status=queued").get_json()]
     assert queued == [third["id"], first["id"]]
     leased = client.get("/api/runtime/llm-tasks?status=leased").get_json()
@@ -87,7 +87,7 @@ def test_tasks_list_newest_first_with_status_filter_and_paging(client):
     page = [t["id"] for t in client.get("/api/runtime/llm-tasks?limit=1&offset=1").get_json()]
     assert page == [second["id"]]
     assert client.get("/api/runtime/llm-tasks?status=bogus").status_code == 400
-    assert [t["id"] for t in client.get("/api/runtime/runs").get_json()] == listed
+    assert [t["id"] for t in client.get("/api/runtime/runs").get_json()] == [third["id"], second["id"], first["id"]]
 
 
 def test_unknown_task_is_404(client):
