@@ -89,3 +89,11 @@ def is_data_error(error: DBAPIError) -> bool:
 def is_timeout(error: DBAPIError) -> bool:
     # query_canceled (statement_timeout), lock_not_available (lock_timeout)
     return getattr(error.orig, "pgcode", None) in {"57014", "55P03"}
+
+
+def is_outage(error: BaseException) -> bool:
+    """The database or a peer being away, as a background job meets it: said once, without
+    a traceback (it tells nothing), not at every tick."""
+    if isinstance(error, Unavailable | BadGateway | ConnectionError | TimeoutError):
+        return True
+    return isinstance(error, DBAPIError) and is_transient(error)

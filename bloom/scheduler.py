@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from .db import Database
+from .errors import is_outage
 from .leadership import RENEW_EVERY_S, Leadership, process_identity
 from .stamps import now_ms
 
@@ -39,6 +40,10 @@ class Job:
 
 
 _IDENTITY = process_identity()
+# Failures in a row of each job in this process: an outage is said once when it starts
+# (with the traceback, when it is not the database or an upstream being away) and once
+# when it ends, with the count, not at every tick of every job of every process.
+_failures_in_a_row: dict[str, int] = {}
 
 
 def run_once_per_deployment(database: Database, job: Job) -> bool:
@@ -60,13 +65,26 @@ def run_once_per_deployment(database: Database, job: Job) -> bool:
             log.debug("job %s running in this process", job.name)
             with _renewed(leadership):
                 job.run()
-            return True
         finally:
             leadership.release()
-    except Exception:
+    except Exception as error:
         # A failed run (database down, upstream down) must never stop the scheduler.
-        log.exception("background job %s failed", job.name)
+        _failed(job.name, error)
         return False
+    failed_before = _failures_in_a_row.pop(job.name, 0)
+    if failed_before:
+        log.warning("background job %s runs again, after %d failed tick(s)", job.name, failed_before)
+    return True
+
+
+def _failed(name: str, error: Exception) -> None:
+    count = _failures_in_a_row[name] = _failures_in_a_row.get(name, 0) + 1
+    if count > 1:
+        return
+    if is_outage(error):
+        log.warning("background job %s failed (%s); said again when it runs", name, type(error).__name__)
+    else:
+        log.exception("background job %s failed; said again when it runs", name)
 
 
 class _renewed:

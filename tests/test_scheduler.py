@@ -85,3 +85,28 @@ def _run_times(log: str, marker: str) -> list[float]:
             stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
             times.append(stamp.timestamp())
     return times
+
+
+def test_an_outage_is_said_once_when_it_starts_and_once_when_it_ends(database_url, caplog):
+    """A 20 s outage wrote 1,495 lines: every job of every process, at every tick, with a
+    chained traceback. Now one line when a job starts failing, one when it runs again."""
+    from bloom.errors import Unavailable
+
+    def away():
+        raise Unavailable("Database unreachable, try again")
+
+    database = Database(database_url)
+    try:
+        with caplog.at_level("INFO", logger="bloom.scheduler"):
+            for _ in range(5):
+                assert run_once_per_deployment(database, Job("flaky", 0.01, away)) is False
+                time.sleep(0.02)
+            assert run_once_per_deployment(database, Job("flaky", 0.01, lambda: None)) is True
+        said = [record for record in caplog.records if "flaky" in record.getMessage()]
+        assert [record.getMessage() for record in said] == [
+            "background job flaky failed (Unavailable); said again when it runs",
+            "background job flaky runs again, after 5 failed tick(s)",
+        ]
+        assert said[0].exc_info is None  # no traceback for an outage
+    finally:
+        database.dispose()

@@ -180,11 +180,18 @@ class Dispatcher:
             self._thread.start()
 
     def _run_forever(self) -> None:
+        failed_tries = 0  # an outage is said once when it starts and once when it ends
         while True:
             try:
                 self._lead_while_possible()
             except Exception as error:  # the database went away: try again
-                log.warning("dispatcher: %s; retrying", type(error).__name__)
+                if not failed_tries:
+                    log.warning("dispatcher: %s; retrying every %g s", type(error).__name__, LEADER_RETRY_S)
+                failed_tries += 1
+            else:
+                if failed_tries:
+                    log.warning("dispatcher: working again after %d failed tries", failed_tries)
+                failed_tries = 0
             time.sleep(LEADER_RETRY_S)
 
     def _lead_while_possible(self) -> None:
