@@ -254,7 +254,9 @@ def test_a_full_stop_and_start_on_a_held_socket_loses_no_callback_and_runs_nothi
         wait_until(lambda: sum(len([c for c in a.state.callbacks if c[0] == "heartbeat"]) for a in fleet) == 4,
                    timeout=10, what="four runs in flight")
         first.stop()  # a full stop: every process of the service is gone
-        time.sleep(2.5)  # the runs end meanwhile; their completions wait in the backlog
+        # The runs end meanwhile, and their completions wait in the backlog (the stand-in
+        # gives a callback 10 s: start again as soon as they are sent, not a fixed time later).
+        wait_until(lambda: sum(len(a.state.runs) for a in fleet) == 4, timeout=10, what="the four runs to end")
         stopped_for = time.monotonic()
         second = fleet_server(listen_socket=held, WORKER_SYNC_INTERVAL_S="1")
         wait_until(lambda: all(task_of(second, t)["status"] == "completed" for t in created), timeout=15,
