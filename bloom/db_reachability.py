@@ -47,6 +47,8 @@ class Reachability:
 
     def start(self) -> None:
         """Start watching (once; on the first unit of work of the process)."""
+        if self._thread is not None:  # the usual case, on every unit of work: no lock
+            return
         with self._lock:
             if self._thread is not None or self._stop.is_set():
                 return
