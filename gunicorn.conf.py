@@ -6,29 +6,73 @@ background jobs run in every process's scheduler but do their work once per
 deployment (see bloom/scheduler.py), however many processes and hosts there are. (gunicorn
 calls its processes workers: `workers`, `worker_class` and the hooks' `worker` are its words;
 in BLOOM a worker is a registered node.)
+
+A reload (SIGHUP to the master) serves exactly the code and settings on disk: gunicorn
+reads this file again, BLOOM_ENV_FILE's settings with it; the new code is first booted in
+a process of its own, and only if it boots are new processes started (each imports the
+service afresh: the master keeps none of it for them) and the old ones retired. A reload
+that would not boot is refused with one line, and the old processes keep serving.
 """
+import importlib
 import multiprocessing
 import os
 import shutil
+import subprocess
+import sys
 
-bind = f"0.0.0.0:{os.environ.get('BLOOM_RUNTIME_PORT', '3002')}"
-workers = int(os.environ.get("WEB_CONCURRENCY") or min(2 * multiprocessing.cpu_count() + 1, 12))
+
+def _read_settings_file(path):
+    """KEY=VALUE lines (systemd's EnvironmentFile, without its escapes): blank lines and
+    lines starting with # or ; are skipped, one pair of surrounding quotes is taken off."""
+    values = {}
+    if not path:
+        return values
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            line = line.strip()
+            if not line or line[0] in "#;":
+                continue
+            key, equals, value = line.partition("=")
+            key, value = key.strip(), value.strip()
+            if not equals or not key.replace("_", "a").isalnum() or key[0].isdigit():
+                raise ValueError(f"{path}, line {number}: not KEY=VALUE")
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+                value = value[1:-1]
+            values[key] = value
+    return values
+
+
+# BLOOM_ENV_FILE: the settings, read at start and again at every reload (the master's own
+# environment never changes after it starts); its values win over the environment's.
+_settings_file = os.environ.get("BLOOM_ENV_FILE", "").strip()
+_settings_file_problem = None
+try:
+    _file_settings = _read_settings_file(_settings_file)
+except (OSError, ValueError) as problem:
+    if not os.environ.get("BLOOM_SETTINGS_ANNOUNCED"):
+        raise SystemExit(f"BLOOM_ENV_FILE: {problem}") from None
+    _file_settings, _settings_file_problem = {}, f"BLOOM_ENV_FILE: {problem}"  # a reload: refused below
+raw_env = [f"{key}={value}" for key, value in _file_settings.items()]
+_env = {**os.environ, **_file_settings}
+
+bind = f"0.0.0.0:{_env.get('BLOOM_RUNTIME_PORT', '3002')}"
+workers = int(_env.get("WEB_CONCURRENCY") or min(2 * multiprocessing.cpu_count() + 1, 12))
 # Threads let a process serve while other requests wait on PostgreSQL, Membridge or a long
 # poll. A waiting long poll holds a thread but no database connection, and at most
 # threads - 8 of them wait at once (bloom/api/workers.py): 8 always serve short requests.
 worker_class = "gthread"
-threads = int(os.environ.get("GUNICORN_THREADS", "128"))
+threads = int(_env.get("GUNICORN_THREADS", "128"))
 preload_app = False
 # Longest legitimate request: a 30 s long-poll claim, or a Membridge call with its retries.
 timeout = 75
 graceful_timeout = 30  # SIGTERM: finish in-flight requests, then exit
 keepalive = 5
 # Behind the reverse proxy: the same peers the app trusts (bloom/web/proxies.py).
-_trusted = os.environ.get("BLOOM_TRUSTED_PROXIES", "").strip()
+_trusted = _env.get("BLOOM_TRUSTED_PROXIES", "").strip()
 forwarded_allow_ips = _trusted if _trusted and not _trusted.isdigit() else "127.0.0.1,::1"
-_data_dir = os.path.abspath(os.environ.get("BLOOM_DATA_DIR") or "./.bloom")
+_data_dir = os.path.abspath(_env.get("BLOOM_DATA_DIR") or "./.bloom")
 # One control socket per instance (two instances on a host must not share one).
-control_socket = os.path.join(_data_dir, f"gunicorn-{os.environ.get('BLOOM_RUNTIME_PORT', '3002')}.ctl")
+control_socket = os.path.join(_data_dir, f"gunicorn-{_env.get('BLOOM_RUNTIME_PORT', '3002')}.ctl")
 # The app logs one line per API request (bloom/web/request_log.py: method, path, status,
 # duration, request id, client): gunicorn's access log would repeat it at a cost per
 # request. `--access-logfile -` turns it on, one JSON object a line.
@@ -38,24 +82,25 @@ access_log_format = (
     '"bytes":"%(B)s","duration_ms":%(M)s,"request_id":"%({x-request-id}o)s","agent":"%(a)s"}'
 )
 errorlog = "-"
-loglevel = os.environ.get("BLOOM_LOG_LEVEL", "info").lower()
+loglevel = _env.get("BLOOM_LOG_LEVEL", "info").lower()
 
 
 def on_starting(server):
     """Set up the host's rate-limit counters, and without DATABASE_URL start the
     embedded PostgreSQL once, in the master.
 
-    The processes inherit its URL; the master stops the server when it exits. A setting
-    the service cannot use stops the start here, with one clear line.
+    The processes inherit its URL; the server stops when the master is gone. A setting
+    the service cannot use stops the start here, with one clear line. The master imports
+    only these few modules of the service, and its processes import them again (post_fork).
     """
     # Before anything imports prometheus_client: its multiprocess mode, with a fresh
     # directory for this instance's per-process files (bloom/metrics.py).
-    metrics_dir = os.path.join(_data_dir, f"metrics-{os.environ.get('BLOOM_RUNTIME_PORT', '3002')}")
+    metrics_dir = os.path.join(_data_dir, f"metrics-{_env.get('BLOOM_RUNTIME_PORT', '3002')}")
     shutil.rmtree(metrics_dir, ignore_errors=True)
     os.makedirs(metrics_dir)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
 
-    from bloom import ANNOUNCED_ENV, announce_settings
+    from bloom.logs import ANNOUNCED_ENV, announce_settings
     from bloom.settings import ConfigError, Settings
 
     try:
@@ -74,13 +119,58 @@ def on_starting(server):
     if not os.environ.get("DATABASE_URL", "").strip():
         from bloom.embedded_postgres import start_embedded_postgres
 
-        os.environ["DATABASE_URL"] = start_embedded_postgres(os.environ.get("BLOOM_DATA_DIR") or "./.bloom")
+        os.environ["DATABASE_URL"] = start_embedded_postgres(settings.data_dir, guard=True)
+
+
+def on_reload(server):
+    """Before a reload starts new processes: boot the code and settings on disk in a
+    process of their own, and refuse the reload (the old processes keep serving) unless
+    they boot."""
+    problem = _settings_file_problem or _boot_problem(server)
+    if problem:
+        server.log.error("reload refused, the running processes keep serving: %s", problem)
+        server.cfg.set("workers", 0)  # the reload then starts no process and retires none
+        return
+    server.log.info("reload: the code and settings on disk boot; replacing the processes")
+
+
+def _boot_problem(server):
+    """What stops the app on disk from loading (None if it loads), said in one line."""
+    check = ("import importlib, sys; module, _, name = sys.argv[1].partition(':'); "
+             "getattr(importlib.import_module(module), name or 'application')")
+    try:
+        booted = subprocess.run(
+            [sys.executable, "-c", check, server.app.app_uri], cwd=server.cfg.chdir,
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        return "the new code did not load within 60 s"
+    if booted.returncode == 0:
+        return None
+    said = [line for line in booted.stderr.splitlines() if line.strip()]
+    return f"the new code does not load: {said[-1] if said else f'exit status {booted.returncode}'}"
 
 
 def post_fork(server, worker):
+    _import_service_afresh()
     from bloom.web import server_errors
 
     server_errors.install()
+
+
+def _import_service_afresh():
+    """Forget the modules of the service the master imported at its start, so that this
+    process imports all of it from disk (after a reload: the new code), keeping only the
+    host's rate-limit table (shared memory, made once by the master)."""
+    inherited = sys.modules.get("bloom.web.rate_limit_store")
+    counters = inherited.host_counters() if inherited else None
+    for name in [name for name in sys.modules if name in ("bloom", "wsgi") or name.startswith("bloom.")]:
+        del sys.modules[name]
+    importlib.invalidate_caches()
+    if counters is not None:
+        from bloom.web.rate_limit_store import adopt_host_counters
+
+        adopt_host_counters(counters)
 
 
 def child_exit(server, worker):
@@ -91,11 +181,16 @@ def child_exit(server, worker):
 
 def post_worker_init(worker):
     import gc
+    import signal
 
     from bloom import start_background_jobs
     from bloom.services import services
 
     start_background_jobs(worker.wsgi)
+    # A terminal's Ctrl-C reaches every process of the group; the master then tells each
+    # process to quit (SIGQUIT). Heard twice, gunicorn's quit handler deadlocks on its
+    # thread pool's lock until the master kills the process 30 s later: hear it once.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not os.environ.get("BLOOM_MAX_WAITING_CLAIMS"):
         # However the thread count was given (env or --threads): 8 stay for short requests.
         services(worker.wsgi).waiting_room.resize(worker.cfg.threads - 8)

@@ -9,9 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["ANNOUNCED_ENV", "announce_settings", "create_app", "start_background_jobs", "stop_background_jobs"]
+_LIGHT = {"ANNOUNCED_ENV", "announce_settings"}  # from bloom.logs: no app imported
 
 
 def __getattr__(name: str) -> Any:
+    if name in _LIGHT:
+        from . import logs
+
+        return getattr(logs, name)
     if name in __all__:
         from . import app
 

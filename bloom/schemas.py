@@ -181,6 +181,13 @@ class WorkerHeartbeatSchema(_Body):
     lease_ids = fields.List(KeyText(), load_default=None, validate=validate.Length(max=bounds.MAX_HEARTBEAT_LEASE_IDS))
 
 
+class WorkerReleaseSchema(_Body):
+    """Leases the worker gives back (it will not run their tasks to the end)."""
+
+    lease_ids = fields.List(KeyText(), required=True,
+                            validate=validate.Length(min=1, max=bounds.MAX_HEARTBEAT_LEASE_IDS))
+
+
 class FencingSchema(_Body):
     """Optional lease and worker a caller claims to hold; a mismatch is a 409."""
 

@@ -236,6 +236,11 @@ class WorkerHeartbeatReply(Schema):
     lost = fields.List(fields.Nested(LostLease), required=True)
 
 
+class WorkerReleaseReply(Schema):
+    released = fields.List(fields.String(), required=True,
+                           metadata={"description": "the leases given back (their tasks queued again)"})
+
+
 class TaskBatch(Schema):
     tasks = fields.List(fields.Nested(LLMTask), required=True)
 
@@ -359,7 +364,7 @@ class ConnectionTest(Schema):
 RESPONSE_OBJECTS = [
     Lease, WorkerNode, WorkerDetail, LLMTask, TaskResult, TaskDetail, RuntimeArtifact, LLMResult, AuditLogEntry, RuntimeConfig, Health,
     Ready, LeaseGrant, HeartbeatReply, Completion, Claimed, Dispatched, Removed, Stats, ConnectionTest,
-    RenewedLease, LostLease, WorkerHeartbeatReply, TaskBatch, AgentHealth, AgentOperation,
+    RenewedLease, LostLease, WorkerHeartbeatReply, WorkerReleaseReply, TaskBatch, AgentHealth, AgentOperation,
     ProjectNodeStatus, ManagedProject, ProjectDetail, ProjectCloned, PropagationResult, Propagated, MemorySynced,
 ]
 

@@ -120,14 +120,14 @@ class GunicornServer:
     """The service as production runs it: gunicorn, several workers, real PostgreSQL."""
 
     def __init__(self, env: dict[str, str], *, workers: int = 3, threads: int = 4, public: bool = False,
-                 listen_socket: socket.socket | None = None) -> None:
+                 listen_socket: socket.socket | None = None, cwd: Path = REPO_ROOT) -> None:
         """With `public`, agents are told to call back this server (BLOOM_PUBLIC_URL).
         With `listen_socket`, gunicorn serves a socket it inherits, as from systemd's
         socket activation (LISTEN_FDS): the socket outlives this server, so a stop and a
         new start lose no connection made in between."""
         refuse_in_quick_run("gunicorn")
         self._env, self._workers, self._threads, self._public = env, workers, threads, public
-        self._listen_socket = listen_socket
+        self._listen_socket, self._cwd = listen_socket, cwd
         self._port_retries_left = 3
         self.log_path = Path(tempfile.mkstemp(prefix="bloom-gunicorn-", suffix=".log")[1])
         self._start(listen_socket.getsockname()[1] if listen_socket is not None else free_port())
@@ -161,7 +161,7 @@ class GunicornServer:
             command = [sys.executable, "-c", _SOCKET_ACTIVATED, str(self._listen_socket.fileno()), *command]
         self.process = subprocess.Popen(
             command,
-            cwd=REPO_ROOT,
+            cwd=self._cwd,
             env=full_env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -52,6 +52,28 @@ def test_claim_refusals(client):
         assert claim(client, "w1", **body).status_code == 400, body
 
 
+def test_a_worker_gives_back_a_lease_and_its_task_is_queued_without_spending_an_attempt(client):
+    register_worker(client, "w1")
+    register_worker(client, "w2")
+    task = create_task(client)
+    lease_id = claim(client, "w1").get_json()["lease"]["id"]
+    release = "/api/runtime/workers/{}/release"
+    # Only the holder gives a lease back; an unknown one is left alone.
+    assert client.post(release.format("w2"), json={"lease_ids": [lease_id]}).get_json() == {"released": []}
+    assert client.post(release.format("w1"), json={"lease_ids": ["nope"]}).get_json() == {"released": []}
+    answer = client.post(release.format("w1"), json={"lease_ids": [lease_id]})
+    assert answer.status_code == 200 and answer.get_json() == {"released": [lease_id]}
+    again = client.get(f"/api/runtime/llm-tasks/{task['id']}").get_json()
+    assert (again["status"], again["attempts"], again["lease_id"]) == ("queued", 0, None)
+    assert client.get("/api/runtime/audit").get_json()[0]["action"] == "lease_given_back"
+    assert client.post(release.format("w1"), json={"lease_ids": [lease_id]}).get_json() == {"released": []}
+    # The next claim takes it, as the first attempt.
+    assert claim(client, "w2").get_json()["task"]["attempts"] == 1
+    assert client.post(release.format("ghost"), json={"lease_ids": [lease_id]}).status_code == 404
+    for body in ({}, {"lease_ids": []}, {"lease_ids": "x"}, {"lease_ids": [""]}):
+        assert client.post(release.format("w1"), json=body).status_code == 400, body
+
+
 def test_claim_order_is_priority_then_age(client):
     register_worker(client, "w1", max_concurrency=8)
     low = create_task(client)

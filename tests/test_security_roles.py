@@ -146,6 +146,7 @@ def test_the_workers_key_opens_exactly_the_routes_marked_for_workers(split_app):
         ("POST", "/api/runtime/workers"),
         ("POST", "/api/runtime/workers/<worker_id:worker_id>/claim"),
         ("POST", "/api/runtime/workers/<worker_id:worker_id>/heartbeat"),
+        ("POST", "/api/runtime/workers/<worker_id:worker_id>/release"),
     ]
     client = split_app.test_client()
     assert client.get("/api/runtime/llm-tasks", headers=AS_WORKER).status_code == 403

@@ -306,3 +306,50 @@ def test_the_console_script_is_the_worker_client():
     script = Path(sys.executable).parent / "bloom-worker"
     shown = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=30, check=True).stdout
     assert "--concurrency" in shown and "--server" in shown
+
+
+def _attempts_and_status(server, task_id):
+    found = task(server, task_id)
+    return found["status"], found["attempts"]
+
+
+def test_a_task_killed_at_the_end_of_the_grace_is_queued_again_at_once_without_spending_an_attempt(server):
+    slug = f"grace-{uuid.uuid4().hex[:6]}"
+    [task_id] = new_tasks(server, slug, 1)
+    worker = WorkerProcess(server, f"w-{slug}", [sys.executable, "-c", "import time; time.sleep(60)"], slug=slug,
+                           ttl=300, grace=1)
+    wait_until(lambda: task(server, task_id)["status"] == "running", timeout=20, what="the run to start")
+    assert worker.terminate() == 0
+    # At once, not when its 300 s lease runs out; and the attempt the worker cut short is not spent.
+    assert _attempts_and_status(server, task_id) == ("queued", 0)
+    assert "gave back 1 task(s) (killed at the end of the grace period)" in worker.output()
+
+
+def test_a_stopping_worker_gives_back_what_its_pending_long_poll_is_granted(server, tmp_path):
+    slug = f"late-{uuid.uuid4().hex[:6]}"
+    ran = tmp_path / "ran"
+    marks = [sys.executable, "-c", f"open({str(ran)!r}, 'a').write('ran\\n')"]
+    worker = WorkerProcess(server, f"w-{slug}", marks, slug=slug, wait=10)
+    wait_until(lambda: requests.get(server.url(f"/api/runtime/workers/w-{slug}"), timeout=5).status_code == 200,
+               timeout=20, what="the worker to register")
+    time.sleep(1.5)  # its long poll is waiting in the server
+    worker.process.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    [task_id] = new_tasks(server, slug, 1)  # granted to the waiting poll, after "no new claims"
+    assert worker.process.wait(timeout=30) == 0
+    assert not ran.exists(), "the stopping worker ran a task"
+    assert _attempts_and_status(server, task_id) == ("queued", 0)
+
+
+def test_a_heartbeat_crossing_a_completion_reports_no_lost_lease(server):
+    """Short runs under a fast heartbeat: beats often cross a completion on the way."""
+    slug = f"cross-{uuid.uuid4().hex[:6]}"
+    task_ids = new_tasks(server, slug, 40)
+    quick = [sys.executable, "-c", "import time; time.sleep(0.25); print('ok', end='')"]
+    worker = WorkerProcess(server, f"w-{slug}", quick, slug=slug, ttl=1, concurrency=4)
+    try:
+        wait_until(lambda: all_finished(server, task_ids), timeout=90, interval=0.5, what="the runs")
+    finally:
+        assert worker.terminate() == 0
+    assert {task(server, t)["status"] for t in task_ids} == {"completed"}
+    assert "lease lost" not in worker.output()

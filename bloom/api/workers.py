@@ -10,7 +10,7 @@ from flask import Blueprint, Response, g, jsonify
 
 from .. import metrics, task_bodies
 from ..errors import ValidationFailed
-from ..schemas import ClaimSchema, PageQuery, RegisterWorkerSchema, WorkerHeartbeatSchema
+from ..schemas import ClaimSchema, PageQuery, RegisterWorkerSchema, WorkerHeartbeatSchema, WorkerReleaseSchema
 from ..services import services
 from ..web.guards import caller_is_operator, load_body, worker_route
 from ..web.openapi import documented
@@ -67,6 +67,19 @@ def remove_worker(worker_id: str):
 def heartbeat_worker(worker_id: str):
     body = load_body(WorkerHeartbeatSchema, fast=task_bodies.worker_heartbeat)
     return jsonify(services().leases.heartbeat_worker(worker_id, lease_ids=body["lease_ids"]))
+
+
+@bp.post("/<worker_id:worker_id>/release")
+@documented(
+    "Give back leases this worker will not run to the end: their tasks are queued again at once, "
+    "without spending an attempt",
+    body=WorkerReleaseSchema,
+    responses={200: "WorkerReleaseReply", 404: "Error"},
+)
+@worker_route
+def release_leases(worker_id: str):
+    body = load_body(WorkerReleaseSchema)
+    return jsonify(services().leases.release_worker_leases(worker_id, body["lease_ids"]))
 
 
 @bp.post("/<worker_id:worker_id>/claim")

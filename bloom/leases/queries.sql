@@ -323,6 +323,36 @@ SELECT EXISTS (SELECT 1 FROM workers WHERE id = :worker_id) AS known,
                                                    'lease_status', lease_status, 'task_status', task_status)
                                  ORDER BY lease_id), '[]'::json) FROM lost) AS lost;
 
+-- name: release_worker_leases
+-- A pull worker gives back leases it will not run to the end: a grant that reached it
+-- after it stopped taking work, or a run it ended when its grace period ran out. Each
+-- named active lease of the worker ends 'released', and its task goes back to the queue
+-- at once, with the attempt it was charged given back (the worker ended the run, not the
+-- task's fault). Only while the task is still on that lease; lock order: leases, tasks.
+WITH released AS (
+    UPDATE leases l
+       SET status = 'released'
+      FROM llm_tasks t
+     WHERE l.worker_id = :worker_id AND l.status = 'active' AND l.id = ANY(:lease_ids)
+       AND t.id = l.task_id AND t.lease_id = l.id AND t.status IN ('leased', 'running')
+    RETURNING l.id, l.task_id
+), requeued AS (
+    UPDATE llm_tasks t
+       SET status = 'queued', attempts = GREATEST(t.attempts - 1, 0),
+           lease_id = NULL, worker_id = NULL, updated_at = :now
+      FROM released r
+     WHERE t.id = r.task_id AND t.lease_id = r.id
+    RETURNING t.id, r.id AS lease_id
+), audit AS (
+    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+    SELECT gen_random_uuid()::text, :now, 'lease_given_back', 'task', id, :worker_id,
+           jsonb_build_object('lease_id', lease_id, 'worker_id', :worker_id)
+      FROM requeued
+)
+SELECT EXISTS (SELECT 1 FROM workers WHERE id = :worker_id) AS known,
+       (SELECT COALESCE(json_agg(lease_id ORDER BY lease_id), '[]'::json) FROM requeued) AS released,
+       CASE WHEN EXISTS (SELECT 1 FROM requeued) THEN pg_notify('bloom_task_queued', '') IS NULL END AS notified;
+
 -- name: lock_current_lease
 -- Before an upload to the object store: holds the task's active lease (locked in the
 -- same order as heartbeat and sweep) so no second completion uploads meanwhile.

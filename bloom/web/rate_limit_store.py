@@ -328,6 +328,18 @@ def share_counters_across_workers() -> None:
         _host_counters = HostCounters()
 
 
+def host_counters() -> HostCounters | None:
+    """The table this process shares with the host's other processes, if any."""
+    return _host_counters
+
+
+def adopt_host_counters(counters: HostCounters) -> None:
+    """Use a table made before the fork (by a copy of this module that was imported in
+    gunicorn's master and forgotten since, so that the process imports the code on disk)."""
+    global _host_counters
+    _host_counters = counters
+
+
 def memory_scheme() -> str:
     """The storage scheme `memory://` stands for in this process."""
     return HOST_SCHEME if _host_counters is not None else SCHEME
