@@ -17,8 +17,11 @@ import importlib
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 
 def _read_settings_file(path):
@@ -130,8 +133,44 @@ def on_reload(server):
     if problem:
         server.log.error("reload refused, the running processes keep serving: %s", problem)
         server.cfg.set("workers", 0)  # the reload then starts no process and retires none
+        # ...and does not wait (graceful_timeout, holding up the master) for the old ones
+        # to exit, which they will not: the wait's limit is put back a moment later.
+        graceful_timeout = server.cfg.graceful_timeout
+        server.cfg.set("graceful_timeout", 0)
+        threading.Timer(1.0, server.cfg.set, args=("graceful_timeout", graceful_timeout)).start()
         return
     server.log.info("reload: the code and settings on disk boot; replacing the processes")
+    # gunicorn would stop the old processes as soon as the new ones are forked, before
+    # they have loaded the app: for that second or two (longer on a busy host) no process
+    # would accept. The old ones serve on until the new ones serve.
+    old = set(server.WORKERS)
+    wanted = server.num_workers
+    server.num_workers = wanted + len(old)
+    threading.Thread(target=_retire_when_replaced, args=(server, old, wanted), daemon=True).start()
+
+
+def _retire_when_replaced(server, old, wanted, timeout_s=60.0):
+    """Once `wanted` new processes serve (each has told the master it lives, which it does
+    from its serving loop on), retire the old ones (they finish what they serve)."""
+    first_seen = {}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        serving = 0
+        for pid, worker in list(server.WORKERS.items()):
+            if pid in old:
+                continue
+            try:
+                stamp = worker.tmp.last_update()
+            except (OSError, ValueError):
+                continue
+            serving += first_seen.setdefault(pid, stamp) != stamp
+        if serving >= wanted:
+            break
+        time.sleep(0.1)
+    server.num_workers = wanted
+    for pid in old:  # the master's reload waits for them to exit
+        server.kill_worker(pid, signal.SIGTERM)
+    server.wakeup()
 
 
 def _boot_problem(server):
@@ -151,11 +190,39 @@ def _boot_problem(server):
     return f"the new code does not load: {said[-1] if said else f'exit status {booted.returncode}'}"
 
 
+def pre_fork(server, worker):
+    # The processes of the first start: if they cannot load the app, the start fails (as
+    # gunicorn does). Any later one (a replacement, a reload's) must not take the service
+    # down with it: see _load_or_retry.
+    forked = getattr(server, "bloom_forked", 0)
+    server.bloom_forked = forked + 1
+    worker.bloom_first_start = forked < server.num_workers
+
+
 def post_fork(server, worker):
     _import_service_afresh()
     from bloom.web import server_errors
 
     server_errors.install()
+    if not worker.bloom_first_start:
+        worker.load_wsgi = _load_or_retry(worker, worker.load_wsgi)
+
+
+def _load_or_retry(worker, load_wsgi):
+    """A process started after the first start that cannot load the code on disk (it is
+    being deployed under it, or a refused reload left broken code there) exits as any
+    failed process does, and the master starts another a moment later while the others
+    serve on; gunicorn would instead stop the whole service ("Worker failed to boot")."""
+
+    def load():
+        try:
+            load_wsgi()
+        except Exception:
+            worker.log.exception("this process could not load the code on disk; another is started in 2 s")
+            time.sleep(2)
+            os._exit(1)
+
+    return load
 
 
 def _import_service_afresh():
@@ -174,14 +241,16 @@ def _import_service_afresh():
 
 
 def child_exit(server, worker):
-    from bloom.metrics import forget_process
+    """A dead process's live gauges no longer count (its counters do). Not through
+    bloom.metrics: the master imports no module that registers metrics (a process forked
+    after that would register them a second time, and fail to boot)."""
+    from prometheus_client import multiprocess
 
-    forget_process(worker.pid)
+    multiprocess.mark_process_dead(worker.pid)
 
 
 def post_worker_init(worker):
     import gc
-    import signal
 
     from bloom import start_background_jobs
     from bloom.services import services

@@ -103,10 +103,3 @@ def exposition(read_queue_state) -> bytes:
     queue.register(QueueCollector(read_queue_state))
     return process_part + generate_latest(queue)
 
-
-def forget_process(pid: int) -> None:
-    """gunicorn's child_exit: a dead worker's live gauges no longer count (its counters do)."""
-    if os.environ.get(MULTIPROC_DIR_ENV):
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(pid)

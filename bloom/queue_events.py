@@ -33,6 +33,7 @@ import select
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -42,6 +43,9 @@ from .sql import QUERIES
 log = logging.getLogger(__name__)
 
 CHANNEL = "bloom_task_queued"
+# Leases ended by a worker leaving the rotation: a comma-separated list of their ids, so
+# that the process delivering to one of them drops its connection (bloom/agents/dispatch.py).
+LEASES_ENDED_CHANNEL = "bloom_leases_ended"
 COUNT_MARK = "\x1f"  # between the count and the agent_slug of a payload announcing several tasks
 # A process's announcements go out at once after a quiet spell, then at most this often
 # (what gathers meanwhile goes together): under load, one notifying commit per 20 ms per
@@ -81,6 +85,7 @@ class QueueEvents:
         self._pending_lock = threading.Lock()
         self._closed = threading.Event()
         self._failed_tries = 0
+        self._on_leases_ended: Callable[[set[str]], None] | None = None
         self._announce_r, self._announce_w = os.pipe()
         os.set_blocking(self._announce_r, False)
         os.set_blocking(self._announce_w, False)
@@ -143,6 +148,12 @@ class QueueEvents:
             os.write(self._announce_w, b"!")
         except OSError:  # the pipe is full (the listener has wake-ups enough), or closed at exit
             pass
+
+    def on_leases_ended(self, callback: Callable[[set[str]], None]) -> None:
+        """Call `callback(lease ids)` (on the listener thread) whenever leases are ended
+        anywhere in the deployment by a worker leaving the rotation; listen from now on."""
+        self._on_leases_ended = callback
+        self._ensure_listening()
 
     def poke(self) -> None:
         """Wake the dispatcher (capacity freed up, which no NOTIFY announces)."""
@@ -217,7 +228,7 @@ class QueueEvents:
             connection: Any = raw.driver_connection  # psycopg2's own connection
             connection.autocommit = True
             with connection.cursor() as cursor:
-                cursor.execute(f"LISTEN {CHANNEL}")
+                cursor.execute(f"LISTEN {CHANNEL}; LISTEN {LEASES_ENDED_CHANNEL}")
             self._connected()
             next_send_at = 0.0  # announcements go out at most every ANNOUNCE_EVERY_S
             while True:
@@ -237,9 +248,14 @@ class QueueEvents:
                     return
                 connection.poll()
                 if connection.notifies:
-                    payloads = [notice.payload for notice in connection.notifies]
-                    connection.notifies.clear()
-                    self._bump(payloads)
+                    notices, connection.notifies[:] = list(connection.notifies), []
+                    queued = [notice.payload for notice in notices if notice.channel != LEASES_ENDED_CHANNEL]
+                    ended = {lease_id for notice in notices if notice.channel == LEASES_ENDED_CHANNEL
+                             for lease_id in notice.payload.split(",") if lease_id}
+                    if queued:
+                        self._bump(queued)
+                    if ended and self._on_leases_ended is not None:
+                        self._on_leases_ended(ended)
                 elif not readable and not holding:
                     with connection.cursor() as cursor:  # detect a dead connection while idle
                         cursor.execute("SELECT 1")

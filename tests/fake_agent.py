@@ -52,6 +52,7 @@ class AgentState:
     run_seconds: float = 0.05
     executed: list[str] = field(default_factory=list)
     deliveries: list[dict[str, Any]] = field(default_factory=list)
+    delivery_peers: list[tuple[str, int]] = field(default_factory=list)  # the runtime's end of each delivery
     callbacks: list[tuple[str, str, int]] = field(default_factory=list)  # (kind, task_id, status)
     runs: list[tuple[str, float, float]] = field(default_factory=list)  # (task_id, started, ended): time.time()
     seen: list[tuple[str, str, bool]] = field(default_factory=list)  # (method, path, carried the agent key)
@@ -62,14 +63,15 @@ class AgentState:
 
 class FakeAgent:
     def __init__(self, name: str, *, runtime_api_key: str | None = None, agent_key: str = AGENT_KEY,
-                 mode: str = "normal", run_seconds: float = 0.05, max_concurrency: int = 2) -> None:
+                 mode: str = "normal", run_seconds: float = 0.05, max_concurrency: int = 2,
+                 address: str = "127.0.0.1") -> None:
         self.name = name
         self.max_concurrency = max_concurrency
         self.state = AgentState(agent_key, runtime_api_key, mode=mode, run_seconds=run_seconds)
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{address}:{self.port}"
         self._http = requests.Session()
-        self._server = _Server(("127.0.0.1", self.port), _handler(self))
+        self._server = _Server((address, self.port), _handler(self))
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         self.alive = True
         self.awake = threading.Event()
@@ -184,6 +186,7 @@ def _handler(agent: FakeAgent):
                 return self._send(401, {"detail": "invalid agent key"})
             with state.lock:
                 state.deliveries.append(task)
+                state.delivery_peers.append(self.client_address)
                 mode = state.mode
             if mode == "no_cli":
                 return self._send(503, {"detail": "Claude CLI is not installed on this node"})

@@ -120,7 +120,7 @@ class GunicornServer:
     """The service as production runs it: gunicorn, several workers, real PostgreSQL."""
 
     def __init__(self, env: dict[str, str], *, workers: int = 3, threads: int = 4, public: bool = False,
-                 listen_socket: socket.socket | None = None, cwd: Path = REPO_ROOT) -> None:
+                 listen_socket: socket.socket | None = None, cwd: Path = REPO_ROOT, host=None) -> None:
         """With `public`, agents are told to call back this server (BLOOM_PUBLIC_URL).
         With `listen_socket`, gunicorn serves a socket it inherits, as from systemd's
         socket activation (LISTEN_FDS): the socket outlives this server, so a stop and a
@@ -128,6 +128,7 @@ class GunicornServer:
         refuse_in_quick_run("gunicorn")
         self._env, self._workers, self._threads, self._public = env, workers, threads, public
         self._listen_socket, self._cwd = listen_socket, cwd
+        self.host = host  # a tests.netns.Host to run in (its own network), or None: this machine's
         self._port_retries_left = 3
         self.log_path = Path(tempfile.mkstemp(prefix="bloom-gunicorn-", suffix=".log")[1])
         self._start(listen_socket.getsockname()[1] if listen_socket is not None else free_port())
@@ -139,7 +140,7 @@ class GunicornServer:
 
     def _start(self, port: int) -> None:
         self.port = port
-        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.base_url = f"http://{self.host.address if self.host else '127.0.0.1'}:{self.port}"
         env = {"BLOOM_PUBLIC_URL": self.base_url, **self._env} if self._public else self._env
         full_env = {
             **os.environ,
@@ -159,6 +160,8 @@ class GunicornServer:
             # of the process it executes (kept across exec).
             inherited = (self._listen_socket.fileno(),)
             command = [sys.executable, "-c", _SOCKET_ACTIVATED, str(self._listen_socket.fileno()), *command]
+        if self.host is not None:
+            command = self.host.command(command)
         self.process = subprocess.Popen(
             command,
             cwd=self._cwd,
@@ -178,10 +181,13 @@ class GunicornServer:
                 self._start(free_port())
                 return False
             raise AssertionError(f"gunicorn exited with {self.process.returncode}:\n{self.log()}")
-        try:
-            return requests.get(f"{self.base_url}/api/runtime/health", timeout=1).status_code == 200
-        except requests.RequestException:
-            return False
+        def answers() -> bool:
+            try:
+                return requests.get(f"{self.base_url}/api/runtime/health", timeout=1).status_code == 200
+            except requests.RequestException:
+                return False
+
+        return self.host.call(answers) if self.host is not None else answers()
 
     def url(self, path: str) -> str:
         return f"{self.base_url}{path}"
@@ -311,13 +317,13 @@ class RedisServer:
 
 
 class _Listener:
-    """A TCP listener on a free local port that hands each connection to `_connected` on
-    a thread of its own, until `close()`."""
+    """A TCP listener (on a free local port, or the listening socket given) that hands each
+    connection to `_connected` on a thread of its own, until `close()`."""
 
-    def __init__(self) -> None:
+    def __init__(self, listener: socket.socket | None = None) -> None:
         self._closed = False
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
+        self._listener = listener or socket.create_server(("127.0.0.1", 0))
+        self.host, self.port = self._listener.getsockname()[:2]
         threading.Thread(target=self._accept, daemon=True).start()
 
     def close(self) -> None:
@@ -342,7 +348,7 @@ class StallingRelay(_Listener):
     connection open, accepts new ones and takes what the kernel takes, but forwards
     nothing either way — a hung connection pooler or proxy, where no TCP timeout fires."""
 
-    def __init__(self, admin_url) -> None:
+    def __init__(self, admin_url, listener: socket.socket | None = None) -> None:
         url = make_url(str(admin_url)) if not hasattr(admin_url, "query") else admin_url
         socket_dir = url.query.get("host")
         if socket_dir:  # the embedded server listens on a Unix socket
@@ -353,10 +359,10 @@ class StallingRelay(_Listener):
         self._running = threading.Event()
         self._running.set()
         self._sockets: list[socket.socket] = []
-        super().__init__()
+        super().__init__(listener)
 
     def url_for(self, database: str) -> str:
-        return self._admin_url.set(host="127.0.0.1", port=self.port, database=database, query={}).render_as_string(
+        return self._admin_url.set(host=self.host, port=self.port, database=database, query={}).render_as_string(
             hide_password=False)
 
     def stall(self) -> None:
@@ -401,20 +407,22 @@ class StallingRelay(_Listener):
 
 class TcpBalancer(_Listener):
     """The load balancer in front of several hosts: each connection goes to the next
-    backend that accepts it (a dead host's port refuses, so its share goes elsewhere)."""
+    backend that accepts it (a dead host's port refuses, so its share goes elsewhere). A
+    backend is a local port, or (address, port)."""
 
-    def __init__(self, backends: list[int]) -> None:
+    def __init__(self, backends: list, listener: socket.socket | None = None) -> None:
         self.backends = backends
         self._next = 0
-        super().__init__()
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(listener)
+        self.url = f"http://{self.host}:{self.port}"
 
     def _connected(self, client: socket.socket) -> None:
         for _ in range(len(self.backends)):
-            port = self.backends[self._next % len(self.backends)]
+            backend = self.backends[self._next % len(self.backends)]
             self._next += 1
             try:
-                upstream = socket.create_connection(("127.0.0.1", port), timeout=2)
+                upstream = socket.create_connection(
+                    backend if isinstance(backend, tuple) else ("127.0.0.1", backend), timeout=2)
             except OSError:
                 continue
             upstream.settimeout(None)

@@ -106,6 +106,12 @@ def test_every_answer_of_a_walk_through_the_api_is_as_documented(api, agents):
     api("post", f"{r}/workers/w1/claim", json={})
     api("post", f"{r}/workers/w1/claim", json={"max_tasks": 2})
     api("post", f"{r}/workers/w1/claim", json={})  # 204 or 409 when full
+    claimed = api("post", f"{r}/workers/w1/claim", json={"max_tasks": 1})
+    if claimed.status_code == 201:
+        api("post", f"{r}/workers/w1/release", json={"lease_ids": [claimed.get_json()["lease"]["id"]]})
+    api("post", f"{r}/workers/w1/release", json={"lease_ids": ["gone"]})
+    api("post", f"{r}/workers/nobody/release", json={"lease_ids": ["gone"]})  # 404
+    api("post", f"{r}/workers/w1/release", json={})  # 400
     api("post", f"{r}/llm-tasks/{task['id']}/cancel")  # 409: completed
     queued = api("post", f"{r}/llm-tasks", json=TASK).get_json()
     api("post", f"{r}/llm-tasks/{queued['id']}/cancel")

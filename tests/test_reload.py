@@ -10,6 +10,7 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
@@ -46,8 +47,27 @@ def _tasks_status(served: GunicornServer, key: str) -> int:
     return requests.get(served.url("/api/runtime/llm-tasks"), headers={"X-Runtime-API-Key": key}, timeout=5).status_code
 
 
-def _hang_up(served: GunicornServer) -> None:
+def _processes(served: GunicornServer) -> set[int]:
+    return {child.pid for child in psutil.Process(served.process.pid).children()}
+
+
+def _booted(served: GunicornServer) -> bool:
+    """Every process has imported the app (an importing process has one thread; a booted
+    one runs its background jobs): the code on disk may change now without failing the
+    first start, which gunicorn ends when a process cannot load the app."""
+    return all(psutil.Process(pid).num_threads() > 1 for pid in _processes(served))
+
+
+def _hang_up(served: GunicornServer) -> set[int]:
+    """SIGHUP to the master; the processes serving before it."""
+    before = _processes(served)
     os.kill(served.process.pid, signal.SIGHUP)
+    return before
+
+
+def _replaced(served: GunicornServer, old: set[int], what: str) -> None:
+    """Wait until none of the `old` processes serves any more (they serve until the new ones do)."""
+    wait_until(lambda: not (old & _processes(served)), timeout=60, interval=0.2, what=what)
 
 
 def test_a_reload_serves_the_code_and_the_settings_on_disk(database_url, tmp_path):
@@ -59,21 +79,34 @@ def test_a_reload_serves_the_code_and_the_settings_on_disk(database_url, tmp_pat
         assert _not_found_messages(served) == {"Not found"}
         assert _tasks_status(served, "first-key") == 200 and _tasks_status(served, "second-key") == 401
 
+        # A process that dies is replaced (the master's own modules must not get in the way
+        # of the replacement's imports), before and after the reload.
+        wait_until(lambda: _booted(served), timeout=30, what="every process to boot")
+        first = _processes(served)
+        os.kill(min(first), signal.SIGKILL)
+        wait_until(lambda: len(_processes(served) - first) == 1, timeout=30, what="a replacement process")
+        wait_until(lambda: _not_found_messages(served) == {"Not found"}, timeout=30, what="the replacement to serve")
+
         _edit(tree / "bloom/web/error_handlers.py", *NOT_FOUND)
         settings.write_text("RUNTIME_API_KEY='second-key'\n")
-        _hang_up(served)
-        wait_until(lambda: _not_found_messages(served) == {"Not found (the new release)"}, timeout=30,
-                   interval=0.5, what="every process to serve the new code")
+        _replaced(served, _hang_up(served), "the old processes to be retired")
+        assert _not_found_messages(served) == {"Not found (the new release)"}
+        os.kill(min(_processes(served)), signal.SIGKILL)
+        wait_until(lambda: len(_processes(served)) == 3 and _tasks_status(served, "second-key") == 200, timeout=30,
+                   what="a replacement process")
+        assert _not_found_messages(served) == {"Not found (the new release)"}
         assert _tasks_status(served, "second-key") == 200 and _tasks_status(served, "first-key") == 401
         assert "reload: the code and settings on disk boot" in served.log()
     finally:
         served.stop()
+        print(served.log())  # shown when the test fails
 
 
 def test_a_reload_whose_code_does_not_boot_leaves_the_old_processes_serving(database_url, tmp_path):
     tree = _copy_of_the_service(tmp_path / "release")
     served = GunicornServer({"DATABASE_URL": database_url}, workers=2, cwd=tree)
     try:
+        wait_until(lambda: _booted(served), timeout=30, what="every process to boot")
         handlers = tree / "bloom/web/error_handlers.py"
         handlers.write_text(handlers.read_text() + "\nfrom bloom.http import load_body  # a module gone\n")
         _hang_up(served)
@@ -86,14 +119,21 @@ def test_a_reload_whose_code_does_not_boot_leaves_the_old_processes_serving(data
             assert _not_found_messages(served, 3) == {"Not found"}
         assert served.process.poll() is None
         assert "Worker failed to boot" not in served.log()
+        # A process that dies now is replaced from the broken code on disk: the replacement
+        # fails and is tried again, while the other process serves on (gunicorn stopped the
+        # whole service at the first such failure).
+        os.kill(min(_processes(served)), signal.SIGKILL)
+        wait_until(lambda: served.log().count("could not load the code on disk") >= 2, timeout=30,
+                   what="the replacement to fail twice")
+        assert _not_found_messages(served, 3) == {"Not found"} and served.process.poll() is None
 
         # Mended on disk, the next reload serves it.
         handlers.write_text((REPO_ROOT / "bloom/web/error_handlers.py").read_text().replace(*NOT_FOUND))
-        _hang_up(served)
-        wait_until(lambda: _not_found_messages(served) == {"Not found (the new release)"}, timeout=30,
-                   interval=0.5, what="every process to serve the mended code")
+        _replaced(served, _hang_up(served), "the old processes to be retired")
+        assert _not_found_messages(served) == {"Not found (the new release)"}
     finally:
         served.stop()
+        print(served.log())  # shown when the test fails
 
 
 def _postmaster_running(data_dir: Path) -> bool:
@@ -115,6 +155,7 @@ def test_ctrl_c_stops_the_service_and_its_embedded_postgresql_at_once(tmp_path):
         took = time.monotonic() - started
     finally:
         served.stop()
+        print(served.log())  # shown when the test fails
     assert took < 5, f"{took:.1f} s to stop"
     assert "SIGKILL" not in served.log() and "Traceback" not in served.log()
     wait_until(lambda: not _postmaster_running(data), timeout=10, what="the embedded PostgreSQL to stop")
@@ -133,6 +174,7 @@ def test_the_embedded_postgresql_stops_when_the_master_was_killed(tmp_path):
         wait_until(lambda: not _postmaster_running(data), timeout=15, what="the guard to stop PostgreSQL")
     finally:
         served.stop()
+        print(served.log())  # shown when the test fails
 
     again = GunicornServer(env, workers=1)
     try:

@@ -12,6 +12,7 @@ import signal
 import time
 from collections import Counter
 
+import psutil
 import pytest
 import requests
 
@@ -87,6 +88,33 @@ def test_a_hung_agents_task_runs_elsewhere_and_its_late_completion_is_refused(fl
     assert [a["content"] for a in results_of(served, task["id"])] == [f"rescuer ran {task['id']}"]
     assert [c[2] for c in rescuer.state.callbacks] == [200, 200]
     assert frozen.state.deliveries[0]["runtime_url"] != rescuer.state.deliveries[0]["runtime_url"]
+
+
+def _connection_open(local: tuple[str, int]) -> bool:
+    """Whether the runtime still holds the TCP connection whose end is `local`."""
+    return any(c.laddr and (c.laddr.ip, c.laddr.port) == tuple(local) and c.status == psutil.CONN_ESTABLISHED
+               for c in psutil.net_connections(kind="tcp"))
+
+
+def test_a_hung_agents_delivery_is_dropped_as_soon_as_it_leaves_the_rotation(fleet_server, agents):
+    """The runtime gave up on the run (the task runs elsewhere): it holds the connection
+    to the hung agent no longer (it did for timeout_sec + 25 s, 145 s by default)."""
+    served = fleet_server(WORKER_SYNC_INTERVAL_S="1")
+    frozen = agents("frozen", run_seconds=1.0)
+    frozen.register(served.base_url)
+    task = new_task(served)
+    wait_until(lambda: [c for c in frozen.state.callbacks if c[0] == "heartbeat"], timeout=10,
+               what="the run to start")
+    delivery = frozen.state.delivery_peers[0]
+    assert _connection_open(delivery)
+    frozen.freeze()
+    wait_until(lambda: worker_of(served, "frozen")["status"] == "offline", timeout=15, what="the hung agent out")
+    out_at = time.monotonic()
+    wait_until(lambda: not _connection_open(delivery), timeout=10, interval=0.1, what="the delivery dropped")
+    assert time.monotonic() - out_at < 2
+    assert task_of(served, task["id"])["status"] == "queued"
+    assert "dropped: its lease ended" in served.log()
+    frozen.thaw()
 
 
 def test_delivery_callbacks_are_fenced_by_their_lease(client):

@@ -91,6 +91,12 @@ class PendingRun:
     def __init__(self, connection: http.client.HTTPConnection, answer_timeout_s: float) -> None:
         self._connection = connection
         self._answer_timeout_s = answer_timeout_s
+        self.abandoned = False
+
+    def abandon(self) -> None:
+        """Drop the connection now (from any thread): the run is no longer awaited."""
+        self.abandoned = True
+        _cut(self._connection.sock)
 
     def answered_within(self, seconds: float) -> bool:
         """True when the agent has started to answer within `seconds` (a refusal, or a very short run)."""

@@ -51,6 +51,7 @@ from .client import (
     AgentAnswer,
     AgentClient,
     AgentUnreachable,
+    PendingRun,
 )
 from .delivery_slots import DeliverySlots
 from .liveness import take_workers_out
@@ -135,6 +136,11 @@ class Dispatcher:
         self._granting = threading.Lock()
         self._unsettled: set[_Delivery] = set()
         self._unsettled_lock = threading.Lock()
+        # Deliveries whose agent has the task, by lease id: when a lease ends because its
+        # worker left the rotation (a failed probe: a hung or dead agent), anywhere in the
+        # deployment, its connection is dropped at once instead of held for the run's timeout.
+        self._in_flight: dict[str, PendingRun] = {}
+        self._in_flight_lock = threading.Lock()
 
     # The route --------------------------------------------------------------------
 
@@ -298,6 +304,18 @@ class Dispatcher:
             )
         except AgentUnreachable as error:
             return self._refused(delivery, AgentAnswer(None, None, str(error)))
+        with self._in_flight_lock:
+            if not self._in_flight:
+                self._events.on_leases_ended(self._abandon_deliveries)
+            self._in_flight[delivery.lease["id"]] = run
+        try:
+            self._wait_for_the_run(delivery, run)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight.pop(delivery.lease["id"], None)
+
+    def _wait_for_the_run(self, delivery: _Delivery, run: PendingRun) -> None:
+        task, worker = delivery.task, delivery.worker
         if run.answered_within(ACCEPT_WINDOW_S):
             answer = run.answer(within_s=QUICK_ANSWER_S)
             if not answer.ok:
@@ -307,7 +325,18 @@ class Dispatcher:
         delivery.settle()
         metrics.DISPATCHES.labels("dispatched").inc()
         log.info("task %s dispatched to worker %s", task["id"], worker["id"])
-        self._follow_up(delivery, answer or run.answer())
+        answer = answer or run.answer()
+        if run.abandoned:
+            log.info("task %s: delivery to worker %s dropped: its lease ended (the worker left the rotation)",
+                     task["id"], worker["id"])
+            return
+        self._follow_up(delivery, answer)
+
+    def _abandon_deliveries(self, lease_ids: set[str]) -> None:
+        with self._in_flight_lock:
+            runs = [run for lease_id, run in self._in_flight.items() if lease_id in lease_ids]
+        for run in runs:
+            run.abandon()
 
     def _agent_body(self, task: dict[str, Any], lease_id: str) -> dict[str, Any]:
         """What the agent gets. Its callbacks go to `{runtime_url}/api/runtime/llm-tasks/…`,

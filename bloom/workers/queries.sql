@@ -208,10 +208,18 @@ WITH ended AS (
      -- worker is being removed (its worker_removed entry says so).
      WHERE CAST(:audit_out AS boolean)
        AND (b.status <> :out_status OR :claude_cli_missing OR EXISTS (SELECT 1 FROM requeued r WHERE r.worker_id = o.id))
+), ended_notices AS (
+    -- The processes delivering to these leases drop their connections at once
+    -- (bloom/agents/dispatch.py): a hung agent's delivery is not kept open for its run's
+    -- whole timeout. At most 150 lease ids a notification (its payload's limit is 8000 bytes).
+    SELECT pg_notify('bloom_leases_ended', string_agg(id, ',')) AS sent
+      FROM (SELECT id, (row_number() OVER ()) / 150 AS chunk FROM ended) numbered
+     GROUP BY chunk
 )
 SELECT (SELECT count(*) FROM taken_out) AS workers,
        (SELECT count(*) FROM requeued WHERE status = 'queued') AS requeued,
        (SELECT count(*) FROM requeued WHERE status = 'dead') AS dead,
+       (SELECT count(*) FROM ended_notices) AS ended_notices,
        CASE WHEN EXISTS (SELECT 1 FROM requeued WHERE status = 'queued')
             THEN pg_notify('bloom_task_queued', '') IS NULL END AS notified;
 
