@@ -15,6 +15,7 @@ from .agents.operations import AgentOperations
 from .api.converters import WorkerIdConverter
 from .artifacts import MinioArtifactStore
 from .db import Database, apply_schema
+from .large_bodies import LargeBodies
 from .leases.service import LeaseService
 from .logs import ANNOUNCED_ENV, announce_settings, configure_logging
 from .membridge.client import MembridgeClient, UpstreamHealth
@@ -86,7 +87,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     leases = LeaseService(database, artifact_store)
     records = RecordService(database, artifact_store)
     queue_events = QueueEvents(database.engine)
-    agents = AgentClient(settings.agent_key, AgentNetworks(settings.agent_networks))
+    # Bodies over 1 MiB held at once by this process: requests' and agents' answers alike.
+    large_bodies = LargeBodies(settings.large_bodies_at_once)
+    agents = AgentClient(settings.agent_key, AgentNetworks(settings.agent_networks),
+                         max_answer_bytes=settings.max_body_bytes, large_bodies=large_bodies)
     membridge_settings = MembridgeSettingsStore(
         database,
         default_server_url=settings.membridge_server_url,
@@ -117,7 +121,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     register_blueprints(app)
     register_error_handlers(app)
     install_request_log(app)  # first, so that even a refused request gets an id and a log line
-    install_request_guards(app, settings)
+    install_request_guards(app, settings, large_bodies)
     app.extensions[LIMITER_KEY] = init_limiter(app, settings)
     install_api_key_check(app, settings)
     _register_cli(app, database)

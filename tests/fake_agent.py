@@ -50,6 +50,7 @@ class AgentState:
     operations: list[tuple[str, Any]] = field(default_factory=list)  # (path, body) of operations asked
     operations_fail: bool = False
     run_seconds: float = 0.05
+    output_bytes: int = 0  # an output this large (its callback and its answer carry it), else a short line
     executed: list[str] = field(default_factory=list)
     deliveries: list[dict[str, Any]] = field(default_factory=list)
     delivery_peers: list[tuple[str, int]] = field(default_factory=list)  # the runtime's end of each delivery
@@ -222,6 +223,8 @@ def _handler(agent: FakeAgent):
             time.sleep(state.run_seconds)
             agent.awake.wait()  # a frozen run stands still
             output = f"{agent.name} ran {task_id}"
+            if state.output_bytes:
+                output = (output + " ").ljust(state.output_bytes, "x")
             if task.get("desired_format") == "json":  # as the CLI would, asked for JSON
                 output = json.dumps({"result": output})
             duration_ms = int((time.monotonic() - started) * 1000)

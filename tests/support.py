@@ -410,15 +410,33 @@ class TcpBalancer(_Listener):
     backend that accepts it (a dead host's port refuses, so its share goes elsewhere). A
     backend is a local port, or (address, port)."""
 
-    def __init__(self, backends: list, listener: socket.socket | None = None) -> None:
+    def __init__(self, backends: list, listener: socket.socket | None = None, ready_path: str | None = None) -> None:
+        """With `ready_path`, as a load balancer's health check: each backend is asked for
+        it every half second, and new connections go only to those that answered 200 (to
+        all when none did)."""
         self.backends = backends
         self._next = 0
+        self._unready: set = set()
         super().__init__(listener)
         self.url = f"http://{self.host}:{self.port}"
+        if ready_path:
+            threading.Thread(target=self._check_readiness, args=(ready_path,), daemon=True).start()
+
+    def _check_readiness(self, path: str) -> None:
+        while not self._closed:
+            for backend in list(self.backends):
+                host, port = backend if isinstance(backend, tuple) else ("127.0.0.1", backend)
+                try:
+                    ready = requests.get(f"http://{host}:{port}{path}", timeout=1).status_code == 200
+                except requests.RequestException:
+                    ready = False
+                (self._unready.discard if ready else self._unready.add)(backend)
+            time.sleep(0.5)
 
     def _connected(self, client: socket.socket) -> None:
-        for _ in range(len(self.backends)):
-            backend = self.backends[self._next % len(self.backends)]
+        ready = [backend for backend in self.backends if backend not in self._unready] or self.backends
+        for _ in range(len(ready)):
+            backend = ready[self._next % len(ready)]
             self._next += 1
             try:
                 upstream = socket.create_connection(

@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import requests
 
 from bloom.agents.client import AgentClient, AgentNetworks
@@ -232,3 +233,29 @@ def test_agents_that_hold_every_delivery_slot_leave_a_fair_share_for_another_age
                       interval=0.3, what="the ninth agent's task to run")
     assert done["worker_id"] == "honest"
     assert all(len(hog.state.deliveries) <= 32 for hog in hogs)
+
+
+def _memory_mib(served: GunicornServer) -> float:
+    """The resident memory of the service's processes, together."""
+    master = psutil.Process(served.process.pid)
+    return sum(process.memory_info().rss for process in master.children()) / 2**20
+
+
+def test_an_agents_answer_is_held_to_the_body_limit_and_its_memory_comes_back(fleet_server, agents):
+    """An agent whose runs produce more than a completion may carry: its callback is
+    refused (413), and its answer to the delivery is not read past the limit nor kept;
+    the run fails saying why, and the processes' memory returns to where it was."""
+    served = fleet_server(BLOOM_MAX_BODY_BYTES=str(4 << 20))
+    big = agents("big", max_concurrency=8)
+    big.state.output_bytes = 12 << 20
+    before = _memory_mib(served)
+    tasks = [new_task(served, max_attempts=1) for _ in range(8)]
+    assert big.register(served.base_url).status_code == 201
+    done = [wait_until(lambda t=t: (found := task_of(served, t["id"]))["status"] in ("failed", "dead") and found,
+                       timeout=60, interval=0.3, what="the run to end") for t in tasks]
+    for task in done:
+        assert "larger than BLOOM_MAX_BODY_BYTES" in task["result"]["error_message"], task["result"]
+        assert task["result"]["output"] is None
+    assert {status for kind, _, status in big.state.callbacks if kind == "complete"} == {413}
+    time.sleep(1)
+    assert _memory_mib(served) < before + 64, (before, _memory_mib(served))

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from ..large_bodies import LargeBodies
+
 AGENT_HEADER = "X-MEMBRIDGE-AGENT"
 CONNECT_TIMEOUT_S = 2.0
 # One probe try, all told. A live agent that answers its /health in 2.5 s is alive.
@@ -42,7 +44,8 @@ REASON_CHARS = 120
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
 # Beyond the timeout_sec + 10 s the agent promises, before we stop waiting for its answer.
 ANSWER_GRACE_S = 5.0
-MAX_ANSWER_BYTES = 32 * 1024 * 1024
+# An operation's answer (health, self-update, restart, clone): a few hundred bytes.
+OPERATION_ANSWER_BYTES = 1 << 20
 
 
 class AgentUnreachable(Exception):
@@ -88,10 +91,22 @@ class AgentAnswer:
 class PendingRun:
     """A delivered task whose agent has not answered yet; owns its connection."""
 
-    def __init__(self, connection: http.client.HTTPConnection, answer_timeout_s: float) -> None:
+    def __init__(self, connection: http.client.HTTPConnection, answer_timeout_s: float, *,
+                 max_bytes: int, large_bodies: LargeBodies | None = None) -> None:
         self._connection = connection
         self._answer_timeout_s = answer_timeout_s
+        self._max_bytes = max_bytes
+        self._large_bodies = large_bodies
+        self._holds_large_body = False
         self.abandoned = False
+
+    def release(self) -> None:
+        """Done with the answer: a large one's slot and memory go back (call it once the
+        answer, and what was made of it, are no longer needed)."""
+        if self._holds_large_body and self._large_bodies is not None:
+            self._holds_large_body = False
+            self._large_bodies.give_back()
+            LargeBodies.hand_memory_back()
 
     def abandon(self) -> None:
         """Drop the connection now (from any thread): the run is no longer awaited."""
@@ -120,14 +135,16 @@ class PendingRun:
             if sock is not None:
                 sock.settimeout(deadline_s)
             response = self._connection.getresponse()
-            raw = response.read(MAX_ANSWER_BYTES + 1)
-            if len(raw) > MAX_ANSWER_BYTES:
-                return AgentAnswer(response.status, None, "answer too large")
+            raw = self._read_body(response, started + deadline_s)
+            if raw is None:
+                return AgentAnswer(response.status, None, self._too_large())
             try:
                 body: Any = json.loads(raw) if raw else None
             except ValueError:
                 body = raw[:500].decode("utf-8", errors="replace")
             return AgentAnswer(response.status, body)
+        except _NoRoom:
+            return AgentAnswer(None, None, "no memory free for its answer in time")
         except (OSError, http.client.HTTPException) as error:
             if time.monotonic() - started >= deadline_s - 0.05:
                 return AgentAnswer(None, None, "timed out")
@@ -135,6 +152,29 @@ class PendingRun:
         finally:
             cutoff.cancel()
             self._connection.close()
+
+
+    def _read_body(self, response: http.client.HTTPResponse, deadline: float) -> bytes | None:
+        """The answer's body, or None when it is over max_bytes (then not read further).
+        A body over LargeBodies.LARGE_BODY_BYTES, or of unknown length, is read only with
+        one of the process's large-body slots, shared with requests' bodies."""
+        length = response.length
+        if length is not None and length > self._max_bytes:
+            return None
+        if self._large_bodies is not None and (length is None or length > LargeBodies.LARGE_BODY_BYTES):
+            if not self._large_bodies.take(timeout=max(0.0, deadline - time.monotonic())):
+                raise _NoRoom()
+            self._holds_large_body = True
+        raw = response.read(self._max_bytes + 1)
+        return None if len(raw) > self._max_bytes else raw
+
+    def _too_large(self) -> str:
+        return (f"its answer is larger than BLOOM_MAX_BODY_BYTES ({self._max_bytes} bytes), "
+                "the most a completion may carry: not kept")
+
+
+class _NoRoom(Exception):
+    """No large-body slot came free before the answer's deadline."""
 
 
 class AddressNotAllowed(Exception):
@@ -218,9 +258,15 @@ PRE_DELIVERY_CHECK_S = 1.0
 
 
 class AgentClient:
-    def __init__(self, agent_key: str, networks: AgentNetworks) -> None:
+    def __init__(self, agent_key: str, networks: AgentNetworks, *, max_answer_bytes: int = OPERATION_ANSWER_BYTES,
+                 large_bodies: LargeBodies | None = None) -> None:
+        """A delivery's answer is held to `max_answer_bytes` (the service passes its
+        BLOOM_MAX_BODY_BYTES: an answer stands for a completion), read with the process's
+        `large_bodies` slots when large."""
         self._agent_key = agent_key
         self.networks = networks
+        self._max_answer_bytes = max_answer_bytes
+        self._large_bodies = large_bodies
 
     def probe(self, url: str) -> bool:
         """Does the agent's /health answer 2xx, each try within PROBE_DEADLINE_S all told?
@@ -247,7 +293,8 @@ class AgentClient:
             raise AgentUnreachable(f"no answer to its health check within {PRE_DELIVERY_CHECK_S:g} s")
         if not 200 <= status < 300:
             raise AgentUnreachable(f"its health check answered {status}")
-        return self.send(url, "POST", "/execute-task", body, answer_timeout_s=answer_timeout_s)
+        return self.send(url, "POST", "/execute-task", body, answer_timeout_s=answer_timeout_s,
+                         max_answer_bytes=self._max_answer_bytes, large_bodies=self._large_bodies)
 
     def call(self, url: str, method: str, path: str, body: Any = None, *, within_s: float) -> AgentAnswer:
         """One request to an agent's own API (an operation: health, self-update, restart,
@@ -258,7 +305,8 @@ class AgentClient:
             return AgentAnswer(None, None, str(error))
         return pending.answer()
 
-    def send(self, url: str, method: str, path: str, body: Any = None, *, answer_timeout_s: float) -> PendingRun:
+    def send(self, url: str, method: str, path: str, body: Any = None, *, answer_timeout_s: float,
+             max_answer_bytes: int = OPERATION_ANSWER_BYTES, large_bodies: LargeBodies | None = None) -> PendingRun:
         """Connect to the agent and write the request (the url checked against the agent
         networks first); raise AgentUnreachable when that fails."""
         target = urlsplit(url)
@@ -279,7 +327,7 @@ class AgentClient:
         except (OSError, http.client.HTTPException) as error:
             connection.close()
             raise AgentUnreachable(_describe(error)) from None
-        return PendingRun(connection, answer_timeout_s)
+        return PendingRun(connection, answer_timeout_s, max_bytes=max_answer_bytes, large_bodies=large_bodies)
 
 
     def _checked_address(self, url: str) -> tuple[str, int, Any]:

@@ -313,6 +313,7 @@ class Dispatcher:
         finally:
             with self._in_flight_lock:
                 self._in_flight.pop(delivery.lease["id"], None)
+            run.release()
 
     def _wait_for_the_run(self, delivery: _Delivery, run: PendingRun) -> None:
         task, worker = delivery.task, delivery.worker
@@ -387,7 +388,7 @@ class Dispatcher:
         if succeeded:
             error_message = None
         elif answer.ok:
-            error_message = _agent_error(body)
+            error_message = answer.problem or _agent_error(body)
         else:
             error_message = answer.describe()
         completion = {

@@ -1,13 +1,10 @@
 """Request-level concerns shared by every blueprint: JSON bodies, auth, rate limits, https."""
 from __future__ import annotations
 
-import ctypes
-import gc
 import hmac
 import json
 import logging
 import re
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +13,7 @@ from marshmallow import Schema
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from ..errors import BadRequest, Unavailable
+from ..large_bodies import LargeBodies, keep_large_buffers_out_of_the_heap
 from ..schemas import load, unstorable_reason
 from ..settings import Settings
 from .error_handlers import error_body
@@ -75,51 +73,6 @@ def _parsed_body() -> tuple[Any, bytes]:
     return value, raw
 
 
-class LargeBodies:
-    """How many large bodies (over LARGE_BODY_BYTES, or of unknown length) this process
-    reads and handles at once. Parsed, validated and encoded again for SQL, a JSON body
-    costs several times its size in memory for the whole request: a dozen 14 MiB batches
-    at once would take most of a gigabyte per process. Past the limit a request waits a
-    little, then gets 503 with Retry-After; after each large request the process hands the
-    memory back (a full collection and malloc_trim), so its size does not stay at the peak."""
-
-    LARGE_BODY_BYTES = 1 << 20
-    WAIT_S = 10.0
-
-    def __init__(self, at_once: int) -> None:
-        self._slots = threading.BoundedSemaphore(at_once)
-
-    def take(self) -> bool:
-        return self._slots.acquire(timeout=self.WAIT_S)
-
-    def give_back(self) -> None:
-        self._slots.release()
-
-    @staticmethod
-    def hand_memory_back() -> None:
-        """After the answer went out (the last big buffer of the request is gone with it)."""
-        gc.collect()
-        _libc_call("malloc_trim", 0)
-
-
-# glibc's mallopt parameter: allocations from this size up always get pages of their own
-# (mmap), handed back to the system when freed. Left dynamic, the threshold rises after the
-# first large free (up to 32 MiB), and a large body's buffers then stay in the heap.
-_M_MMAP_THRESHOLD = -3
-_MMAP_FROM_BYTES = 1 << 20
-
-
-def keep_large_buffers_out_of_the_heap() -> None:
-    _libc_call("mallopt", _M_MMAP_THRESHOLD, _MMAP_FROM_BYTES)
-
-
-def _libc_call(name: str, *args: int) -> None:
-    try:
-        getattr(ctypes.CDLL("libc.so.6"), name)(*args)
-    except (OSError, AttributeError):  # not glibc: the collection alone
-        pass
-
-
 def _take_large_body_slot() -> None:
     gate: LargeBodies | None = current_app.extensions.get("bloom.large_bodies")
     length = request.content_length
@@ -164,8 +117,8 @@ def _nesting_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
-def install_request_guards(app: Flask, config: Settings) -> None:
-    app.extensions["bloom.large_bodies"] = LargeBodies(config.large_bodies_at_once)
+def install_request_guards(app: Flask, config: Settings, large_bodies: LargeBodies) -> None:
+    app.extensions["bloom.large_bodies"] = large_bodies
     keep_large_buffers_out_of_the_heap()
 
     @app.after_request
