@@ -25,6 +25,10 @@ class Conflict(ApiError):
     status = 409
 
 
+class RequestTimeout(ApiError):
+    status = 408
+
+
 class Unprocessable(ApiError):
     status = 422
 

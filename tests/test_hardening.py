@@ -7,7 +7,9 @@ import http.client
 import json
 import logging
 import os
+import select
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -340,3 +342,50 @@ def test_an_agents_delivery_callbacks_are_not_rate_limited_but_refused_ones_coun
         assert [client.post(guessed).status_code for _ in range(4)] == [409, 409, 409, 429]
     finally:
         services(app).database.dispose()
+
+
+def _trickle_a_body(port: int, answers: list, length: int = 2 << 20) -> None:
+    """Announce a 2 MiB body and send it a byte every 5 s, until answered."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(b"POST /api/runtime/llm-tasks/batch HTTP/1.1\r\nHost: bloom\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % length)
+        try:
+            while not select.select([sock], [], [], 0)[0]:
+                sock.sendall(b" ")
+                select.select([sock], [], [], 5)
+            answer = sock.recv(65536)
+        except OSError:
+            answer = b""
+    answers.append((answer.split(b" ", 2)[1] if answer else None, time.monotonic() - started))
+
+
+@pytest.mark.slow  # starts processes of its own
+def test_slow_uploads_are_cut_and_hold_no_large_body_slot_while_they_trickle(database_url):
+    served = GunicornServer({"DATABASE_URL": database_url}, workers=2, threads=24)
+    try:
+        trickled: list = []
+        tricklers = [threading.Thread(target=_trickle_a_body, args=(served.port, trickled)) for _ in range(12)]
+        for thread in tricklers:
+            thread.start()
+        time.sleep(1)  # every trickle has its headers in and its first bytes coming
+        batch = {"tasks": [{**TASK, "prompt": "x" * 15_000} for _ in range(100)]}  # 1.5 MiB
+        created: list = []
+
+        def create() -> None:
+            started = time.monotonic()
+            status = requests.post(served.url("/api/runtime/llm-tasks/batch"), json=batch, timeout=30).status_code
+            created.append((status, time.monotonic() - started))
+
+        creators = [threading.Thread(target=create) for _ in range(6)]
+        for thread in creators:
+            thread.start()
+        for thread in creators + tricklers:
+            thread.join(timeout=60)
+    finally:
+        served.stop()
+    # Large bodies that arrive at once are handled (two at a time per process), not told to come back.
+    assert [status for status, _ in created] == [201] * 6, created
+    # A trickle is cut: 64 KiB must come within 4 s (a floor of 16 KiB/s).
+    assert sorted(status for status, _ in trickled) == [b"408"] * 12, trickled
+    assert max(seconds for _, seconds in trickled) < 10, trickled

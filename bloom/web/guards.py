@@ -16,6 +16,7 @@ from ..errors import BadRequest, Unavailable
 from ..large_bodies import LargeBodies, keep_large_buffers_out_of_the_heap
 from ..schemas import load, unstorable_reason
 from ..settings import Settings
+from . import request_body
 from .error_handlers import error_body
 from .rate_limits import PROTECTED_PREFIXES
 
@@ -58,7 +59,6 @@ _UNSTORABLE_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
 
 
 def _parsed_body() -> tuple[Any, bytes]:
-    _take_large_body_slot()
     raw = _body_bytes()
     if not raw.strip():
         return {}, raw
@@ -73,10 +73,9 @@ def _parsed_body() -> tuple[Any, bytes]:
     return value, raw
 
 
-def _take_large_body_slot() -> None:
+def _take_large_body_slot(size: int) -> None:
     gate: LargeBodies | None = current_app.extensions.get("bloom.large_bodies")
-    length = request.content_length
-    if gate is None or (length is not None and length <= LargeBodies.LARGE_BODY_BYTES) or g.get("large_body"):
+    if gate is None or size <= LargeBodies.LARGE_BODY_BYTES or g.get("large_body"):
         return
     if not gate.take():
         g.retry_after = "5"
@@ -85,22 +84,27 @@ def _take_large_body_slot() -> None:
 
 
 def _body_bytes() -> bytes:
-    """The body, read once from the server's input stream (the API reads it nowhere else).
+    """The body, read once from the server's input stream (the API reads it nowhere else):
+    received at no less than a floor rate (408), spooled while it arrives, and only then,
+    when large, held under one of the process's large-body slots (bloom/web/request_body.py).
     Past the limit: 413, whether the length was announced or the body came chunked (where
     werkzeug would stop reading at the limit and hand over a truncated body)."""
     limit = current_app.config["MAX_CONTENT_LENGTH"]
     req = request._get_current_object()  # type: ignore[attr-defined]
     length = req.content_length
-    if length is not None:
-        if limit and length > limit:
-            raise RequestEntityTooLarge()
-        return req.environ["wsgi.input"].read(length) if length else b""
+    if length == 0:
+        return b""
     if not limit:
         return req.get_data()
-    raw = req.environ["wsgi.input"].read(limit + 1)
-    if len(raw) > limit:
-        raise RequestEntityTooLarge()
-    return raw
+    try:
+        spool = request_body.receive(req.environ, length, limit)
+    except request_body.BodyTooLarge:
+        raise RequestEntityTooLarge() from None
+    with spool:
+        size = spool.seek(0, 2)
+        spool.seek(0)
+        _take_large_body_slot(size)
+        return spool.read()
 
 
 def _nesting_exceeds(value: Any, limit: int) -> bool:
