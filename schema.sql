@@ -122,6 +122,10 @@ ALTER TABLE leases ADD COLUMN IF NOT EXISTS fenced boolean NOT NULL DEFAULT fals
 -- nothing (no task, no probe, no agent key) until an operator approves it (or registers
 -- it) or the Membridge sync lists it with its url. Workers that existed before stay trusted.
 ALTER TABLE workers ADD COLUMN IF NOT EXISTS approved boolean NOT NULL DEFAULT true;
+-- Outlier ejection of push agents (bloom/agents/outliers.py): runs that failed in a row,
+-- and until when the agent is sent no task because of them.
+ALTER TABLE workers ADD COLUMN IF NOT EXISTS failed_runs integer NOT NULL DEFAULT 0;
+ALTER TABLE workers ADD COLUMN IF NOT EXISTS ejected_until bigint NOT NULL DEFAULT 0;
 -- Who dispatches, who runs each once-per-deployment job: a row per leadership, renewed
 -- by its holder before expires_at; each change of holder adds one to the epoch
 -- (bloom/leadership.py).

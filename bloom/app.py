@@ -111,7 +111,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         projects=ProjectService(database, agents, membridge, records),
         agents=agents,
         agent_ops=AgentOperations(database, agents, records),
-        dispatcher=Dispatcher(leases, records, database, agents, queue_events, public_url=settings.public_url),
+        dispatcher=Dispatcher(leases, records, database, agents, queue_events, public_url=settings.public_url,
+                              callback_key=settings.runtime_api_key),
         membridge_settings=membridge_settings,
         membridge=membridge,
     )

@@ -12,7 +12,9 @@
   (the process is gone: its port refuses connections, its open requests are cut);
   `fail_next` answers the next delivery 500, then runs normally again; `black_hole`
   takes the task (heartbeat) and never answers nor completes, while its /health says ok;
-  `trickle` answers a delivery one byte a second.
+  `trickle` answers a delivery one byte a second; `fail_runs` fails every run at once
+  (heartbeat, an error completion, `{"ok": false}`); `silent_trickle` takes a delivery,
+  never heartbeats, and answers a byte a second.
 - `GET /health` answers 200 while it lives, with its version, hostname, capabilities and
   addresses; `GET /system-info` too. Its operations (`POST /self-update`, `/restart`,
   `/uninstall`, `/clone`) need the agent key, answer `{"ok": true, ...}` (a self-update
@@ -195,6 +197,18 @@ def _handler(agent: FakeAgent):
                 with state.lock:
                     state.mode = "normal"
                 return self._send(500, {"detail": state.fail_detail})
+            if mode == "silent_trickle":  # takes it, never says a run started, answers a byte a second
+                time.sleep(1.0)  # taken (no refusal within the runtime's accept window)
+                for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b" " * 100000:
+                    if not agent.alive:
+                        return
+                    try:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                    except OSError:
+                        return
+                    time.sleep(1.0)
+                return
             if mode == "trickle":
                 for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}":
                     if not agent.alive:
@@ -213,6 +227,13 @@ def _handler(agent: FakeAgent):
                 while agent.alive:  # holds the request open for ever, says nothing
                     time.sleep(0.2)
                 return
+            if mode == "fail_runs":  # every run fails at once (a broken CLI), said as the real agent says it
+                agent.callback(runtime_url, task_id, "complete", {
+                    "status": "error", "output": None, "error_message": "claude exited with code 1",
+                    "metrics": {"duration_ms": 5, "tokens_used": None},
+                })
+                return self._send(200, {"ok": False, "task_id": task_id, "error": "claude exited with code 1",
+                                        "duration_ms": 5})
             if mode == "die_mid_run":
                 threading.Thread(target=agent.kill, daemon=True).start()
                 time.sleep(1.0)

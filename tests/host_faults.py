@@ -56,6 +56,7 @@ class HostFaults:
     served_after_heal_s: float | None = None  # heal -> the cut host answers 200 again
     pause_takeover_s: float | None = None  # leader paused -> the other host holds dispatch
     longest_wait_s: float = 0.0  # the longest creation-to-completion of any task
+    slowest_history: list[tuple] = field(default_factory=list)  # that task's audit entries
     outcome: Outcome = field(default_factory=Outcome)
 
     def summary(self) -> str:
@@ -236,7 +237,7 @@ def run(database_url: str, *, seconds: float = 60.0, cut_s: float = 15.0, pause_
                    what="every acknowledged task to be completed")
         faults.outcome.drain_seconds = time.monotonic() - drain_started
         _check(faults.outcome, deployment.database_url, acknowledged, deployment.fleet, Path("/nonexistent"))
-        faults.longest_wait_s = _longest_wait(deployment.database_url)
+        faults.longest_wait_s, faults.slowest_history = _longest_wait(deployment.database_url)
         return faults
     finally:
         stop.set()
@@ -250,11 +251,17 @@ def _all_done(database_url: str, acknowledged: list[str]) -> bool:
         return cursor.fetchone()[0] == len(set(acknowledged))
 
 
-def _longest_wait(database_url: str) -> float:
+def _longest_wait(database_url: str) -> tuple[float, list[tuple]]:
+    """The longest creation-to-completion of a task, in seconds, and that task's history."""
     with closing(psycopg2.connect(database_url)) as connection, connection.cursor() as cursor:
-        cursor.execute("SELECT max(r.completed_at - t.created_at) FROM llm_tasks t "
-                       "JOIN llm_results r ON r.task_id = t.id AND r.status = 'success'")
-        return (cursor.fetchone()[0] or 0) / 1000
+        cursor.execute("SELECT t.id, r.completed_at - t.created_at, t.created_at FROM llm_tasks t "
+                       "JOIN llm_results r ON r.task_id = t.id AND r.status = 'success' ORDER BY 2 DESC LIMIT 1")
+        row = cursor.fetchone()
+        if row is None:
+            return 0.0, []
+        cursor.execute("SELECT timestamp - %s, action, actor, detail FROM audit_logs WHERE entity_id = %s "
+                       "ORDER BY timestamp", (row[2], row[0]))
+        return row[1] / 1000, cursor.fetchall()
 
 
 def main() -> int:
@@ -280,6 +287,9 @@ def main() -> int:
         cluster.dispose()
         server.cleanup()  # type: ignore[attr-defined]
     print(faults.summary())
+    print("the slowest task, ms after its creation:")
+    for entry in faults.slowest_history:
+        print("   ", *entry)
     return 1 if faults.outcome.failures() else 0
 
 

@@ -259,3 +259,42 @@ def test_an_agents_answer_is_held_to_the_body_limit_and_its_memory_comes_back(fl
     assert {status for kind, _, status in big.state.callbacks if kind == "complete"} == {413}
     time.sleep(1)
     assert _memory_mib(served) < before + 64, (before, _memory_mib(served))
+
+
+def test_agents_that_fail_every_run_are_taken_out_and_retries_go_to_another(fleet_server, agents):
+    """Agents that fail every run at once are always idle: the least-loaded choice sent
+    them every delivery, and 8 of 40 tasks spent all their attempts there."""
+    served = fleet_server()
+    good = agents("good", max_concurrency=2, run_seconds=0.2)
+    broken = [agents(f"broken-{n}", max_concurrency=2, mode="fail_runs") for n in range(9)]
+    for agent in [good, *broken]:
+        assert agent.register(served.base_url).status_code == 201
+    tasks = [new_task(served) for _ in range(40)]
+    wait_until(lambda: all(task_of(served, t["id"])["status"] in ("completed", "failed") for t in tasks),
+               timeout=90, interval=0.5, what="every task to end")
+    assert {task_of(served, t["id"])["status"] for t in tasks} == {"completed"}
+    assert sorted(good.outputs()) == sorted(t["id"] for t in tasks)
+    # Each broken agent got a few runs before it was taken out (3, then one after each back-off:
+    # 15 s, 30 s), not a share of every task's attempts.
+    assert all(len(agent.state.deliveries) <= 7 for agent in broken), [len(a.state.deliveries) for a in broken]
+    assert "runs failed in a row" in served.log()
+
+
+def test_agents_that_take_tasks_and_never_start_them_are_taken_out(fleet_server, agents):
+    """An agent heartbeats as each run starts; these take the task, never do, and answer
+    a byte a second: the tasks waited for timeout_sec + 25 s (145 s by default)."""
+    served = fleet_server()
+    good = agents("good", max_concurrency=1, run_seconds=0.2)
+    silent = [agents(f"silent-{n}", max_concurrency=2, mode="silent_trickle") for n in range(4)]
+    for agent in [good, *silent]:
+        assert agent.register(served.base_url).status_code == 201
+    tasks = [new_task(served) for _ in range(8)]
+    started = time.monotonic()
+    try:
+        wait_until(lambda: all(task_of(served, t["id"])["status"] == "completed" for t in tasks),
+                   timeout=60, interval=0.5, what="every task to complete")
+    except AssertionError:
+        raise AssertionError([task_of(served, t["id"])["status"] for t in tasks], served.log()[-6000:]) from None
+    assert time.monotonic() - started < 40
+    assert all(task_of(served, t["id"])["attempts"] == 1 for t in tasks)  # the silent ones cost no attempt
+    assert "never started it; queued again" in served.log(), served.log()[-5000:]

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+import requests
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -55,6 +56,7 @@ from .client import (
 )
 from .delivery_slots import DeliverySlots
 from .liveness import take_workers_out
+from .outliers import START_HEARTBEAT_S, RunOutcomes
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,7 @@ class _Delivery:
         self.worker = granted["worker"]
         self.address: str = granted["address"]
         self.settled = threading.Event()
+        self.never_started = False  # taken by the agent, no heartbeat within START_HEARTBEAT_S
         self.outcome: DispatchOutcome | None = None
         self.on_settled: Callable[[_Delivery], None] | None = None
 
@@ -120,6 +123,7 @@ class Dispatcher:
         events: QueueEvents,
         *,
         public_url: str | None,
+        callback_key: str | None = None,
     ) -> None:
         self._leases = leases
         self._records = records
@@ -127,6 +131,7 @@ class Dispatcher:
         self._agents = agents
         self._events = events
         self._public_url = public_url
+        self._callback_key = callback_key  # the workers' key, for _complete_elsewhere
         self._slots = DeliverySlots(MAX_IN_FLIGHT, DELIVERY_HARD_LIMIT)
         self._leadership = Leadership(database, "dispatch", process_identity())
         self._thread: threading.Thread | None = None
@@ -141,6 +146,7 @@ class Dispatcher:
         # deployment, its connection is dropped at once instead of held for the run's timeout.
         self._in_flight: dict[str, PendingRun] = {}
         self._in_flight_lock = threading.Lock()
+        self._outcomes = RunOutcomes(database)
 
     # The route --------------------------------------------------------------------
 
@@ -326,12 +332,37 @@ class Dispatcher:
         delivery.settle()
         metrics.DISPATCHES.labels("dispatched").inc()
         log.info("task %s dispatched to worker %s", task["id"], worker["id"])
-        answer = answer or run.answer()
-        if run.abandoned:
-            log.info("task %s: delivery to worker %s dropped: its lease ended (the worker left the rotation)",
-                     task["id"], worker["id"])
+        if answer is None:
+            # The agent heartbeats as each run starts: one that has not within
+            # START_HEARTBEAT_S is not running the task (a trickled answer changes nothing).
+            start_check = threading.Timer(START_HEARTBEAT_S, self._drop_unless_started, args=(delivery, run))
+            start_check.daemon = True
+            start_check.start()
+            try:
+                answer = run.answer()
+            finally:
+                start_check.cancel()
+        if run.abandoned and not answer.ok:
+            if delivery.never_started:
+                self._leases.release_worker_leases(worker["id"], [delivery.lease["id"]], actor=DISPATCH_ACTOR)
+                self._outcomes.note(worker["id"], failed=True,
+                                    why=f"took a task and said nothing of its run within {START_HEARTBEAT_S:g} s")
+                log.warning("task %s: worker %s took it and never started it; queued again", task["id"], worker["id"])
+            else:
+                log.info("task %s: delivery to worker %s dropped: its lease ended (the worker left the rotation)",
+                         task["id"], worker["id"])
             return
         self._follow_up(delivery, answer)
+
+    def _drop_unless_started(self, delivery: _Delivery, run: PendingRun) -> None:
+        try:
+            with self._db.autocommit() as tx:
+                started = tx.one("delivery_started", task_id=delivery.task["id"], lease_id=delivery.lease["id"])["started"]
+        except Exception:  # the database is away: no evidence either way
+            return
+        if not started:
+            delivery.never_started = True
+            run.abandon()
 
     def _abandon_deliveries(self, lease_ids: set[str]) -> None:
         with self._in_flight_lock:
@@ -403,6 +434,31 @@ class Dispatcher:
         }
         if self._complete_holding_on(task_id, completion):
             log.info("task %s completed from its agent's answer (no completion callback arrived)", task_id)
+        try:
+            self._outcomes.note(worker["id"], failed=not succeeded, why=error_message or "")
+        except Exception as error:  # bookkeeping only: the run's outcome is stored above
+            log.warning("worker %s: its run's outcome could not be noted (%s)", worker["id"], type(error).__name__)
+
+    def _complete_elsewhere(self, task_id: str, completion: dict[str, Any]) -> bool | None:
+        """This host cannot reach the database (cut off, or it is down for everyone): send
+        the result where the agent sent its callback, the deployment's BLOOM_PUBLIC_URL (the
+        load balancer), as that callback, so that a host that reaches the database stores
+        it now rather than this one at the heal. True: stored there; False: refused (the
+        task moved on); None: not now (no other host answered), hold on."""
+        if not self._public_url:
+            return None
+        url = f"{delivery_callback_url(self._public_url, completion['lease_id'])}/api/runtime/llm-tasks/" \
+              f"{quote(task_id, safe='')}/complete"
+        headers = {"X-Runtime-API-Key": self._callback_key} if self._callback_key else {}
+        try:
+            answer = requests.post(url, json=completion, headers=headers, timeout=5)
+        except requests.RequestException:
+            return None
+        if answer.status_code == 200:
+            log.info("task %s: the agent's result, held while this host could not reach the database, "
+                     "was stored by another host", task_id)
+            return True
+        return False if answer.status_code in (404, 409) else None
 
     def _complete_holding_on(self, task_id: str, completion: dict[str, Any]) -> bool:
         """Store the agent's answer as the task's completion. While the database is away
@@ -422,6 +478,9 @@ class Dispatcher:
                     log.warning("task %s: the agent's result was refused by the database: %s",
                                 task_id, getattr(error.orig, "pgcode", None))
                     return False
+                handed = self._complete_elsewhere(task_id, completion)
+                if handed is not None:
+                    return handed
                 if self._stopping.is_set() or time.monotonic() + wait > deadline:
                     log.warning("task %s: the agent's result could not be stored (%s); its lease will expire",
                                 task_id, type(error).__name__)

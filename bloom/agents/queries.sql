@@ -18,7 +18,7 @@ SELECT t.id
    AND COALESCE(t.run_at, 0) <= :now AND COALESCE(t.retry_at, 0) <= :now
    AND EXISTS (
         SELECT 1 FROM workers w
-         WHERE w.url IS NOT NULL AND w.status = 'online' AND w.approved
+         WHERE w.url IS NOT NULL AND w.status = 'online' AND w.approved AND w.ejected_until <= :now
            AND COALESCE((w.capabilities ->> 'claude_cli')::boolean, true)
            AND (SELECT count(l.id) < min(COALESCE((sibling.capabilities ->> 'max_concurrency')::int, 1))
                   FROM workers sibling
@@ -26,6 +26,25 @@ SELECT t.id
                  WHERE sibling.address = w.address))
  ORDER BY t.priority DESC, t.created_at, t.id
  LIMIT :limit;
+
+-- name: note_agent_run
+-- How a delivered run ended (bloom/agents/outliers.py): a failure adds one to the runs
+-- that failed in a row, and from :eject_after of them on keeps the agent out of the
+-- dispatch for a back-off that doubles with each further failure; a good run clears the
+-- count. A good run of an agent with no failures writes nothing.
+UPDATE workers
+   SET failed_runs = CASE WHEN :failed THEN failed_runs + 1 ELSE 0 END,
+       ejected_until = CASE WHEN :failed AND failed_runs + 1 >= :eject_after
+                            THEN :now + CAST(LEAST(:first_ejection_ms * power(2, failed_runs + 1 - :eject_after),
+                                                   :longest_ejection_ms) AS bigint)
+                            ELSE ejected_until END
+ WHERE id = :worker_id AND (:failed OR failed_runs > 0)
+RETURNING failed_runs, ejected_until;
+
+-- name: delivery_started
+-- Whether the agent said its run started (its first heartbeat makes the task 'running').
+SELECT EXISTS (SELECT 1 FROM llm_tasks WHERE id = :task_id AND lease_id = :lease_id AND status = 'running')
+       AS started;
 
 -- name: push_workers
 -- Workers the runtime pushes tasks to (they have a url), to probe.

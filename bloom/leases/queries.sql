@@ -39,10 +39,17 @@ SELECT gen_random_uuid()::text, d.id, d.worker_id, NULL, 'error', NULL, d.reason
 -- A dispatch (:push_only) considers only workers with a url, and without :ttl_seconds
 -- its lease lasts the task's policy.timeout_sec + 60 s, so a slow live run is not swept.
 -- It also leaves out :full_addresses, the agents holding their fair share of the
--- dispatching process's delivery slots (bloom/agents/delivery_slots.py; empty for a lease).
+-- dispatching process's delivery slots (bloom/agents/delivery_slots.py; empty for a lease),
+-- and agents ejected for failing runs (bloom/agents/outliers.py). A retry goes to another
+-- worker than the one its last result came from, when one is eligible.
 SELECT set_config('bloom.lease_picked_worker', COALESCE(picked.id, ''), true)
   FROM (SELECT CAST(:task_id AS text) AS id) wanted
   LEFT JOIN llm_tasks t ON t.id = wanted.id
+  LEFT JOIN LATERAL (
+        SELECT r.worker_id FROM llm_results r
+         WHERE r.task_id = t.id AND t.attempts > 0
+         ORDER BY r.completed_at DESC LIMIT 1
+  ) last_run ON true
   LEFT JOIN LATERAL (
         SELECT w.id
           FROM workers w
@@ -60,10 +67,11 @@ SELECT set_config('bloom.lease_picked_worker', COALESCE(picked.id, ''), true)
                           AND COALESCE((w.capabilities ->> 'claude_cli')::boolean, true)
                           AND w.approved
                           AND load.active_leases < load.max_concurrency
-                          AND (NOT :push_only OR w.url IS NOT NULL)
+                          AND (NOT :push_only OR (w.url IS NOT NULL AND w.ejected_until <= :now))
                           AND w.address <> ALL(:full_addresses)
                      ELSE w.id = :worker_id END)
-         ORDER BY load.holds_context DESC, load.max_concurrency - load.active_leases DESC, w.id
+         ORDER BY w.id IS NOT DISTINCT FROM last_run.worker_id, load.holds_context DESC,
+                  load.max_concurrency - load.active_leases DESC, w.id
          LIMIT 1
            FOR UPDATE OF w
   ) picked ON true;
@@ -345,7 +353,7 @@ WITH released AS (
     RETURNING t.id, r.id AS lease_id
 ), audit AS (
     INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
-    SELECT gen_random_uuid()::text, :now, 'lease_given_back', 'task', id, :worker_id,
+    SELECT gen_random_uuid()::text, :now, 'lease_given_back', 'task', id, :actor,
            jsonb_build_object('lease_id', lease_id, 'worker_id', :worker_id)
       FROM requeued
 )

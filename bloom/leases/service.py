@@ -227,12 +227,13 @@ class LeaseService:
             raise NotFound("Worker not found")
         return {"renewed": row["renewed"], "lost": row["lost"]}
 
-    def release_worker_leases(self, worker_id: str, lease_ids: list[str]) -> dict[str, Any]:
+    def release_worker_leases(self, worker_id: str, lease_ids: list[str], *, actor: str | None = None) -> dict[str, Any]:
         """Give back the named active leases of the worker: their tasks are queued again
         at once, their attempts given back. Says which were given back; a lease already
         ended (completed, cancelled, expired) or not the worker's is left as it is."""
         with self.db.autocommit() as tx:
-            row = tx.one("release_worker_leases", worker_id=worker_id, lease_ids=lease_ids, now=now_ms())
+            row = tx.one("release_worker_leases", worker_id=worker_id, lease_ids=lease_ids, now=now_ms(),
+                         actor=actor or worker_id)
         if not row["known"]:
             raise NotFound("Worker not found")
         metrics.LEASES_RELEASED.inc(len(row["released"]))
