@@ -91,6 +91,22 @@ class Database:
         self._ping_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bloom-ping")
         self._ping: Future | None = None
         self._ping_lock = threading.Lock()
+        # The last time a statement failed for want of a resource (a full disk), and which.
+        self._exhausted: tuple[float, str] | None = None
+
+    EXHAUSTED_SAID_FOR_S = 30.0
+
+    def note_exhausted(self, resource: str) -> None:
+        """A statement failed because PostgreSQL is out of `resource` (errors.exhausted_resource)."""
+        self._exhausted = (time.monotonic(), resource)
+
+    def exhausted(self) -> str | None:
+        """What PostgreSQL was out of at a statement of this process's in the last
+        EXHAUSTED_SAID_FOR_S (writes fail while pings still answer), or None."""
+        noted = self._exhausted
+        if noted is None or time.monotonic() - noted[0] > self.EXHAUSTED_SAID_FOR_S:
+            return None
+        return noted[1]
 
     @contextmanager
     def autocommit(self) -> Iterator[Queries]:

@@ -68,6 +68,16 @@ def is_connection_failure(error: DBAPIError) -> bool:
     return getattr(orig, "pgcode", None) in {"57P01", "57P02", "57P03"}
 
 
+def exhausted_resource(error: DBAPIError) -> str | None:
+    """What PostgreSQL ran out of (class 53, insufficient resources: a full disk above
+    all), or None. psycopg2 files these under OperationalError, yet the server answers:
+    said as what it is, not as the database being away."""
+    code = getattr(error.orig, "pgcode", None) or ""
+    if not code.startswith("53"):
+        return None
+    return {"53100": "disk space", "53200": "memory", "53300": "connections"}.get(code, "resources")
+
+
 def is_concurrency_conflict(error: DBAPIError) -> bool:
     """A deadlock or a serialization failure: a concurrent request won; the same call may
     succeed at once."""

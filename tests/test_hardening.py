@@ -389,3 +389,24 @@ def test_slow_uploads_are_cut_and_hold_no_large_body_slot_while_they_trickle(dat
     # A trickle is cut: 64 KiB must come within 4 s (a floor of 16 KiB/s).
     assert sorted(status for status, _ in trickled) == [b"408"] * 12, trickled
     assert max(seconds for _, seconds in trickled) < 10, trickled
+
+
+def test_a_full_disk_is_said_as_such_and_ready_fails_while_writes_do(client, database_url):
+    """PostgreSQL refusing writes for want of disk space (SQLSTATE 53100, as it does when
+    it cannot extend a table file) was answered "Database unavailable" while /ready said 200."""
+    engine = create_engine(database_url)
+    with engine.begin() as connection:
+        connection.execute(text(
+            "CREATE FUNCTION disk_is_full() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "RAISE EXCEPTION 'could not extend file \"base/1/2\": No space left on device' USING ERRCODE = 'disk_full'; "
+            "END $$"))
+        connection.execute(text("CREATE TRIGGER disk_is_full BEFORE INSERT ON llm_tasks "
+                                "FOR EACH ROW EXECUTE FUNCTION disk_is_full()"))
+    engine.dispose()
+    assert client.get("/api/runtime/ready").status_code == 200
+    refused = client.post("/api/runtime/llm-tasks", json=TASK)
+    assert refused.status_code == 503 and refused.get_json() == {"error": "Database out of disk space"}
+    assert refused.headers["Retry-After"]
+    ready = client.get("/api/runtime/ready")
+    assert (ready.status_code, ready.get_json()["error"]) == (503, "database out of disk space: writes fail")
+    assert client.get("/api/runtime/llm-tasks").status_code == 200  # what only reads still works

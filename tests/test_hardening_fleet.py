@@ -298,3 +298,22 @@ def test_agents_that_take_tasks_and_never_start_them_are_taken_out(fleet_server,
     assert time.monotonic() - started < 40
     assert all(task_of(served, t["id"])["attempts"] == 1 for t in tasks)  # the silent ones cost no attempt
     assert "never started it; queued again" in served.log(), served.log()[-5000:]
+
+
+def test_one_agent_under_many_spellings_costs_one_probe_a_round(fleet_server):
+    """Urls spelled differently that resolve to one address are one target: one probe a
+    round, not one per spelling (each spelling was a target of its own, four probes at
+    a time per spelling)."""
+    target = _OddHealthServer("plain")
+    port = target.url.rsplit(":", 1)[1]
+    try:
+        served = fleet_server(BLOOM_DISPATCH="off", WORKER_SYNC_INTERVAL_S="0.5")
+        spellings = [f"http://{host}:{port}" for host in ("127.0.0.1", "localhost", "LOCALHOST", "LocalHost")]
+        for n, url in enumerate(spellings * 5):
+            answer = requests.post(api(served, "/workers"), json={"name": f"name-{n}", "url": url}, timeout=10)
+            assert answer.status_code == 201, answer.text
+        before = len(target.arrivals)
+        wait_until(lambda: len(target.arrivals) - before >= 4, timeout=30, what="four more probes")
+        assert shortest_gap(target.arrivals[before:]) >= 0.2
+    finally:
+        target.close()

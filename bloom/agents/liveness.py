@@ -16,13 +16,14 @@ from urllib.parse import urlsplit
 
 from ..db import Database
 from ..stamps import now_ms
-from .client import PROBE_DEADLINE_S, PROBE_TRIES, AgentClient
+from .client import PROBE_DEADLINE_S, PROBE_TRIES, AddressNotAllowed, AgentClient
 
 log = logging.getLogger(__name__)
 
 LIVENESS_ACTOR = "liveness"
 MAX_PARALLEL_PROBES = 128
 PROBES_PER_HOST = 4
+RESOLVE_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,42 @@ def probe_round_budget_s(interval_s: float) -> float:
     return max(interval_s * 0.8, PROBE_TRIES * PROBE_DEADLINE_S + 0.5)
 
 
+class _Prober:
+    """Probes of one round, keyed by the address a url resolves to, not by its spelling
+    (`localhost`, `127.0.0.1` and `LOCALHOST.` are one target): one probe per target,
+    whose answer stands for every url that resolves to it, and at most PROBES_PER_HOST at
+    once per resolved host."""
+
+    def __init__(self, agents: AgentClient) -> None:
+        self._agents = agents
+        self._guard = threading.Lock()
+        self._per_host: dict[str, threading.Semaphore] = {}
+        self._per_target: dict[tuple, threading.Lock] = {}
+        self._answers: dict[tuple, bool] = {}
+
+    def once(self, url: str) -> bool:
+        target = self._target(url)
+        if target is None:
+            return self._agents.probe(url)  # unresolvable or refused: the probe says no, as before
+        with self._guard:
+            one_at_a_time = self._per_target.setdefault(target, threading.Lock())
+            host = self._per_host.setdefault(target[0], threading.Semaphore(PROBES_PER_HOST))
+        with one_at_a_time:
+            if target not in self._answers:
+                with host:
+                    self._answers[target] = self._agents.probe(url)
+            return self._answers[target]
+
+    def _target(self, url: str) -> tuple | None:
+        parts = urlsplit(url)
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            address = self._agents.networks.resolve_allowed(parts.hostname or "", port, RESOLVE_TIMEOUT_S)
+        except (ValueError, AddressNotAllowed):
+            return None
+        return (address[4][0], address[4][1], parts.scheme)
+
+
 def probe_push_workers(database: Database, agents: AgentClient, *, budget_s: float) -> ProbeOutcome:
     """Probe every push worker within `budget_s`; apply what the answers say.
 
@@ -82,17 +119,10 @@ def probe_push_workers(database: Database, agents: AgentClient, *, budget_s: flo
     for row in rows:
         names_by_address[row["address"]].append(row["id"])
         url_of[row["address"]] = row["url"]
-    per_host: dict[str, threading.Semaphore] = defaultdict(lambda: threading.Semaphore(PROBES_PER_HOST))
-
-    def probe(url: str) -> bool:
-        with per_host[(urlsplit(url).hostname or "").lower()]:
-            return agents.probe(url)
-
-    for url in url_of.values():
-        per_host[(urlsplit(url).hostname or "").lower()]  # made before the threads share the dict
+    probe = _Prober(agents)
     pool = ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_PROBES, len(url_of)), thread_name_prefix="bloom-probe")
     try:
-        futures = {pool.submit(probe, url): address for address, url in url_of.items()}
+        futures = {pool.submit(probe.once, url): address for address, url in url_of.items()}
         done, not_done = wait(futures, timeout=budget_s)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)

@@ -36,10 +36,16 @@ READY_TIMEOUT_S = 1.5
 
 
 @bp.get("/ready")
-@documented("Readiness: 200 when PostgreSQL answers within 1.5 s, else 503", responses={200: "Ready", 503: "Ready"})
+@documented("Readiness: 200 when PostgreSQL answers within 1.5 s and has not refused a write for want of "
+            "disk space (or another resource) in the last 30 s, else 503 saying which",
+            responses={200: "Ready", 503: "Ready"})
 def ready():
-    if not services().database.answers_within(READY_TIMEOUT_S):
+    database = services().database
+    if not database.answers_within(READY_TIMEOUT_S):
         return jsonify({"status": "unavailable", "error": "database unreachable"}), 503
+    exhausted = database.exhausted()
+    if exhausted is not None:
+        return jsonify({"status": "unavailable", "error": f"database out of {exhausted}: writes fail"}), 503
     return jsonify({"status": "ready"})
 
 

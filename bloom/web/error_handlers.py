@@ -14,11 +14,13 @@ from werkzeug.exceptions import HTTPException
 from ..errors import (
     ApiError,
     ValidationFailed,
+    exhausted_resource,
     is_concurrency_conflict,
     is_connection_failure,
     is_data_error,
     is_timeout,
 )
+from ..services import services
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,12 @@ def register_error_handlers(app: Flask) -> None:
         if is_concurrency_conflict(error):
             log.warning("statement lost to a concurrent one: %s", getattr(error.orig, "pgcode", None))
             return _unavailable("Conflict with a concurrent request, try again")
+        exhausted = exhausted_resource(error)
+        if exhausted is not None:
+            # Writes fail while reads may still work: /ready says so too (bloom/api/health.py).
+            services().database.note_exhausted(exhausted)
+            log.warning("the database is out of %s: %s", exhausted, getattr(error.orig, "pgcode", None))
+            return _unavailable(f"Database out of {exhausted}")
         if error.connection_invalidated or is_connection_failure(error):
             log.warning("database unavailable: %s", type(error.orig).__name__)
             return _unavailable("Database unavailable")
