@@ -23,6 +23,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from .pids import alive
+
 log = logging.getLogger(__name__)
 
 _DATABASE = "bloom"
@@ -69,16 +71,6 @@ def _server_lock():
     return PostgresServer._lock
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _forget_gone_handles(pgdata: Path) -> list[int]:
     """Take the pids of processes that no longer exist off the server's list of users;
     return the ones left. (Called under the package's lock.)"""
@@ -87,10 +79,10 @@ def _forget_gone_handles(pgdata: Path) -> list[int]:
         pids = json.loads(path.read_text() or "[]")
     except (FileNotFoundError, ValueError):
         return []
-    alive = [pid for pid in pids if isinstance(pid, int) and _alive(pid)]
-    if alive != pids:
-        path.write_text(json.dumps(alive))
-    return alive
+    live = [pid for pid in pids if isinstance(pid, int) and alive(pid)]
+    if live != pids:
+        path.write_text(json.dumps(live))
+    return live
 
 
 def _start_guard(pgdata: Path) -> None:

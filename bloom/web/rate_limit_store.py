@@ -28,6 +28,8 @@ from collections.abc import Callable
 
 from limits.storage import Storage
 
+from ..pids import alive
+
 log = logging.getLogger(__name__)
 
 SCHEME = "bloom-memory"
@@ -130,7 +132,7 @@ class _StripeLock:
         deadline = time.monotonic() + timeout
         while not self._lock.acquire(timeout=min(self.CHECK_HOLDER_EVERY_S, max(0.0, deadline - time.monotonic()))):
             holder = struct.unpack_from("<q", self._holders, self._offset)[0]
-            if holder > 0 and not _alive(holder):
+            if holder > 0 and not alive(holder):
                 try:
                     self._lock.release()  # for the dead holder
                 except ValueError:  # another waiter did it first
@@ -143,16 +145,6 @@ class _StripeLock:
     def release(self) -> None:
         struct.pack_into("<q", self._holders, self._offset, 0)
         self._lock.release()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class HostCounters:
@@ -222,7 +214,7 @@ class HostCounters:
             owners = struct.unpack_from(f"<{self.COLUMNS}q", self._columns)
             free = next((i for i, owner in enumerate(owners) if owner == pid), None)
             if free is None:
-                free = next((i for i, owner in enumerate(owners) if owner <= 0 or not _alive(owner)), None)
+                free = next((i for i, owner in enumerate(owners) if owner <= 0 or not alive(owner)), None)
             if free is None:
                 raise SharedCountersBusy(f"more than {self.COLUMNS} processes share the rate-limit table")
             struct.pack_into("<q", self._columns, free * 8, pid)
