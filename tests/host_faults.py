@@ -139,6 +139,10 @@ class _Deployment:
             os.kill(process.pid, signum)
 
     def close(self) -> None:
+        keep = os.environ.get("BLOOM_FAULT_LOGS")  # a directory to keep the hosts' logs in
+        if keep:
+            for name, served in getattr(self, "hosts", {}).items():
+                Path(keep, f"{name}.log").write_text(served.log())
         for agent in getattr(self, "fleet", []):
             agent.kill()
         for served in getattr(self, "hosts", {}).values():

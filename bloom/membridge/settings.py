@@ -64,6 +64,7 @@ class MembridgeSettingsStore:
         self._cached = self._defaults
         self._cached_at = float("-inf")
         self._lock = threading.Lock()
+        self._failed_reads = 0
 
     def current(self, *, fresh: bool = False) -> MembridgeConfig:
         """The settings, read through the cache; `fresh` reads the database now (GET
@@ -75,13 +76,19 @@ class MembridgeSettingsStore:
         try:
             config = self._read()
         except Exception as error:
-            # The database is down: keep serving with what we knew last.
-            log.warning("runtime settings unreadable (%s); using the last known ones", type(error).__name__)
+            # The database is down: keep serving with what we knew last. Said once when the
+            # reads start failing and once when they work again, not at every read.
+            if not self._failed_reads:
+                log.warning("runtime settings unreadable (%s); using the last known ones", type(error).__name__)
             with self._lock:
+                self._failed_reads += 1
                 self._cached_at = time.monotonic()  # try again after CACHE_SECONDS, not on every call
                 return self._cached
         with self._lock:
             self._cached, self._cached_at = config, time.monotonic()
+            failed, self._failed_reads = self._failed_reads, 0
+        if failed:
+            log.warning("runtime settings readable again, after %d failed read(s)", failed)
         return config
 
     def cached(self) -> MembridgeConfig:
