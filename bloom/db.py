@@ -218,15 +218,20 @@ class Queries:
             cursor.execute(statement, params)
         except psycopg2.Error as error:
             cursor.close()
-            raise self._wrapped(error, statement, params) from error
+            # While PostgreSQL is unreachable the watch cuts the sockets of statements under
+            # way, and libpq says so in more ways than SQLAlchemy knows as a disconnect (a
+            # bare DatabaseError with no SQLSTATE among them): whatever it says then, the
+            # connection is gone, and the caller gets a 503, not a 500.
+            raise self._wrapped(error, statement, params, cut=not self._reachability.reachable) from error
         finally:
             self._reachability.statement_ended(fd)
         return cursor
 
-    def _wrapped(self, error: psycopg2.Error, statement: str, params: dict[str, Any] | None) -> DBAPIError:
+    def _wrapped(self, error: psycopg2.Error, statement: str, params: dict[str, Any] | None, *,
+                 cut: bool = False) -> DBAPIError:
         """The driver's error as SQLAlchemy raises it; a connection that is gone is
         invalidated, so that the pool never hands it out again."""
-        lost = self._dialect.is_disconnect(error, self.connection.dbapi_connection, None)
+        lost = cut or self._dialect.is_disconnect(error, self.connection.dbapi_connection, None)
         if lost:
             self.connection.invalidate(error)
         return DBAPIError.instance(statement, params, error, psycopg2.Error, connection_invalidated=lost)
