@@ -153,7 +153,6 @@ class PendingRun:
             cutoff.cancel()
             self._connection.close()
 
-
     def _read_body(self, response: http.client.HTTPResponse, deadline: float) -> bytes | None:
         """The answer's body, or None when it is over max_bytes (then not read further).
         A body over LargeBodies.LARGE_BODY_BYTES, or of unknown length, is read only with
@@ -287,7 +286,7 @@ class AgentClient:
         the task elsewhere: a second LLM run. So no task goes to an agent whose /health
         does not answer within PRE_DELIVERY_CHECK_S, right before the delivery. What is
         left: a freeze between that check and the delivery, or after the run started."""
-        self._checked_address(url)  # an address outside the agent networks: say so, not "no answer"
+        self.checked_address(url)  # an address outside the agent networks: say so, not "no answer"
         status = status_line_of(url, "/health", deadline_s=PRE_DELIVERY_CHECK_S, networks=self.networks)
         if status is None:
             raise AgentUnreachable(f"no answer to its health check within {PRE_DELIVERY_CHECK_S:g} s")
@@ -310,7 +309,7 @@ class AgentClient:
         """Connect to the agent and write the request (the url checked against the agent
         networks first); raise AgentUnreachable when that fails."""
         target = urlsplit(url)
-        host, port, checked = self._checked_address(url)
+        host, port, checked = self.checked_address(url)
         connection: http.client.HTTPConnection
         if target.scheme == "https":  # by name, for the certificate
             connection = http.client.HTTPSConnection(host, port, timeout=CONNECT_TIMEOUT_S)
@@ -329,8 +328,7 @@ class AgentClient:
             raise AgentUnreachable(_describe(error)) from None
         return PendingRun(connection, answer_timeout_s, max_bytes=max_answer_bytes, large_bodies=large_bodies)
 
-
-    def _checked_address(self, url: str) -> tuple[str, int, Any]:
+    def checked_address(self, url: str) -> tuple[str, int, Any]:
         """(host, port, the address to connect to) of an agent url, checked against the
         agent networks here, at each call: a name may point elsewhere since it was
         registered. AgentUnreachable says why not."""

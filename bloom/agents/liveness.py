@@ -16,14 +16,13 @@ from urllib.parse import urlsplit
 
 from ..db import Database
 from ..stamps import now_ms
-from .client import PROBE_DEADLINE_S, PROBE_TRIES, AddressNotAllowed, AgentClient
+from .client import PROBE_DEADLINE_S, PROBE_TRIES, AgentClient, AgentUnreachable
 
 log = logging.getLogger(__name__)
 
 LIVENESS_ACTOR = "liveness"
 MAX_PARALLEL_PROBES = 128
 PROBES_PER_HOST = 4
-RESOLVE_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -93,13 +92,11 @@ class _Prober:
             return self._answers[target]
 
     def _target(self, url: str) -> tuple | None:
-        parts = urlsplit(url)
         try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-            address = self._agents.networks.resolve_allowed(parts.hostname or "", port, RESOLVE_TIMEOUT_S)
-        except (ValueError, AddressNotAllowed):
+            _, _, address = self._agents.checked_address(url)
+        except AgentUnreachable:
             return None
-        return (address[4][0], address[4][1], parts.scheme)
+        return (address[4][0], address[4][1], urlsplit(url).scheme)
 
 
 def probe_push_workers(database: Database, agents: AgentClient, *, budget_s: float) -> ProbeOutcome:
