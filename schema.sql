@@ -142,13 +142,35 @@ CREATE TABLE IF NOT EXISTS removed_workers (
     removed_at      bigint NOT NULL
 );
 
+-- Fair shares across notebooks (README, "Fair shares"). A task's concurrency_key is what
+-- its creator named (null: none given, or a row written by another service); fairness_key
+-- is the key it is queued under: that, else its context_id (its first 255 characters: a
+-- context_id another service wrote unbounded must not stop the index build, or the
+-- insert, as an index row too large would). fair_rank is its turn among
+-- the queued tasks of its priority: a key's tasks get consecutive turns from the current
+-- head of the queue on, so the queue (priority, fair_rank, age) takes one task of each
+-- key in turn. Rows from before the upgrade rank 0 (first, by age, as before).
+ALTER TABLE llm_tasks ADD COLUMN IF NOT EXISTS concurrency_key text;
+ALTER TABLE llm_tasks ADD COLUMN IF NOT EXISTS fairness_key text
+    GENERATED ALWAYS AS (left(COALESCE(concurrency_key, context_id), 255)) STORED;
+ALTER TABLE llm_tasks ADD COLUMN IF NOT EXISTS fair_rank bigint NOT NULL DEFAULT 0;
+-- The key of the task a lease was granted for: a key's active leases are its running
+-- tasks, counted for its cap (max_running_per_key).
+ALTER TABLE leases ADD COLUMN IF NOT EXISTS fairness_key text;
+CREATE INDEX IF NOT EXISTS leases_active_key_idx ON leases (fairness_key) WHERE status = 'active';
+
 -- Indexes for every list filter and order, the lease capacity counts and the sweep.
 CREATE INDEX IF NOT EXISTS llm_tasks_created_idx ON llm_tasks (created_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS llm_tasks_status_created_idx ON llm_tasks (status, created_at DESC, id DESC);
--- The queue in claim order, with the times a claim filters on in the index itself.
-CREATE INDEX IF NOT EXISTS llm_tasks_claim_ready_idx ON llm_tasks (priority DESC, created_at, id)
-    INCLUDE (run_at, retry_at) WHERE status = 'queued';
-DROP INDEX IF EXISTS llm_tasks_claim_idx;  -- the earlier claim index, without those times
+-- The queue in claim order (priority, turn, age), with what a claim filters on (due
+-- times, the key for caps) in the index itself.
+CREATE INDEX IF NOT EXISTS llm_tasks_fair_queue_idx ON llm_tasks (priority DESC, fair_rank, created_at, id)
+    INCLUDE (run_at, retry_at, fairness_key) WHERE status = 'queued';
+-- Each key's queued tasks by turn: where a key's next task goes, and /stats per key.
+CREATE INDEX IF NOT EXISTS llm_tasks_key_queue_idx ON llm_tasks (fairness_key, priority, fair_rank)
+    WHERE status = 'queued';
+DROP INDEX IF EXISTS llm_tasks_claim_ready_idx;  -- the claim order before fair shares: priority, age
+DROP INDEX IF EXISTS llm_tasks_claim_idx;  -- the one before it, without the due times
 CREATE UNIQUE INDEX IF NOT EXISTS llm_tasks_idempotency_key_idx ON llm_tasks (idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS leases_started_idx ON leases (started_at DESC, id DESC);

@@ -95,7 +95,8 @@ class Client:
 
 class Service:
     def __init__(self, database_url: str, workers: int, threads: int, postgres_pid: int | None = None,
-                 extra_env: dict[str, str] | None = None, floor: bool = False) -> None:
+                 extra_env: dict[str, str] | None = None, floor: bool = False, root: Path = REPO_ROOT) -> None:
+        """gunicorn serving the checkout at `root` (this one by default)."""
         self.port = free_port()
         self.workers, self.threads = workers, threads
         self.postgres_pid = postgres_pid
@@ -121,7 +122,7 @@ class Service:
                    if floor else ["-c", "gunicorn.conf.py", "wsgi:app"])
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", *command],
-            cwd=REPO_ROOT / "bench" if floor else REPO_ROOT,  # the floor without the service's gunicorn.conf.py
+            cwd=REPO_ROOT / "bench" if floor else root,  # the floor without the service's gunicorn.conf.py
             env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         deadline = time.monotonic() + 30

@@ -53,6 +53,17 @@ given); a second completion is 409. A task is granted only when due (`run_at`,
 `retry_at`), only to an online worker with `claude_cli` and free capacity (one capacity
 per agent url).
 
+## The queue's order: fair shares
+
+Claims and dispatch take queued tasks by `priority` (higher first), then in turns across
+fairness keys: a task's `concurrency_key`, or its `context_id` when it has none. Each
+key's tasks take consecutive turns from the head of the queue on, so a key that adds ten
+tasks behind another's thousand is served one task in two, not after the thousand; within
+a turn, older first. A key may be capped: `policy.max_running_per_key` on a task (or
+`BLOOM_MAX_RUNNING_PER_KEY` for all) holds its tasks queued while the key has that many
+leased or running, and workers take other keys' tasks meanwhile; a lease of such a task
+answers 409. `GET /stats` counts the keys with queued tasks and lists the busiest.
+
 ## Routes
 """
 

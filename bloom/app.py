@@ -84,7 +84,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         lock_timeout_ms=settings.db_lock_timeout_ms,
     )
     artifact_store = MinioArtifactStore(settings.minio) if settings.minio else None
-    leases = LeaseService(database, artifact_store)
+    leases = LeaseService(database, artifact_store, max_running_per_key=settings.max_running_per_key)
     records = RecordService(database, artifact_store)
     queue_events = QueueEvents(database.engine)
     # Bodies over 1 MiB held at once by this process: requests' and agents' answers alike.

@@ -29,6 +29,10 @@ RUN_AT_RANGE = (0, 2**62)  # epoch milliseconds
 TASK_FORMATS = ("json", "text")
 DEFAULT_FORMAT = "text"
 MAX_TASKS_PER_BATCH = 1000
+# A task's fairness key (concurrency_key): printable characters (str.isprintable: no
+# control or format characters, no line breaks), and a cap on its key's running tasks.
+CONCURRENCY_KEY_LENGTH = (1, 128)
+MAX_RUNNING_PER_KEY_RANGE = (1, 1_000_000)
 
 # A lease, a claim, a heartbeat.
 TTL_SECONDS_RANGE = (1, 86400)

@@ -51,6 +51,18 @@ def KeyText(**kwargs: Any) -> fields.String:
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 
 
+def printable_key(value: Any) -> bool:
+    """A concurrency_key: text of printable characters, of the allowed length."""
+    low, high = bounds.CONCURRENCY_KEY_LENGTH
+    return type(value) is str and low <= len(value) <= high and value.isprintable()
+
+
+def _printable_key(value: str) -> None:
+    if not printable_key(value):
+        low, high = bounds.CONCURRENCY_KEY_LENGTH
+        raise ValidationError(f"Must be {low} to {high} printable characters.")
+
+
 def _no_control_characters(value: str) -> None:
     if _CONTROL_CHARACTER.search(value):
         raise ValidationError("Must not contain control characters.")
@@ -124,6 +136,9 @@ class PolicySchema(_Body):
     timeout_sec = fields.Integer(strict=True, validate=validate.Range(*bounds.TIMEOUT_SEC_RANGE),
                                  load_default=bounds.DEFAULT_TIMEOUT_SEC)
     budget = StrictNumber(validate=validate.Range(min=0), load_default=0)
+    # No default: absent, BLOOM_MAX_RUNNING_PER_KEY applies (README, "Fair shares").
+    max_running_per_key = fields.Integer(strict=True, validate=validate.Range(*bounds.MAX_RUNNING_PER_KEY_RANGE),
+                                         metadata={"description": "the task's key runs at most this many at once"})
 
 
 class CreateTaskSchema(_Body):
@@ -140,6 +155,11 @@ class CreateTaskSchema(_Body):
     # Not to be claimed or dispatched before this time (epoch ms).
     run_at = fields.Integer(strict=True, validate=validate.Range(*bounds.RUN_AT_RANGE), load_default=None,
                             allow_none=True)
+    # The key the task shares the queue under (README, "Fair shares"); absent or null: its
+    # context_id. No default, so a body without it loads as it did (and keeps the
+    # fingerprint its Idempotency-Key was used with).
+    concurrency_key = fields.String(validate=_printable_key, allow_none=True, metadata={
+        "description": "1 to 128 printable characters; the key it takes turns under (default: its context_id)"})
 
 
 class BatchTaskSchema(CreateTaskSchema):

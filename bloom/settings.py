@@ -55,6 +55,11 @@ def _count(env: Mapping[str, str], name: str, default: int, *, minimum: int = 1)
     return int(_at_least(_int(env, name, default), name, minimum, f"an integer of at least {minimum}"))
 
 
+def _optional_count(env: Mapping[str, str], name: str) -> int | None:
+    """A count of at least 1, or None when unset."""
+    return _count(env, name, 1) if env.get(name, "").strip() else None
+
+
 def _switch(env: Mapping[str, str], name: str) -> bool:
     """On unless set to off, 0 or false."""
     return env.get(name, "on").strip().lower() not in ("off", "0", "false")
@@ -163,6 +168,9 @@ class Settings:
     large_bodies_at_once: int
     # Where agent urls may point: the runtime sends the agent key and prompts there.
     agent_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    # Running (leased or running) tasks one fairness key may have at once, unless a task's
+    # policy.max_running_per_key says otherwise; None: no cap (README, "Fair shares").
+    max_running_per_key: int | None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -222,4 +230,5 @@ class Settings:
             operator_key=env.get("BLOOM_OPERATOR_KEY") or None,
             large_bodies_at_once=_count(env, "BLOOM_LARGE_BODIES_AT_ONCE", 2),
             agent_networks=_networks(env, "BLOOM_AGENT_NETWORKS", DEFAULT_AGENT_NETWORKS),
+            max_running_per_key=_optional_count(env, "BLOOM_MAX_RUNNING_PER_KEY"),
         )

@@ -73,6 +73,7 @@ class WorkerNode(Schema):
 class TaskPolicy(Schema):
     timeout_sec = fields.Integer()
     budget = fields.Float()
+    max_running_per_key = fields.Integer(metadata={"description": "present when the task was created with it"})
 
 
 class LLMTask(Schema):
@@ -94,6 +95,9 @@ class LLMTask(Schema):
     run_at = fields.Integer(allow_none=True, required=True, metadata={"description": "not claimed before (epoch ms)"})
     retry_at = fields.Integer(allow_none=True, required=True,
                               metadata={"description": "after a failed run: not claimed again before (epoch ms)"})
+    concurrency_key = fields.String(required=True, metadata={
+        "description": "the key it shares the queue under: the one it was created with, else its context_id",
+        "from_row": lambda row: row.get("fairness_key") or row.get("context_id")})
 
 
 class TaskResult(Schema):
@@ -273,10 +277,23 @@ class StatsWorkers(Schema):
     online = fields.Integer(required=True)
 
 
+class StatsKey(Schema):
+    key = fields.String(required=True)
+    queued = fields.Integer(required=True)
+    running = fields.Integer(required=True, metadata={"description": "leased or running"})
+
+
+class StatsKeys(Schema):
+    with_queued = fields.Integer(required=True, metadata={"description": "fairness keys with queued tasks"})
+    busiest = fields.List(fields.Nested(StatsKey), required=True,
+                          metadata={"description": "the 10 keys with the most tasks queued and running"})
+
+
 class Stats(Schema):
     tasks = fields.Nested(StatsTasks, required=True)
     leases = fields.Nested(StatsLeases, required=True)
     workers = fields.Nested(StatsWorkers, required=True)
+    concurrency_keys = fields.Nested(StatsKeys, required=True)
     estimated = fields.Boolean(metadata={
         "description": "present (true) past 200,000 tasks: finished counts and the lease total are "
                        "PostgreSQL's estimates (as of its last ANALYZE); live counts stay exact"})

@@ -40,6 +40,7 @@ PARAMETER_TYPES = {
     "leader_epoch": "bigint",
     "max_attempts": "integer",
     "priority": "integer",
+    "max_running_per_key": "integer",
     "agent_slugs": "text[]",
     "lease_ids": "text[]",
     "full_addresses": "text[]",

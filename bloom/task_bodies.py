@@ -31,6 +31,7 @@ from .bounds import (
     MAX_ATTEMPTS_RANGE,
     MAX_CLAIM_AGENT_SLUGS,
     MAX_HEARTBEAT_LEASE_IDS,
+    MAX_RUNNING_PER_KEY_RANGE,
     MAX_TASKS_PER_BATCH,
     MAX_TASKS_PER_CLAIM,
     PRIORITY_RANGE,
@@ -40,7 +41,7 @@ from .bounds import (
     TTL_SECONDS_RANGE,
     WAIT_SECONDS_RANGE,
 )
-from .schemas import _CONTROL_CHARACTER
+from .schemas import _CONTROL_CHARACTER, printable_key
 
 _MISSING = object()
 
@@ -63,7 +64,7 @@ def _policy(value: Any) -> dict[str, Any] | None:
     if not _integer(timeout_sec, TIMEOUT_SEC_RANGE):
         return None
     if budget is _MISSING:
-        return {"timeout_sec": timeout_sec, "budget": 0}
+        return _with_key_cap(value, {"timeout_sec": timeout_sec, "budget": 0})
     if type(budget) not in (int, float):
         return None
     try:
@@ -72,7 +73,18 @@ def _policy(value: Any) -> dict[str, Any] | None:
         return None
     if not math.isfinite(budget) or budget < 0:
         return None
-    return {"timeout_sec": timeout_sec, "budget": budget}
+    loaded = {"timeout_sec": timeout_sec, "budget": budget}
+    return _with_key_cap(value, loaded)
+
+
+def _with_key_cap(value: dict[str, Any], loaded: dict[str, Any]) -> dict[str, Any] | None:
+    """policy.max_running_per_key, when given (no default)."""
+    if "max_running_per_key" not in value:
+        return loaded
+    cap = value["max_running_per_key"]
+    if not _integer(cap, MAX_RUNNING_PER_KEY_RANGE):
+        return None
+    return {**loaded, "max_running_per_key": cap}
 
 
 def task(item: Any, *, with_idempotency_key: bool = False) -> dict[str, Any] | None:
@@ -105,6 +117,11 @@ def task(item: Any, *, with_idempotency_key: bool = False) -> dict[str, Any] | N
         "policy": policy, "desired_format": desired_format, "max_attempts": max_attempts,
         "priority": priority, "run_at": run_at,
     }
+    if "concurrency_key" in item:  # no default: absent stays absent
+        concurrency_key = item["concurrency_key"]
+        if not (concurrency_key is None or printable_key(concurrency_key)):
+            return None
+        loaded["concurrency_key"] = concurrency_key
     if with_idempotency_key:
         key = get("idempotency_key")
         if not (key is None or _key_text(key)):

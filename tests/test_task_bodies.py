@@ -35,12 +35,17 @@ FIELDS = {
     "policy": [MISSING, {}, {"timeout_sec": 60}, {"timeout_sec": 3600, "budget": 2.5}, {"budget": 0}, {"budget": 7},
                {"timeout_sec": 0}, {"timeout_sec": 3601}, {"timeout_sec": True}, {"timeout_sec": 60.0},
                {"budget": -1}, {"budget": float("nan")}, {"budget": float("inf")}, {"budget": 10**400},
-               {"budget": True}, {"budget": "1"}, {"budget": None}, {"timeout_sec": None}, None, [], {"extra": 1}],
+               {"budget": True}, {"budget": "1"}, {"budget": None}, {"timeout_sec": None}, None, [], {"extra": 1},
+               {"max_running_per_key": 2}, {"timeout_sec": 5, "budget": 1, "max_running_per_key": 1_000_000},
+               {"max_running_per_key": 0}, {"max_running_per_key": 1_000_001}, {"max_running_per_key": True},
+               {"max_running_per_key": 2.0}, {"max_running_per_key": None}, {"max_running_per_key": "2"}],
     "desired_format": [MISSING, "json", "text", "JSON", None, 1, ["json"]],
     "max_attempts": [MISSING, 1, 10, 0, 11, True, 3.0, "3", None, 2**70],
     "priority": [MISSING, 0, -(2**31), 2**31 - 1, 2**31, -(2**31) - 1, False, 1.5, None],
     "run_at": [MISSING, None, 0, 2**62, 2**62 + 1, -1, True, 1.0, "1"],
     "idempotency_key": [MISSING, None, "k", "", "k" * 256, "a\tb", 1],
+    "concurrency_key": [MISSING, "notebook-1", "k" * 128, None, "k" * 129, "", "a\u200bb", "x\ny", "a\u2028b",
+                        "ü ö", 5, True, ["k"]],
     "id": [MISSING, "x", None],  # unknown keys are dropped
 }
 

@@ -229,9 +229,11 @@ class Dispatcher:
                 log.debug("dispatcher: leadership not released (%s)", type(error).__name__)
 
     def dispatch_queued(self) -> int:
-        """Push queued tasks (priority, then age) to push workers with room; returns how many."""
+        """Push queued tasks (in the queue's order: priority, then turn) to push workers
+        with room; returns how many."""
         with self._db.autocommit() as tx:
-            candidates = [row["id"] for row in tx.all("dispatch_candidates", limit=CANDIDATES_PER_ROUND, now=now_ms())]
+            candidates = [row["id"] for row in tx.all("dispatch_candidates", limit=CANDIDATES_PER_ROUND, now=now_ms(),
+                                                        max_running_per_key=self._leases.max_running_per_key)]
         started = 0
         for task_id in candidates:
             with self._granting:

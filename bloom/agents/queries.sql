@@ -9,13 +9,23 @@ SELECT l.id AS lease_id, l.worker_id
  WHERE t.id = :task_id AND t.status IN ('leased', 'running') AND l.status = 'active' AND l.dispatched;
 
 -- name: dispatch_candidates
--- The next queued tasks (priority, then age), while some online push worker has room.
--- Each is then granted by lease_task, which re-checks everything under its locks: a
--- candidate another process or a pull worker took meanwhile is simply refused.
+-- The next queued tasks in the queue's order (priority, then turn: one key after another,
+-- README "Fair shares"), but for those of keys at their cap, while some online push
+-- worker has room. Each is then granted by lease_task, which re-checks everything under
+-- its locks: a candidate another process or a pull worker took meanwhile, or whose key
+-- reached its cap, is simply refused.
 SELECT t.id
   FROM llm_tasks t
+ CROSS JOIN LATERAL (
+       SELECT
+       -- include: key_cap
+              AS key_cap
+ ) cap
  WHERE t.status = 'queued'
    AND COALESCE(t.run_at, 0) <= :now AND COALESCE(t.retry_at, 0) <= :now
+   AND (cap.key_cap IS NULL OR
+        -- include: key_running
+        < cap.key_cap)
    AND EXISTS (
         SELECT 1 FROM workers w
          WHERE w.url IS NOT NULL AND w.status = 'online' AND w.approved AND w.ejected_until <= :now
@@ -24,7 +34,7 @@ SELECT t.id
                   FROM workers sibling
                   LEFT JOIN leases l ON l.worker_id = sibling.id AND l.status = 'active'
                  WHERE sibling.address = w.address))
- ORDER BY t.priority DESC, t.created_at, t.id
+ ORDER BY t.priority DESC, t.fair_rank, t.created_at, t.id
  LIMIT :limit;
 
 -- name: note_agent_run

@@ -13,6 +13,15 @@ SELECT count(l.id) AS active_leases,
   JOIN workers sibling ON sibling.address = worker.address
   LEFT JOIN leases l ON l.worker_id = sibling.id AND l.status = 'active'
 
+-- fragment: key_cap
+-- The cap on running tasks of the task `t`'s fairness key (README, "Fair shares"): its
+-- policy's max_running_per_key, else BLOOM_MAX_RUNNING_PER_KEY; null: no cap.
+COALESCE(CAST(t.policy ->> 'max_running_per_key' AS integer), CAST(:max_running_per_key AS integer))
+
+-- fragment: key_running
+-- The running tasks (active leases) of the task `t`'s fairness key.
+(SELECT count(*) FROM leases kl WHERE kl.fairness_key = t.fairness_key AND kl.status = 'active')
+
 -- fragment: dead_task_result
 -- A task that dies says why (GET /llm-tasks/<id> shows it as its result). The including
 -- statement names them in a CTE `dead_tasks (id, worker_id, reason)`.
@@ -21,7 +30,7 @@ SELECT gen_random_uuid()::text, d.id, d.worker_id, NULL, 'error', NULL, d.reason
   FROM dead_tasks d
 
 -- name: lease_task (prepared)
--- A whole lease in one round trip: three statements in one query, which PostgreSQL runs
+-- A whole lease in one round trip: four statements in one query, which PostgreSQL runs
 -- as one transaction (no BEGIN/COMMIT needed), each in its own snapshot. Statement 1
 -- picks the worker that would take the task (the one asked for, or the best eligible
 -- one: sticky context first, then most free capacity) and locks it. Statement 2 locks
@@ -29,12 +38,12 @@ SELECT gen_random_uuid()::text, d.id, d.worker_id, NULL, 'error', NULL, d.reason
 -- agent registered under several names (its own registration, a Membridge entry, a
 -- rename) is one capacity, the smallest max_concurrency any of its names declares, and
 -- every grant to any of those names waits here. Counts taken before the locks may be
--- stale, so statement 3 counts the address's active leases again in a new snapshot and
+-- stale, so statement 4 counts the address's active leases again in a new snapshot and
 -- grants only below its capacity; the task moves only from 'queued' and only once due
 -- (run_at, retry_at), so of two racing grants for one task one wins. The transaction
--- commits as soon as statement 3 is done: the locks never wait for a hop to the client.
+-- commits as soon as statement 4 is done: the locks never wait for a hop to the client.
 -- Statement 1 hands its pick on in a setting local to the transaction ('' when no worker
--- was eligible). Statement 3 also says why nothing was granted, if nothing was: the
+-- was eligible). Statement 4 also says why nothing was granted, if nothing was: the
 -- task's status and due time and the worker's row as its snapshot saw them.
 -- A dispatch (:push_only) considers only workers with a url, and without :ttl_seconds
 -- its lease lasts the task's policy.timeout_sec + 60 s, so a slow live run is not swept.
@@ -42,6 +51,11 @@ SELECT gen_random_uuid()::text, d.id, d.worker_id, NULL, 'error', NULL, d.reason
 -- dispatching process's delivery slots (bloom/agents/delivery_slots.py; empty for a lease),
 -- and agents ejected for failing runs (bloom/agents/outliers.py). A retry goes to another
 -- worker than the one its last result came from, when one is eligible.
+-- A task whose key has a cap (README, "Fair shares") is locked, and then its key, before
+-- statement 4 counts the key's running tasks in a new snapshot: of racing grants for
+-- one key, only those below the cap succeed. Keys are locked last, everywhere (here and
+-- in claim_task), in one order: whoever holds a key's lock waits for nothing but the
+-- locks of keys after it, so none deadlocks.
 SELECT set_config('bloom.lease_picked_worker', COALESCE(picked.id, ''), true)
   FROM (SELECT CAST(:task_id AS text) AS id) wanted
   LEFT JOIN llm_tasks t ON t.id = wanted.id
@@ -77,6 +91,15 @@ SELECT set_config('bloom.lease_picked_worker', COALESCE(picked.id, ''), true)
   ) picked ON true;
 SELECT pg_advisory_xact_lock(hashtext('bloom-runtime:agent:' || address))
   FROM workers WHERE id = NULLIF(current_setting('bloom.lease_picked_worker'), '');
+WITH capped AS MATERIALIZED (
+    SELECT t.fairness_key FROM llm_tasks t
+     WHERE t.id = :task_id AND t.status = 'queued'
+       AND
+       -- include: key_cap
+           IS NOT NULL
+       FOR UPDATE OF t
+)
+SELECT pg_advisory_xact_lock(hashtext('bloom-runtime:key'), hashtext(fairness_key)) FROM capped;
 WITH picked AS (
     SELECT NULLIF(current_setting('bloom.lease_picked_worker'), '') AS worker_id
 ), worker AS (
@@ -85,6 +108,13 @@ WITH picked AS (
      WHERE w.id = COALESCE(picked.worker_id, CAST(:worker_id AS text))
 ), capacity AS (
     -- include: address_load
+), key_load AS (
+    SELECT
+    -- include: key_cap
+           AS cap,
+    -- include: key_running
+           AS running
+      FROM llm_tasks t WHERE t.id = :task_id
 ), task AS (
     UPDATE llm_tasks t
        SET status = 'leased', lease_id = :lease_id, worker_id = worker.id,
@@ -99,6 +129,7 @@ WITH picked AS (
        AND (NOT :push_only OR worker.url IS NOT NULL)
        AND worker.address <> ALL(:full_addresses)
        AND capacity.active_leases < capacity.max_concurrency
+       AND (SELECT cap IS NULL OR running < cap FROM key_load)
        -- The dispatcher's grants carry the leadership epoch it holds: a leader that lost
        -- it (paused, cut off, and another took over) grants nothing (bloom/leadership.py).
        AND (CAST(:leader_epoch AS bigint) IS NULL
@@ -108,9 +139,9 @@ WITH picked AS (
     RETURNING t.*
 ), lease AS (
     INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status,
-                        last_heartbeat, context_id, dispatched, fenced)
+                        last_heartbeat, context_id, dispatched, fenced, fairness_key)
     SELECT :lease_id, id, worker_id, :now, :now + ttl.seconds * 1000, ttl.seconds, 'active',
-           :now, context_id, :push_only, :push_only
+           :now, context_id, :push_only, :push_only, fairness_key
       FROM task
      CROSS JOIN LATERAL (
            SELECT COALESCE(:ttl_seconds, COALESCE((task.policy ->> 'timeout_sec')::int, :default_timeout_sec) + 60) AS seconds
@@ -131,65 +162,105 @@ SELECT (SELECT row_to_json(lease) FROM lease) AS lease,
        (SELECT worker_id FROM picked) IS NOT NULL AS worker_picked,
        (SELECT row_to_json(worker) FROM worker) AS worker,
        (SELECT address = ANY(:full_addresses) FROM worker) AS worker_full,
+       (SELECT row_to_json(key_load) FROM key_load) AS key_load,
        (SELECT own_active_leases FROM capacity) + (SELECT count(*) FROM lease) AS active_leases;
 
 -- name: claim_task (prepared)
--- A whole claim of up to :max_tasks tasks in one round trip: three statements in one query,
+-- A whole claim of up to :max_tasks tasks in one round trip: four statements in one query,
 -- which PostgreSQL runs as one transaction, each in its own snapshot. Statement 1 locks
 -- the worker row, so that concurrent claims of one worker count its leases one after the
 -- other; statement 2 locks the worker's agent address (as in lease_task: every name of
--- one agent shares its capacity); statement 3 runs in a new snapshot with both locked, so
--- its capacity count is exact, and it takes no more tasks than the address has room for. A claim by an online
--- worker is a sign of life: it notes the worker's heartbeat. SKIP LOCKED: claimers never
--- wait on each other's tasks, nor get the same one. The i-th task taken (in queue order)
--- gets the i-th of :lease_ids and :audit_ids. The transaction commits as soon as
--- statement 3 is done. Statement 3 also says why nothing was claimed, if nothing was.
+-- one agent shares its capacity). Statement 3 runs in a new snapshot with both locked, so
+-- its capacity count is exact: it takes no more tasks than the address has room for, the
+-- next ones in the queue's order (priority, then turn: one key after another, README
+-- "Fair shares"), passing over the tasks of keys at their cap; SKIP LOCKED: claimers
+-- never wait on each other's tasks, nor get the same one. It locks the keys of the capped
+-- tasks it took (in one order everywhere: no deadlock) and hands its picks on in a
+-- setting local to the transaction. Statement 4, in a new snapshot with those keys
+-- locked, counts each capped key's running tasks again, leaves the picks that would pass
+-- a cap, and grants the others. A claim by an online worker is a sign of life: it notes
+-- the worker's heartbeat. The i-th task granted (in queue order) gets the i-th of
+-- :lease_ids and :audit_ids. The transaction commits as soon as statement 4 is done; it
+-- also says why nothing was claimed, if nothing was.
 SELECT id FROM workers WHERE id = :worker_id FOR UPDATE;
 SELECT pg_advisory_xact_lock(hashtext('bloom-runtime:agent:' || address)) FROM workers WHERE id = :worker_id;
 WITH worker AS (
     SELECT w.* FROM workers w WHERE w.id = :worker_id
 ), address AS (
     -- include: address_load
+), room AS (
+    -- No worker, or one not online or without claude_cli: no room.
+    SELECT COALESCE(max(GREATEST(0, LEAST(:max_tasks, address.max_concurrency - address.active_leases))), 0) AS tasks
+      FROM worker, address
+     WHERE worker.status = 'online'
+       AND COALESCE((worker.capabilities ->> 'claude_cli')::boolean, true)
+       AND worker.approved
+), next_tasks AS MATERIALIZED (
+    SELECT t.id, t.priority, t.fair_rank, t.created_at, t.fairness_key, cap.key_cap
+      FROM llm_tasks t
+     CROSS JOIN LATERAL (
+           SELECT
+           -- include: key_cap
+                  AS key_cap
+     ) cap
+     WHERE t.status = 'queued'
+       AND COALESCE(t.run_at, 0) <= :now AND COALESCE(t.retry_at, 0) <= :now
+       AND (CAST(:agent_slugs AS text[]) IS NULL OR t.agent_slug = ANY(CAST(:agent_slugs AS text[])))
+       AND (SELECT tasks FROM room) > 0
+       AND (cap.key_cap IS NULL OR
+            -- include: key_running
+            < cap.key_cap)
+     ORDER BY t.priority DESC, t.fair_rank, t.created_at, t.id
+     LIMIT (SELECT tasks FROM room)
+       FOR UPDATE OF t SKIP LOCKED
+), key_locks AS (
+    SELECT count(pg_advisory_xact_lock(hashtext('bloom-runtime:key'), key_lock)) AS taken
+      FROM (SELECT DISTINCT hashtext(fairness_key) AS key_lock FROM next_tasks WHERE key_cap IS NOT NULL
+             ORDER BY key_lock OFFSET 0) capped_keys
+)
+SELECT set_config('bloom.claim_picked',
+                  COALESCE((SELECT jsonb_agg(id ORDER BY priority DESC, fair_rank, created_at, id) FROM next_tasks)::text,
+                           '[]'), true),
+       (SELECT taken FROM key_locks);
+WITH picked AS (
+    SELECT p.id, p.n
+      FROM jsonb_array_elements_text(CAST(current_setting('bloom.claim_picked') AS jsonb)) WITH ORDINALITY AS p(id, n)
+), worker AS (
+    SELECT w.* FROM workers w WHERE w.id = :worker_id
+), address AS (
+    -- include: address_load
 ), fit AS (
     UPDATE workers w
        SET last_heartbeat = :now, evidence_at = :now
-      FROM worker, address
+      FROM worker
      WHERE w.id = worker.id
        AND worker.status = 'online'
        AND COALESCE((worker.capabilities ->> 'claude_cli')::boolean, true)
        AND worker.approved
-    RETURNING address.max_concurrency
-), capacity AS (
-    SELECT COALESCE((SELECT active_leases FROM address), 0) AS active_leases
-), room AS (
-    -- No row in fit (unknown worker, not online, no claude_cli) is no room: COALESCE,
-    -- because LEAST and GREATEST ignore NULL and would read it as "no limit".
-    SELECT GREATEST(0, LEAST(:max_tasks,
-                             COALESCE((SELECT max_concurrency FROM fit), 0) - (SELECT active_leases FROM capacity)))
-           AS tasks
-), next_tasks AS (
-    SELECT id, priority, created_at FROM llm_tasks
-     WHERE status = 'queued'
-       AND COALESCE(run_at, 0) <= :now AND COALESCE(retry_at, 0) <= :now
-       AND (CAST(:agent_slugs AS text[]) IS NULL OR agent_slug = ANY(CAST(:agent_slugs AS text[])))
-       AND (SELECT tasks FROM room) > 0
-     ORDER BY priority DESC, created_at, id
-     LIMIT (SELECT COALESCE(tasks, 0) FROM room)
-       FOR UPDATE SKIP LOCKED
+), capped AS (
+    SELECT p.id, p.n, t.fairness_key,
+           -- include: key_cap
+           AS key_cap,
+           -- include: key_running
+           AS key_running,
+           row_number() OVER (PARTITION BY t.fairness_key ORDER BY p.n) AS nth_of_key
+      FROM picked p JOIN llm_tasks t ON t.id = p.id
 ), numbered AS (
-    SELECT id, row_number() OVER (ORDER BY priority DESC, created_at, id) AS n FROM next_tasks
+    SELECT id, row_number() OVER (ORDER BY n) AS n
+      FROM capped
+     WHERE key_cap IS NULL OR key_running + nth_of_key <= key_cap
 ), task AS (
     UPDATE llm_tasks t
        SET status = 'leased', lease_id = (CAST(:lease_ids AS text[]))[n.n], worker_id = :worker_id,
            attempts = t.attempts + 1, updated_at = :now
       FROM numbered n
-     WHERE t.id = n.id
+     WHERE t.id = n.id AND t.status = 'queued'
     RETURNING t.*, n.n AS position
 ), lease AS (
     INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status,
-                        last_heartbeat, context_id, fenced)
+                        last_heartbeat, context_id, fenced, fairness_key)
     SELECT lease_id, id, :worker_id, :now, :now + :ttl_seconds * 1000, :ttl_seconds, 'active',
-           :now, context_id, true
+           :now, context_id, true, fairness_key
       FROM task
     RETURNING *
 ), audit AS (
@@ -203,7 +274,7 @@ SELECT (SELECT jsonb_agg(to_jsonb(task) - 'position' ORDER BY task.position) FRO
        (SELECT jsonb_agg(to_jsonb(lease) ORDER BY task.position)
           FROM lease JOIN task ON task.id = lease.task_id) AS leases,
        (SELECT row_to_json(worker) FROM worker) AS worker,
-       (SELECT active_leases FROM capacity) AS address_active_leases,
+       (SELECT active_leases FROM address) AS address_active_leases,
        (SELECT max_concurrency FROM address) AS address_capacity;
 
 -- name: claim_candidates
@@ -213,7 +284,7 @@ SELECT id FROM llm_tasks
  WHERE status = 'queued'
    AND COALESCE(run_at, 0) <= :now AND COALESCE(retry_at, 0) <= :now
    AND (CAST(:agent_slugs AS text[]) IS NULL OR agent_slug = ANY(CAST(:agent_slugs AS text[])))
- ORDER BY priority DESC, created_at, id
+ ORDER BY priority DESC, fair_rank, created_at, id
  LIMIT :limit;
 
 -- name: set_task_aside

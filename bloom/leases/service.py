@@ -51,9 +51,12 @@ class _TrialGrant(Exception):
 
 
 class LeaseService:
-    def __init__(self, database: Database, artifacts: MinioArtifactStore | None = None) -> None:
+    def __init__(self, database: Database, artifacts: MinioArtifactStore | None = None, *,
+                 max_running_per_key: int | None = None) -> None:
         self.db = database
         self.artifacts = artifacts
+        # BLOOM_MAX_RUNNING_PER_KEY: the cap of a key whose tasks name none (None: no cap).
+        self.max_running_per_key = max_running_per_key
 
     def lease_task(self, task_id: str, *, worker_id: str | None, ttl_seconds: int) -> dict[str, Any]:
         granted = self.grant_lease(task_id, worker_id=worker_id, ttl_seconds=ttl_seconds, push_only=False)
@@ -99,6 +102,10 @@ class LeaseService:
             if outcome["not_before"] > now_ms():
                 raise Conflict(f"Task is not due until {iso(outcome['not_before'])} "
                                f"({outcome['not_before']} ms, its run_at or retry_at)")
+            key_load = outcome["key_load"]
+            if key_load and key_load["cap"] is not None and key_load["running"] >= key_load["cap"]:
+                raise Conflict(f"Task's concurrency key has {key_load['running']} tasks running, its cap "
+                               f"(max_running_per_key {key_load['cap']}); it waits for one of them to end")
             if worker_id is not None:
                 self._check_worker_fit(worker_id, outcome["worker"])
                 if push_only and not outcome["worker"]["url"]:
@@ -118,7 +125,7 @@ class LeaseService:
         itself, one per task it may take: claim_tasks.)"""
         return self.db.script(
             "lease_task", lease_id=new_id(), ttl_seconds=ttl_seconds, default_timeout_sec=DEFAULT_TIMEOUT_SEC, now=now_ms(),
-            audit_id=new_id(), **params,
+            audit_id=new_id(), max_running_per_key=self.max_running_per_key, **params,
         )
 
     @staticmethod
@@ -139,15 +146,17 @@ class LeaseService:
     def claim_tasks(
         self, worker_id: str, *, ttl_seconds: int, agent_slugs: list[str] | None, max_tasks: int = 1
     ) -> dict[str, list[dict[str, Any]]] | None:
-        """Lease the next queued tasks (priority, then age) to this worker, up to max_tasks
-        and its free capacity: {tasks, leases} in queue order, or None if none. A task that
-        cannot be granted for a data reason is set aside, and the claim goes on."""
+        """Lease the next queued tasks (priority, then turn: one fairness key after another)
+        to this worker, up to max_tasks and its free capacity, passing over keys at their
+        cap: {tasks, leases} in queue order, or None if none. A task that cannot be granted
+        for a data reason is set aside, and the claim goes on."""
         for _ in range(POISONED_SKIPS_PER_CLAIM + 1):
             try:
                 claimed = self.db.script(
                     "claim_task", worker_id=worker_id, agent_slugs=agent_slugs, ttl_seconds=ttl_seconds,
                     max_tasks=max_tasks, lease_ids=[new_id() for _ in range(max_tasks)],
                     audit_ids=[new_id() for _ in range(max_tasks)], now=now_ms(), actor=API_ACTOR,
+                    max_running_per_key=self.max_running_per_key,
                 )
             except DBAPIError as error:
                 if not is_data_error(error) or not self._set_aside_unclaimable(worker_id, agent_slugs, ttl_seconds):
@@ -177,7 +186,8 @@ class LeaseService:
                     tx.one("lease_task", lease_id=new_id(), ttl_seconds=ttl_seconds, default_timeout_sec=DEFAULT_TIMEOUT_SEC,
                            now=now_ms(),
                            audit_id=new_id(), actor=API_ACTOR, task_id=task_id, worker_id=worker_id, push_only=False,
-                           full_addresses=[], leader=None, leader_epoch=None)
+                           full_addresses=[], leader=None, leader_epoch=None,
+                           max_running_per_key=self.max_running_per_key)
                     raise _TrialGrant()
             except _TrialGrant:
                 continue

@@ -39,13 +39,23 @@ SELECT (SELECT count(*) FROM llm_tasks WHERE status = 'queued') AS queued,
 -- statuses and the lease total come from PostgreSQL's statistics (reltuples, and the
 -- status column's most common values and their frequencies as of the last ANALYZE), so
 -- the cost does not grow with the history kept. Live statuses (queued, leased, running),
--- active leases and workers are always counted exactly, over small index ranges.
+-- active leases and workers are always counted exactly, over small index ranges; the
+-- live tasks are counted per fairness key (keys with queued tasks, the busiest keys).
 WITH sizes AS (
     SELECT (SELECT reltuples FROM pg_class WHERE oid = 'llm_tasks'::regclass) AS tasks,
            (SELECT reltuples FROM pg_class WHERE oid = 'leases'::regclass) AS leases
+), live_by_key AS MATERIALIZED (
+    SELECT fairness_key, status, count(*) AS n FROM llm_tasks
+     WHERE status IN ('queued', 'leased', 'running') GROUP BY fairness_key, status
 ), live AS (
-    SELECT status, count(*) AS n FROM llm_tasks
-     WHERE status IN ('queued', 'leased', 'running') GROUP BY status
+    SELECT status, sum(n)::bigint AS n FROM live_by_key GROUP BY status
+), busiest_keys AS (
+    -- The keys with the most tasks queued and running (leased or running), README "Fair shares".
+    SELECT fairness_key AS key,
+           COALESCE(sum(n) FILTER (WHERE status = 'queued'), 0)::bigint AS queued,
+           COALESCE(sum(n) FILTER (WHERE status <> 'queued'), 0)::bigint AS running
+      FROM live_by_key GROUP BY fairness_key
+     ORDER BY sum(n) DESC, fairness_key LIMIT :busiest_keys
 ), finished_exact AS (
     SELECT status, count(*) AS n FROM llm_tasks
      WHERE status NOT IN ('queued', 'leased', 'running') AND (SELECT tasks FROM sizes) < :estimate_above
@@ -66,6 +76,9 @@ SELECT (SELECT COALESCE(jsonb_object_agg(status, n), '{}'::jsonb)
        (SELECT count(*) FROM leases WHERE status = 'active') AS leases_active,
        (SELECT count(*) FROM workers) AS workers_total,
        (SELECT count(*) FROM workers WHERE status = 'online') AS workers_online,
+       (SELECT count(*) FROM live_by_key WHERE status = 'queued') AS keys_with_queued,
+       (SELECT COALESCE(jsonb_agg(to_jsonb(busiest_keys) ORDER BY queued + running DESC, key), '[]'::jsonb)
+          FROM busiest_keys) AS busiest_keys,
        (SELECT tasks FROM sizes) >= :estimate_above AS estimated;
 
 -- name: prune_finished_tasks

@@ -16,6 +16,8 @@ from ..stamps import API_ACTOR, new_id, now_ms
 
 # Past this many tasks, /stats estimates the finished counts instead of counting them.
 STATS_EXACT_BELOW_ROWS = 200_000
+# The keys /stats lists, most queued and running first.
+STATS_BUSIEST_KEYS = 10
 
 
 class RecordService:
@@ -56,13 +58,14 @@ class RecordService:
 
     def stats(self) -> dict[str, Any]:
         with self.db.autocommit() as tx:
-            row = tx.one("stats", estimate_above=STATS_EXACT_BELOW_ROWS)
+            row = tx.one("stats", estimate_above=STATS_EXACT_BELOW_ROWS, busiest_keys=STATS_BUSIEST_KEYS)
         by_status = {status: 0 for status in TASK_STATUSES}
         by_status.update({status: int(count) for status, count in row["tasks_by_status"].items()})
         stats = {
             "tasks": {"total": sum(by_status.values()), "by_status": by_status},
             "leases": {"total": int(row["leases_total"]), "active": int(row["leases_active"])},
             "workers": {"total": int(row["workers_total"]), "online": int(row["workers_online"])},
+            "concurrency_keys": {"with_queued": int(row["keys_with_queued"]), "busiest": row["busiest_keys"]},
         }
         if row["estimated"]:
             stats["estimated"] = True  # finished counts and the lease total from PostgreSQL's statistics

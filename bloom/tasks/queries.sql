@@ -1,19 +1,47 @@
 -- Tasks: create, read, requeue, cancel (bloom/tasks/service.py).
 -- Conventions: bloom/sql.py.
 
+-- fragment: first_turns
+-- Where a key's next queued task goes in the queue of its priority (schema.sql,
+-- fair_rank): after the key's own queued tasks, and after the turn at the head of the
+-- queue (its first due task's). A key that is new, or whose tasks were all taken, takes
+-- turns with the keys waiting from the next turn on: neither ahead of them (a stream of
+-- newcomers would starve a key with a backlog) nor behind their whole backlog. Two index
+-- probes per key. The including statement names the keys in a CTE
+-- `newcomers (fairness_key, priority)`.
+SELECT n.fairness_key, n.priority,
+       GREATEST(COALESCE(head.fair_rank + 1, 0), COALESCE(own.last_turn + 1, 0)) AS first_turn
+  FROM newcomers n
+  LEFT JOIN LATERAL (
+        SELECT q.fair_rank FROM llm_tasks q
+         WHERE q.status = 'queued' AND q.priority = n.priority
+           AND COALESCE(q.run_at, 0) <= :now AND COALESCE(q.retry_at, 0) <= :now
+         ORDER BY q.fair_rank LIMIT 1
+  ) head ON true
+  LEFT JOIN LATERAL (
+        SELECT max(q.fair_rank) AS last_turn FROM llm_tasks q
+         WHERE q.status = 'queued' AND q.fairness_key = n.fairness_key AND q.priority = n.priority
+  ) own ON true
+
 -- name: create_task (prepared)
 -- With an Idempotency-Key already used, inserts nothing (the caller then reads the
 -- earlier task in a new snapshot: this one cannot see a racing insert's row). No NOTIFY
 -- here: a committing transaction that notified takes a cluster-wide lock, one at a time,
 -- so every create would wait for every other; the caller announces the task after its
 -- commit instead (bloom/queue_events.py, QueuedAnnouncer).
-WITH created AS (
+WITH newcomers AS (
+    SELECT COALESCE(CAST(:concurrency_key AS text), :context_id) AS fairness_key, :priority AS priority
+), turns AS (
+    -- include: first_turns
+), created AS (
     INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, context_hints, policy, desired_format,
                            status, created_at, updated_at, lease_id, worker_id, attempts, max_attempts,
-                           priority, idempotency_key, idempotency_fingerprint, run_at)
-    VALUES (:task_id, :context_id, :agent_slug, :prompt, CAST(:context_hints AS jsonb),
-            CAST(:policy AS jsonb), :desired_format, 'queued', :now, :now, NULL, NULL, 0, :max_attempts,
-            :priority, :idempotency_key, :idempotency_fingerprint, :run_at)
+                           priority, idempotency_key, idempotency_fingerprint, run_at, concurrency_key,
+                           fair_rank)
+    SELECT :task_id, :context_id, :agent_slug, :prompt, CAST(:context_hints AS jsonb),
+           CAST(:policy AS jsonb), :desired_format, 'queued', :now, :now, NULL, NULL, 0, :max_attempts,
+           :priority, :idempotency_key, :idempotency_fingerprint, :run_at, :concurrency_key, first_turn
+      FROM turns
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING *
 ), audit AS (
@@ -34,7 +62,17 @@ WITH incoming AS (
       FROM jsonb_to_recordset(CAST(:tasks AS jsonb))
            AS i(position integer, id text, context_id text, agent_slug text, prompt text, context_hints jsonb,
                 policy jsonb, desired_format text, max_attempts integer, priority integer, run_at bigint,
-                idempotency_key text, idempotency_fingerprint text)
+                idempotency_key text, idempotency_fingerprint text, concurrency_key text)
+), newcomers AS (
+    SELECT DISTINCT COALESCE(concurrency_key, context_id) AS fairness_key, priority FROM incoming
+), turns AS (
+    -- include: first_turns
+), ranked AS (
+    -- A key's tasks in the batch take consecutive turns from its first, in the batch's order.
+    SELECT i.*, t.first_turn - 1 + row_number() OVER (PARTITION BY t.fairness_key, t.priority ORDER BY i.position)
+                AS fair_rank
+      FROM incoming i
+      JOIN turns t ON t.fairness_key = COALESCE(i.concurrency_key, i.context_id) AND t.priority = i.priority
 ), earlier AS (
     SELECT t.*, i.position, i.idempotency_fingerprint AS wanted_fingerprint
       FROM llm_tasks t JOIN incoming i ON t.idempotency_key = i.idempotency_key
@@ -43,11 +81,11 @@ WITH incoming AS (
 ), created AS (
     INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, context_hints, policy, desired_format,
                            status, created_at, updated_at, lease_id, worker_id, attempts, max_attempts,
-                           priority, idempotency_key, idempotency_fingerprint, run_at)
+                           priority, idempotency_key, idempotency_fingerprint, run_at, concurrency_key, fair_rank)
     SELECT i.id, i.context_id, i.agent_slug, i.prompt, i.context_hints, i.policy, i.desired_format,
            'queued', :now, :now, NULL, NULL, 0, i.max_attempts, i.priority, i.idempotency_key,
-           i.idempotency_fingerprint, i.run_at
-      FROM incoming i
+           i.idempotency_fingerprint, i.run_at, i.concurrency_key, i.fair_rank
+      FROM ranked i
      WHERE NOT EXISTS (SELECT 1 FROM mismatch)
        AND NOT EXISTS (SELECT 1 FROM earlier e WHERE e.position = i.position)
      -- Keyed rows in key order: two batches that share keys take them in one order, so one

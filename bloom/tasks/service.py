@@ -61,6 +61,7 @@ class TaskService:
                 max_attempts=body["max_attempts"],
                 priority=body["priority"],
                 run_at=body["run_at"],
+                concurrency_key=body.get("concurrency_key"),
                 idempotency_key=idempotency_key,
                 idempotency_fingerprint=fingerprint,
                 now=now_ms(),
@@ -89,7 +90,7 @@ class TaskService:
                 "agent_slug": item["agent_slug"], "prompt": item["prompt"], "context_hints": item["context_hints"],
                 "policy": item["policy"], "desired_format": item["desired_format"],
                 "max_attempts": item["max_attempts"], "priority": item["priority"], "run_at": item["run_at"],
-                "idempotency_key": item["idempotency_key"],
+                "idempotency_key": item["idempotency_key"], "concurrency_key": item.get("concurrency_key"),
                 "idempotency_fingerprint": (
                     _fingerprint({k: v for k, v in item.items() if k != "idempotency_key"})
                     if item["idempotency_key"] is not None else None
