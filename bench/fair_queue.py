@@ -151,6 +151,12 @@ def _measure(service: Service, database_url: str, root: Path, tasks: int, keys: 
         figures[f"{name} p99 ms"] = percentile(values, 99) * 1000
         figures[f"{name} CPU ms (gunicorn + postgres)"] = cpu_ms["gunicorn"] + cpu_ms["postgres"]
     figures["dispatch candidates ms (SQL)"] = time_candidates(database_url, candidates_query(root))
+    with closing(psycopg2.connect(plain_dsn(database_url))) as connection:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM leases")
+            granted = cursor.fetchone()[0]
+    if granted < calls["claim"]:  # every claim must have taken a task, or it measured nothing
+        raise SystemExit(f"only {granted} leases after {calls['claim']} claims and {calls['lease']} leases")
     print(f"    filled in {filled_s:.0f} s; " + ", ".join(f"{k} {v:.2f}" for k, v in figures.items()), flush=True)
     return figures
 
