@@ -13,7 +13,8 @@ threads of this process:
 - claims: CLAIMS claims of one task each by 100 workers with room for all of them;
 - leases: LEASES leases of named tasks (random ones of the queue) to named workers;
 - creates: CREATES single creates, each of a random existing key;
-- the push dispatcher's candidate query (dispatch_candidates), timed in SQL.
+- the push dispatcher's candidate query (dispatch_candidates), timed in SQL;
+- GET /stats (which counts the live tasks per key where the revision has keys).
 Prints each figure's runs side by side with the ratio of the medians (B/A): the p50 and
 p99 latency of each call, and CPU per call (gunicorn's and PostgreSQL's processes).
 """
@@ -151,6 +152,12 @@ def _measure(service: Service, database_url: str, root: Path, tasks: int, keys: 
         figures[f"{name} p99 ms"] = percentile(values, 99) * 1000
         figures[f"{name} CPU ms (gunicorn + postgres)"] = cpu_ms["gunicorn"] + cpu_ms["postgres"]
     figures["dispatch candidates ms (SQL)"] = time_candidates(database_url, candidates_query(root))
+    stats_ms = []
+    for _ in range(6):
+        before = time.perf_counter()
+        setup.call("stats", "GET", "/api/runtime/stats")
+        stats_ms.append((time.perf_counter() - before) * 1000)
+    figures["GET /stats ms"] = statistics.median(stats_ms[1:])
     with closing(psycopg2.connect(plain_dsn(database_url))) as connection:
         with connection.cursor() as cursor:
             cursor.execute("SELECT count(*) FROM leases")

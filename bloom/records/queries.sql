@@ -45,17 +45,24 @@ WITH sizes AS (
     SELECT (SELECT reltuples FROM pg_class WHERE oid = 'llm_tasks'::regclass) AS tasks,
            (SELECT reltuples FROM pg_class WHERE oid = 'leases'::regclass) AS leases
 ), live_by_key AS MATERIALIZED (
-    SELECT fairness_key, status, count(*) AS n FROM llm_tasks
-     WHERE status IN ('queued', 'leased', 'running') GROUP BY fairness_key, status
+    -- One pass over the live tasks, one row per fairness key (README, "Fair shares").
+    SELECT fairness_key,
+           count(*) FILTER (WHERE status = 'queued') AS queued,
+           count(*) FILTER (WHERE status = 'leased') AS leased,
+           count(*) FILTER (WHERE status = 'running') AS running
+      FROM llm_tasks
+     WHERE status IN ('queued', 'leased', 'running') GROUP BY fairness_key
 ), live AS (
-    SELECT status, sum(n)::bigint AS n FROM live_by_key GROUP BY status
+    SELECT counted.status, counted.n
+      FROM (SELECT sum(queued) AS queued, sum(leased) AS leased, sum(running) AS running FROM live_by_key) sums
+     CROSS JOIN LATERAL (VALUES ('queued', sums.queued), ('leased', sums.leased), ('running', sums.running))
+           AS counted(status, n)
+     WHERE counted.n > 0
 ), busiest_keys AS (
-    -- The keys with the most tasks queued and running (leased or running), README "Fair shares".
-    SELECT fairness_key AS key,
-           COALESCE(sum(n) FILTER (WHERE status = 'queued'), 0)::bigint AS queued,
-           COALESCE(sum(n) FILTER (WHERE status <> 'queued'), 0)::bigint AS running
-      FROM live_by_key GROUP BY fairness_key
-     ORDER BY sum(n) DESC, fairness_key LIMIT :busiest_keys
+    -- The keys with the most tasks queued and running (leased or running).
+    SELECT fairness_key AS key, queued, leased + running AS running
+      FROM live_by_key
+     ORDER BY queued + leased + running DESC, fairness_key LIMIT :busiest_keys
 ), finished_exact AS (
     SELECT status, count(*) AS n FROM llm_tasks
      WHERE status NOT IN ('queued', 'leased', 'running') AND (SELECT tasks FROM sizes) < :estimate_above
@@ -76,7 +83,7 @@ SELECT (SELECT COALESCE(jsonb_object_agg(status, n), '{}'::jsonb)
        (SELECT count(*) FROM leases WHERE status = 'active') AS leases_active,
        (SELECT count(*) FROM workers) AS workers_total,
        (SELECT count(*) FROM workers WHERE status = 'online') AS workers_online,
-       (SELECT count(*) FROM live_by_key WHERE status = 'queued') AS keys_with_queued,
+       (SELECT count(*) FROM live_by_key WHERE queued > 0) AS keys_with_queued,
        (SELECT COALESCE(jsonb_agg(to_jsonb(busiest_keys) ORDER BY queued + running DESC, key), '[]'::jsonb)
           FROM busiest_keys) AS busiest_keys,
        (SELECT tasks FROM sizes) >= :estimate_above AS estimated;
