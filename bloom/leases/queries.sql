@@ -219,12 +219,15 @@ WITH worker AS (
              ORDER BY key_lock OFFSET 0) capped_keys
 )
 SELECT set_config('bloom.claim_picked',
-                  COALESCE((SELECT jsonb_agg(id ORDER BY priority DESC, fair_rank, created_at, id) FROM next_tasks)::text,
-                           '[]'), true),
+                  COALESCE((SELECT jsonb_agg(jsonb_build_object('id', id, 'fairness_key', fairness_key, 'key_cap', key_cap)
+                                             ORDER BY priority DESC, fair_rank, created_at, id)
+                              FROM next_tasks)::text, '[]'), true),
        (SELECT taken FROM key_locks);
 WITH picked AS (
-    SELECT p.id, p.n
-      FROM jsonb_array_elements_text(CAST(current_setting('bloom.claim_picked') AS jsonb)) WITH ORDINALITY AS p(id, n)
+    SELECT p.id, p.fairness_key, p.key_cap, p.n
+      FROM ROWS FROM (jsonb_to_recordset(CAST(current_setting('bloom.claim_picked') AS jsonb))
+                      AS (id text, fairness_key text, key_cap integer)) WITH ORDINALITY
+           AS p(id, fairness_key, key_cap, n)
 ), worker AS (
     SELECT w.* FROM workers w WHERE w.id = :worker_id
 ), address AS (
@@ -238,13 +241,12 @@ WITH picked AS (
        AND COALESCE((worker.capabilities ->> 'claude_cli')::boolean, true)
        AND worker.approved
 ), capped AS (
-    SELECT p.id, p.n, t.fairness_key,
-           -- include: key_cap
-           AS key_cap,
+    SELECT t.id, t.n, t.key_cap,
+           CASE WHEN t.key_cap IS NULL THEN 0 ELSE
            -- include: key_running
-           AS key_running,
-           row_number() OVER (PARTITION BY t.fairness_key ORDER BY p.n) AS nth_of_key
-      FROM picked p JOIN llm_tasks t ON t.id = p.id
+           END AS key_running,
+           row_number() OVER (PARTITION BY t.fairness_key ORDER BY t.n) AS nth_of_key
+      FROM picked t
 ), numbered AS (
     SELECT id, row_number() OVER (ORDER BY n) AS n
       FROM capped
@@ -274,8 +276,9 @@ SELECT (SELECT jsonb_agg(to_jsonb(task) - 'position' ORDER BY task.position) FRO
        (SELECT jsonb_agg(to_jsonb(lease) ORDER BY task.position)
           FROM lease JOIN task ON task.id = lease.task_id) AS leases,
        (SELECT row_to_json(worker) FROM worker) AS worker,
-       (SELECT active_leases FROM address) AS address_active_leases,
-       (SELECT max_concurrency FROM address) AS address_capacity;
+       -- Why nothing was claimed, if nothing was (not counted otherwise).
+       (SELECT active_leases FROM address WHERE NOT EXISTS (SELECT 1 FROM task)) AS address_active_leases,
+       (SELECT max_concurrency FROM address WHERE NOT EXISTS (SELECT 1 FROM task)) AS address_capacity;
 
 -- name: claim_candidates
 -- The tasks a claim would take next, in its order: after a claim failed for a data
