@@ -80,12 +80,17 @@ def parse_named_queries(*sources: str) -> dict[str, NamedQuery]:
             for name, query in queries.items()}
 
 
-def _with_fragments(sql: str, fragments: dict[str, str]) -> str:
+def _with_fragments(sql: str, fragments: dict[str, str], including: tuple[str, ...] = ()) -> str:
+    """Every `-- include:` line replaced by its fragment, whose own includes are
+    replaced in turn (a fragment that includes itself, directly or not, is an error)."""
     def include(match: re.Match) -> str:
         name = match.group(2)
         if name not in fragments:
             raise ValueError(f"fragment {name!r} is not defined")
-        return "\n".join(match.group(1) + line for line in fragments[name].splitlines())
+        if name in including:
+            raise ValueError(f"fragment {name!r} includes itself")
+        text = _with_fragments(fragments[name], fragments, (*including, name))
+        return "\n".join(match.group(1) + line for line in text.splitlines())
 
     return _INCLUDE.sub(include, sql)
 

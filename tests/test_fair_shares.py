@@ -112,6 +112,23 @@ def test_a_key_with_nothing_queued_does_not_jump_ahead_of_the_keys_waiting(clien
     assert Counter(key == "big" for key in taken) == {True: 3, False: 3}
 
 
+def test_a_task_back_in_the_queue_after_a_failure_waits_behind_its_keys_tasks(client):
+    """One key's failures go to the back of its own line, not ahead of the other keys."""
+    register_worker(client, "w", max_concurrency=32)
+    failing = batch(client, [{**TASK, "concurrency_key": "a", "max_attempts": 1}] * 4)
+    time.sleep(0.002)
+    batch(client, [{**TASK, "concurrency_key": "b"}] * 4)
+    first = claim(client, "w", max_tasks=1)[0]
+    assert first["id"] == failing[0]["id"]
+    failed = client.post(f"/api/runtime/llm-tasks/{first['id']}/complete",
+                         json={**DONE, "status": "error", "lease_id": first["lease_id"]})
+    assert failed.get_json()["task"]["status"] == "failed"
+    assert client.post(f"/api/runtime/llm-tasks/{first['id']}/requeue").status_code == 200
+    order = [task["id"] if task["id"] == first["id"] else task["concurrency_key"]
+             for task in claim(client, "w", max_tasks=8)]
+    assert order == ["a", "b", "a", "b", "a", "b", first["id"], "b"]
+
+
 # Caps ---------------------------------------------------------------------------------
 
 

@@ -80,3 +80,26 @@ SELECT 2;
         parse_named_queries("-- name: x\nWITH a AS (\n  -- include: nowhere\n) SELECT 1;")
     with pytest.raises(ValueError, match="defined twice"):
         parse_named_queries(source_a, source_a)
+
+
+def test_a_fragment_may_include_another_and_never_itself():
+    source = """
+-- fragment: inner
+count(*)
+
+-- fragment: outer
+SELECT
+  -- include: inner
+  AS n FROM t
+
+-- name: q
+WITH c AS (
+  -- include: outer
+)
+SELECT n FROM c;
+"""
+    assert "count(*)" in parse_named_queries(source)["q"].sql
+    assert "include:" not in parse_named_queries(source)["q"].sql
+    looping = "-- fragment: a\nSELECT\n-- include: b\n\n-- fragment: b\n-- include: a\n\n-- name: q\n-- include: a\n;"
+    with pytest.raises(ValueError, match="includes itself"):
+        parse_named_queries(looping)

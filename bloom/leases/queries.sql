@@ -479,6 +479,10 @@ WITH current AS (
                            THEN :now + CAST(LEAST(10000 * power(2, GREATEST(t.attempts - 1, 0)), 3600000)
                                             * (0.75 + random() * 0.5) AS bigint)
                            ELSE NULL END,
+           -- A retry takes a new turn, as a new task of its key would (next_turn).
+           fair_rank = CASE WHEN v.failed AND v.retries THEN
+                       -- include: next_turn
+                       ELSE t.fair_rank END,
            updated_at = :now
       FROM released r, verdict v
      WHERE t.id = r.task_id AND v.task_id = t.id AND t.lease_id = r.id AND t.status IN ('leased', 'running')
@@ -529,7 +533,11 @@ WITH expired AS (
 ), recovered AS (
     UPDATE llm_tasks t
        SET status = CASE WHEN t.attempts < t.max_attempts THEN 'queued' ELSE 'dead' END,
-           lease_id = NULL, worker_id = NULL, updated_at = :now
+           lease_id = NULL, worker_id = NULL, updated_at = :now,
+           -- Its run went silent: a new turn, as a new task of its key would take (next_turn).
+           fair_rank = CASE WHEN t.attempts < t.max_attempts THEN
+                       -- include: next_turn
+                       ELSE t.fair_rank END
       FROM expired e
      WHERE t.id = e.task_id AND t.lease_id = e.id AND t.status IN ('leased', 'running')
     RETURNING t.id, t.status, e.id AS lease_id, e.worker_id

@@ -1,27 +1,28 @@
 -- Tasks: create, read, requeue, cancel (bloom/tasks/service.py).
 -- Conventions: bloom/sql.py.
 
+-- fragment: next_turn
+-- Where a task `t` goes in the queue of its priority (schema.sql, fair_rank), when it is
+-- created and when it goes back to the queue after its run failed or its lease expired:
+-- after its key's queued tasks, and after the turn at the head of the queue (its first
+-- due task's). A key that is new, or whose tasks were all taken, takes turns with the
+-- keys waiting from the next turn on: neither ahead of them (a stream of newcomers would
+-- starve a key with a backlog) nor behind their whole backlog. Two index probes.
+GREATEST(
+    COALESCE((SELECT q.fair_rank + 1 FROM llm_tasks q
+               WHERE q.status = 'queued' AND q.priority = t.priority
+                 AND COALESCE(q.run_at, 0) <= :now AND COALESCE(q.retry_at, 0) <= :now
+               ORDER BY q.fair_rank LIMIT 1), 0),
+    COALESCE((SELECT max(q.fair_rank) + 1 FROM llm_tasks q
+               WHERE q.status = 'queued' AND q.fairness_key = t.fairness_key AND q.priority = t.priority), 0))
+
 -- fragment: first_turns
--- Where a key's next queued task goes in the queue of its priority (schema.sql,
--- fair_rank): after the key's own queued tasks, and after the turn at the head of the
--- queue (its first due task's). A key that is new, or whose tasks were all taken, takes
--- turns with the keys waiting from the next turn on: neither ahead of them (a stream of
--- newcomers would starve a key with a backlog) nor behind their whole backlog. Two index
--- probes per key. The including statement names the keys in a CTE
--- `newcomers (fairness_key, priority)`.
-SELECT n.fairness_key, n.priority,
-       GREATEST(COALESCE(head.fair_rank + 1, 0), COALESCE(own.last_turn + 1, 0)) AS first_turn
-  FROM newcomers n
-  LEFT JOIN LATERAL (
-        SELECT q.fair_rank FROM llm_tasks q
-         WHERE q.status = 'queued' AND q.priority = n.priority
-           AND COALESCE(q.run_at, 0) <= :now AND COALESCE(q.retry_at, 0) <= :now
-         ORDER BY q.fair_rank LIMIT 1
-  ) head ON true
-  LEFT JOIN LATERAL (
-        SELECT max(q.fair_rank) AS last_turn FROM llm_tasks q
-         WHERE q.status = 'queued' AND q.fairness_key = n.fairness_key AND q.priority = n.priority
-  ) own ON true
+-- The first turn of each key a create names (next_turn), in a CTE
+-- `newcomers (fairness_key, priority)` of the including statement.
+SELECT t.fairness_key, t.priority,
+       -- include: next_turn
+       AS first_turn
+  FROM newcomers t
 
 -- name: create_task (prepared)
 -- With an Idempotency-Key already used, inserts nothing (the caller then reads the
@@ -148,11 +149,14 @@ SELECT t.*,
  WHERE t.id = :task_id;
 
 -- name: requeue_task
+-- A failed or dead task back to the queue, with a new turn (next_turn).
 WITH requeued AS (
-    UPDATE llm_tasks
-       SET status = 'queued', lease_id = NULL, worker_id = NULL, attempts = 0, retry_at = NULL, updated_at = :now
-     WHERE id = :task_id AND status IN ('failed', 'dead')
-    RETURNING *
+    UPDATE llm_tasks t
+       SET status = 'queued', lease_id = NULL, worker_id = NULL, attempts = 0, retry_at = NULL, updated_at = :now,
+           fair_rank =
+           -- include: next_turn
+     WHERE t.id = :task_id AND t.status IN ('failed', 'dead')
+    RETURNING t.*
 ), audit AS (
     INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
     SELECT :audit_id, :now, 'task_requeued', 'task', id, :actor, '{}'::jsonb FROM requeued
