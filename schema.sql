@@ -162,10 +162,10 @@ CREATE INDEX IF NOT EXISTS leases_active_key_idx ON leases (fairness_key) WHERE 
 -- Indexes for every list filter and order, the lease capacity counts and the sweep.
 CREATE INDEX IF NOT EXISTS llm_tasks_created_idx ON llm_tasks (created_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS llm_tasks_status_created_idx ON llm_tasks (status, created_at DESC, id DESC);
--- The queue in claim order (priority, turn, age), with what a claim filters on (due
--- times, the key for caps) in the index itself.
+-- The queue in claim order (priority, turn, age), with the due times a claim filters on
+-- in the index itself.
 CREATE INDEX IF NOT EXISTS llm_tasks_fair_queue_idx ON llm_tasks (priority DESC, fair_rank, created_at, id)
-    INCLUDE (run_at, retry_at, fairness_key) WHERE status = 'queued';
+    INCLUDE (run_at, retry_at) WHERE status = 'queued';
 -- Each key's queued tasks by turn: where a key's next task goes, and /stats per key.
 CREATE INDEX IF NOT EXISTS llm_tasks_key_queue_idx ON llm_tasks (fairness_key, priority, fair_rank)
     WHERE status = 'queued';
