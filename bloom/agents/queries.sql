@@ -16,16 +16,11 @@ SELECT l.id AS lease_id, l.worker_id
 -- reached its cap, is simply refused.
 SELECT t.id
   FROM llm_tasks t
- CROSS JOIN LATERAL (
-       SELECT
-       -- include: key_cap
-              AS key_cap
- ) cap
+  -- include: key_cap
  WHERE t.status = 'queued'
    AND COALESCE(t.run_at, 0) <= :now AND COALESCE(t.retry_at, 0) <= :now
-   AND (cap.key_cap IS NULL OR
-        -- include: key_running
-        < cap.key_cap)
+   AND
+   -- include: below_key_cap
    AND EXISTS (
         SELECT 1 FROM workers w
          WHERE w.url IS NOT NULL AND w.status = 'online' AND w.approved AND w.ejected_until <= :now

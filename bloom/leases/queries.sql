@@ -14,13 +14,22 @@ SELECT count(l.id) AS active_leases,
   LEFT JOIN leases l ON l.worker_id = sibling.id AND l.status = 'active'
 
 -- fragment: key_cap
--- The cap on running tasks of the task `t`'s fairness key (README, "Fair shares"): its
--- policy's max_running_per_key, else BLOOM_MAX_RUNNING_PER_KEY; null: no cap.
-COALESCE(CAST(t.policy ->> 'max_running_per_key' AS integer), CAST(:max_running_per_key AS integer))
+-- `cap.key_cap`: the cap on running tasks of the task `t`'s fairness key (README, "Fair
+-- shares"): its policy's max_running_per_key, else BLOOM_MAX_RUNNING_PER_KEY; null: no cap.
+CROSS JOIN LATERAL (
+      SELECT COALESCE(CAST(t.policy ->> 'max_running_per_key' AS integer),
+                      CAST(:max_running_per_key AS integer)) AS key_cap
+) cap
 
 -- fragment: key_running
 -- The running tasks (active leases) of the task `t`'s fairness key.
 (SELECT count(*) FROM leases kl WHERE kl.fairness_key = t.fairness_key AND kl.status = 'active')
+
+-- fragment: below_key_cap
+-- The task `t` (joined with key_cap) may run now: its key has no cap, or is below it.
+(cap.key_cap IS NULL OR
+ -- include: key_running
+ < cap.key_cap)
 
 -- fragment: dead_task_result
 -- A task that dies says why (GET /llm-tasks/<id> shows it as its result). The including
@@ -92,11 +101,10 @@ SELECT set_config('bloom.lease_picked_worker', COALESCE(picked.id, ''), true)
 SELECT pg_advisory_xact_lock(hashtext('bloom-runtime:agent:' || address))
   FROM workers WHERE id = NULLIF(current_setting('bloom.lease_picked_worker'), '');
 WITH capped AS MATERIALIZED (
-    SELECT t.fairness_key FROM llm_tasks t
-     WHERE t.id = :task_id AND t.status = 'queued'
-       AND
-       -- include: key_cap
-           IS NOT NULL
+    SELECT t.fairness_key
+      FROM llm_tasks t
+      -- include: key_cap
+     WHERE t.id = :task_id AND t.status = 'queued' AND cap.key_cap IS NOT NULL
        FOR UPDATE OF t
 )
 SELECT pg_advisory_xact_lock(hashtext('bloom-runtime:key'), hashtext(fairness_key)) FROM capped;
@@ -109,12 +117,12 @@ WITH picked AS (
 ), capacity AS (
     -- include: address_load
 ), key_load AS (
-    SELECT
-    -- include: key_cap
-           AS cap,
-    -- include: key_running
+    SELECT cap.key_cap AS cap,
+           -- include: key_running
            AS running
-      FROM llm_tasks t WHERE t.id = :task_id
+      FROM llm_tasks t
+      -- include: key_cap
+     WHERE t.id = :task_id
 ), task AS (
     UPDATE llm_tasks t
        SET status = 'leased', lease_id = :lease_id, worker_id = worker.id,
@@ -198,18 +206,13 @@ WITH worker AS (
 ), next_tasks AS MATERIALIZED (
     SELECT t.id, t.priority, t.fair_rank, t.created_at, t.fairness_key, cap.key_cap
       FROM llm_tasks t
-     CROSS JOIN LATERAL (
-           SELECT
-           -- include: key_cap
-                  AS key_cap
-     ) cap
+      -- include: key_cap
      WHERE t.status = 'queued'
        AND COALESCE(t.run_at, 0) <= :now AND COALESCE(t.retry_at, 0) <= :now
        AND (CAST(:agent_slugs AS text[]) IS NULL OR t.agent_slug = ANY(CAST(:agent_slugs AS text[])))
        AND (SELECT tasks FROM room) > 0
-       AND (cap.key_cap IS NULL OR
-            -- include: key_running
-            < cap.key_cap)
+       AND
+       -- include: below_key_cap
      ORDER BY t.priority DESC, t.fair_rank, t.created_at, t.id
      LIMIT (SELECT tasks FROM room)
        FOR UPDATE OF t SKIP LOCKED
