@@ -117,9 +117,11 @@ WITH picked AS (
 ), capacity AS (
     -- include: address_load
 ), key_load AS (
+    -- Counted (under the key's lock) only for a task whose key has a cap.
     SELECT cap.key_cap AS cap,
+           CASE WHEN cap.key_cap IS NULL THEN 0 ELSE
            -- include: key_running
-           AS running
+           END AS running
       FROM llm_tasks t
       -- include: key_cap
      WHERE t.id = :task_id
