@@ -280,6 +280,25 @@ def test_agents_that_fail_every_run_are_taken_out_and_retries_go_to_another(flee
     assert "runs failed in a row" in served.log()
 
 
+def test_an_agent_known_under_several_names_is_taken_out_once_for_all_of_them(fleet_server, agents):
+    """Its failures count per agent (url), not per name: under four names it got three
+    failing runs under each name before every name was out."""
+    served = fleet_server()
+    good = agents("good", max_concurrency=2, run_seconds=0.2)
+    broken = agents("broken", max_concurrency=2, mode="fail_runs")
+    for agent in (good, broken):
+        assert agent.register(served.base_url).status_code == 201
+    for n in range(3):  # the same agent, listed again under other names (as Membridge or a rename would)
+        answer = requests.post(api(served, "/workers"), json={"name": f"broken-alias-{n}", "url": broken.url},
+                               timeout=10)
+        assert answer.status_code == 201, answer.text
+    tasks = [new_task(served) for _ in range(20)]
+    wait_until(lambda: all(task_of(served, t["id"])["status"] == "completed" for t in tasks),
+               timeout=60, interval=0.5, what="every task to complete")
+    # Three failures, and at most the runs already granted while the third was failing.
+    assert len(broken.state.deliveries) <= 5, len(broken.state.deliveries)
+
+
 def test_agents_that_take_tasks_and_never_start_them_are_taken_out(fleet_server, agents):
     """An agent heartbeats as each run starts; these take the task, never do, and answer
     a byte a second: the tasks waited for timeout_sec + 25 s (145 s by default)."""

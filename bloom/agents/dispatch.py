@@ -347,8 +347,8 @@ class Dispatcher:
         if run.abandoned and not answer.ok:
             if delivery.never_started:
                 self._leases.release_worker_leases(worker["id"], [delivery.lease["id"]], actor=DISPATCH_ACTOR)
-                self._outcomes.note(worker["id"], failed=True,
-                                    why=f"took a task and said nothing of its run within {START_HEARTBEAT_S:g} s")
+                self._note_outcome(worker["id"], failed=True,
+                                   why=f"took a task and said nothing of its run within {START_HEARTBEAT_S:g} s")
                 log.warning("task %s: worker %s took it and never started it; queued again", task["id"], worker["id"])
             else:
                 log.info("task %s: delivery to worker %s dropped: its lease ended (the worker left the rotation)",
@@ -436,10 +436,13 @@ class Dispatcher:
         }
         if self._complete_holding_on(task_id, completion):
             log.info("task %s completed from its agent's answer (no completion callback arrived)", task_id)
+        self._note_outcome(worker["id"], failed=not succeeded, why=error_message or "")
+
+    def _note_outcome(self, worker_id: str, *, failed: bool, why: str) -> None:
         try:
-            self._outcomes.note(worker["id"], failed=not succeeded, why=error_message or "")
-        except Exception as error:  # bookkeeping only: the run's outcome is stored above
-            log.warning("worker %s: its run's outcome could not be noted (%s)", worker["id"], type(error).__name__)
+            self._outcomes.note(worker_id, failed=failed, why=why)
+        except Exception as error:  # bookkeeping only: the task's own state is stored already
+            log.warning("worker %s: its run's outcome could not be noted (%s)", worker_id, type(error).__name__)
 
     def _complete_elsewhere(self, task_id: str, completion: dict[str, Any]) -> bool | None:
         """This host cannot reach the database (cut off, or it is down for everyone): send

@@ -8,7 +8,8 @@ next good run clears the count. A run counts as failed when the agent's answer s
 (or is not a run's answer at all), and when the agent took the task and never said the
 run started (no heartbeat within START_HEARTBEAT_S: the real agent sends one as each run
 starts). A retry also goes to another agent when one is free (lease_task in
-bloom/leases/queries.sql). The counts live on the worker row, shared by every process.
+bloom/leases/queries.sql). The counts live on the worker rows, shared by every process,
+and count per agent: all names of one agent url share them.
 """
 from __future__ import annotations
 
@@ -47,6 +48,6 @@ class RunOutcomes:
                 first_ejection_ms=int(FIRST_EJECTION_S * 1000), longest_ejection_ms=int(LONGEST_EJECTION_S * 1000),
                 now=now,
             )
-        if failed and row is not None and row["failed_runs"] >= EJECT_AFTER:
+        if failed and row is not None and (row["failed_runs"] or 0) >= EJECT_AFTER:
             log.warning("worker %s: %d runs failed in a row (last: %s); no task for it for %.0f s",
                         worker_id, row["failed_runs"], why, (row["ejected_until"] - now) / 1000)

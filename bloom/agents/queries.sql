@@ -36,15 +36,31 @@ SELECT t.id
 -- How a delivered run ended (bloom/agents/outliers.py): a failure adds one to the runs
 -- that failed in a row, and from :eject_after of them on keeps the agent out of the
 -- dispatch for a back-off that doubles with each further failure; a good run clears the
--- count. A good run of an agent with no failures writes nothing.
-UPDATE workers
-   SET failed_runs = CASE WHEN :failed THEN failed_runs + 1 ELSE 0 END,
-       ejected_until = CASE WHEN :failed AND failed_runs + 1 >= :eject_after
-                            THEN :now + CAST(LEAST(:first_ejection_ms * power(2, failed_runs + 1 - :eject_after),
-                                                   :longest_ejection_ms) AS bigint)
-                            ELSE ejected_until END
- WHERE id = :worker_id AND (:failed OR failed_runs > 0)
-RETURNING failed_runs, ejected_until;
+-- count. Counted per agent, not per name: every name of one agent (its address: README,
+-- "One agent, one capacity") shares the count and the ejection, so an agent known under
+-- two names is not tried three times under each. Its rows are locked in id order first,
+-- so two outcomes of one agent count one after the other. A good run of an agent with no
+-- failures writes nothing.
+WITH agent AS MATERIALIZED (
+    SELECT sibling.id, sibling.failed_runs
+      FROM workers named JOIN workers sibling ON sibling.address = named.address
+     WHERE named.id = :worker_id
+     ORDER BY sibling.id
+       FOR UPDATE OF sibling
+), counted AS (
+    SELECT max(failed_runs) AS failed_runs FROM agent
+), noted AS (
+    UPDATE workers w
+       SET failed_runs = CASE WHEN :failed THEN c.failed_runs + 1 ELSE 0 END,
+           ejected_until = CASE WHEN :failed AND c.failed_runs + 1 >= :eject_after
+                                THEN :now + CAST(LEAST(:first_ejection_ms * power(2, c.failed_runs + 1 - :eject_after),
+                                                       :longest_ejection_ms) AS bigint)
+                                ELSE w.ejected_until END
+      FROM agent a, counted c
+     WHERE w.id = a.id AND (:failed OR c.failed_runs > 0)
+    RETURNING w.failed_runs, w.ejected_until
+)
+SELECT max(failed_runs) AS failed_runs, max(ejected_until) AS ejected_until FROM noted;
 
 -- name: delivery_started
 -- Whether the agent said its run started (its first heartbeat makes the task 'running').
