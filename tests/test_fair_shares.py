@@ -296,3 +296,22 @@ def test_racing_claims_and_leases_never_grant_a_key_past_its_cap(module_database
         assert over_cap == []  # every round granted exactly the cap
     finally:
         served.stop()
+
+
+@pytest.mark.parametrize("cap", ['"x"', "99999999999", "2.5"])
+def test_a_row_with_a_cap_postgresql_cannot_read_is_set_aside_and_claims_go_on(client, database_url, cap):
+    """A task another service (or an older version) wrote with a cap that is not an
+    integer: reading its cap fails in every claim and lease that reaches it."""
+    from sqlalchemy import create_engine, text
+
+    register_worker(client, "w", max_concurrency=8)
+    healthy = [create_task(client)["id"] for _ in range(2)]
+    engine = create_engine(database_url)
+    with engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, status, created_at, updated_at, priority, policy) "
+            f"VALUES ('odd-cap', 'c', 'a', 'p', 'queued', 1, 1, 10, '{{\"max_running_per_key\": {cap}}}')"))
+    engine.dispose()
+    claimed = [task["id"] for task in claim(client, "w")]
+    assert sorted(claimed) == sorted(healthy)
+    assert client.get("/api/runtime/llm-tasks/odd-cap").get_json()["status"] == "dead"

@@ -59,13 +59,15 @@ SELECT row_to_json(created) AS task FROM created;
 -- created by a different request, nothing is inserted (the caller answers 422). The
 -- caller announces the tasks after the commit, as for create_task.
 WITH incoming AS (
-    SELECT *
+    -- Each item with the key it is queued under, as llm_tasks.fairness_key computes it
+    -- (validated keys and context_ids are within its 255 characters).
+    SELECT i.*, COALESCE(i.concurrency_key, i.context_id) AS fairness_key
       FROM jsonb_to_recordset(CAST(:tasks AS jsonb))
            AS i(position integer, id text, context_id text, agent_slug text, prompt text, context_hints jsonb,
                 policy jsonb, desired_format text, max_attempts integer, priority integer, run_at bigint,
                 idempotency_key text, idempotency_fingerprint text, concurrency_key text)
 ), newcomers AS (
-    SELECT DISTINCT COALESCE(concurrency_key, context_id) AS fairness_key, priority FROM incoming
+    SELECT DISTINCT fairness_key, priority FROM incoming
 ), turns AS (
     -- include: first_turns
 ), ranked AS (
@@ -73,7 +75,7 @@ WITH incoming AS (
     SELECT i.*, t.first_turn - 1 + row_number() OVER (PARTITION BY t.fairness_key, t.priority ORDER BY i.position)
                 AS fair_rank
       FROM incoming i
-      JOIN turns t ON t.fairness_key = COALESCE(i.concurrency_key, i.context_id) AND t.priority = i.priority
+      JOIN turns t ON t.fairness_key = i.fairness_key AND t.priority = i.priority
 ), earlier AS (
     SELECT t.*, i.position, i.idempotency_fingerprint AS wanted_fingerprint
       FROM llm_tasks t JOIN incoming i ON t.idempotency_key = i.idempotency_key
